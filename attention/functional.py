@@ -1,0 +1,203 @@
+"""The attention math: ``softmax(q·kᵀ·scale + mask)·v``, on two paths with one result.
+
+Letter key for the shapes in this file:
+    b  batch
+    h  heads
+    i  query positions (Lq)
+    j  key positions (Lk)
+    d  head dimension (d_head)
+
+Masks mean one thing everywhere in this package, what they mean for
+``torch.nn.MultiheadAttention``: a boolean ``True`` means "may not attend", a floating-point
+mask is added to the scores. ``F.scaled_dot_product_attention`` reads a boolean mask the
+other way round (``True`` = may attend); the conversion happens once, in :func:`attend`.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+from ._checks import check_mask, check_probability, check_tensor, shape_of
+
+__all__ = ["attend", "causal_mask", "merge_masks"]
+
+
+def causal_mask(q_len: int, k_len: int, device: torch.device | None = None) -> Tensor:
+    """Boolean ``(q_len, k_len)`` mask, ``True`` where a query may not attend.
+
+    Aligned to the last key: query ``i`` sees keys ``0 … k_len - q_len + i``, so the newest
+    queries of a key/value cache see the whole prefix. With ``q_len > k_len`` the first
+    ``q_len - k_len`` queries see no key at all (their output is zero).
+    """
+    q_pos = torch.arange(q_len, device=device).unsqueeze(-1) + (k_len - q_len)
+    k_pos = torch.arange(k_len, device=device)
+    return k_pos > q_pos
+
+
+def merge_masks(
+    batch: int,
+    heads: int,
+    q_len: int,
+    k_len: int,
+    *,
+    attn_mask: Tensor | None = None,
+    key_padding_mask: Tensor | None = None,
+    is_causal: bool = False,
+    dtype: torch.dtype = torch.float32,
+    device: torch.device | None = None,
+) -> Tensor | None:
+    """Combine the three ways of masking into one mask that broadcasts to ``(b, h, i, j)``.
+
+    Returns ``None`` when nothing is masked, a boolean mask (``True`` = may not attend) when
+    every input is boolean, otherwise a ``dtype`` mask to add to the scores (``-inf`` where
+    a boolean input forbids attending).
+
+    Shape:
+        attn_mask: ``(i, j)`` or ``(b | 1, h | 1, i, j)``.
+        key_padding_mask: ``(b, j)``.
+    """
+    masks: list[Tensor] = []
+    if attn_mask is not None:
+        attn_mask = check_mask(
+            "attn_mask",
+            attn_mask,
+            [(q_len, k_len)]
+            + [(b_, h_, q_len, k_len) for b_ in {batch, 1} for h_ in {heads, 1}],
+            f"(Lq, Lk) = ({q_len}, {k_len}) or (batch, heads, Lq, Lk) = "
+            f"({batch}, {heads}, {q_len}, {k_len}), where batch and heads may be 1",
+        )
+        masks.append(attn_mask)
+    if key_padding_mask is not None:
+        key_padding_mask = check_mask(
+            "key_padding_mask", key_padding_mask, [(batch, k_len)],
+            f"(batch, Lk) = ({batch}, {k_len})",
+        )
+        masks.append(key_padding_mask[:, None, None, :])  # (b, 1, 1, j)
+    if is_causal:
+        masks.append(causal_mask(q_len, k_len, device=device))
+
+    merged: Tensor | None = None
+    for mask in masks:
+        if mask.dtype != torch.bool:
+            mask = mask.to(dtype)
+            if merged is not None and merged.dtype == torch.bool:
+                merged = torch.zeros_like(merged, dtype=dtype).masked_fill(merged, float("-inf"))
+        elif merged is not None and merged.dtype != torch.bool:
+            mask = torch.zeros_like(mask, dtype=dtype).masked_fill(mask, float("-inf"))
+
+        if merged is None:
+            merged = mask
+        elif merged.dtype == torch.bool:
+            merged = merged | mask
+        else:
+            merged = merged + mask
+    return merged
+
+
+def _check_qkv(q: object, k: object, v: object) -> tuple[Tensor, Tensor, Tensor]:
+    layout = "(batch, heads, length, d_head)"
+    q = check_tensor("q", q, [4], layout)
+    k = check_tensor("k", k, [4], layout)
+    v = check_tensor("v", v, [4], layout)
+    if k.shape[:2] != q.shape[:2] or v.shape[:2] != q.shape[:2]:
+        raise ValueError(
+            "k, v: expected the same (batch, heads) as q="
+            f"{tuple(q.shape[:2])}, got k {shape_of(k)} and v {shape_of(v)}"
+        )
+    if k.shape[-1] != q.shape[-1]:
+        raise ValueError(
+            f"k: expected d_head={q.shape[-1]} (the last dim of q), got shape {shape_of(k)}"
+        )
+    if v.shape[-2] != k.shape[-2]:
+        raise ValueError(
+            f"v: expected Lk={k.shape[-2]} positions (the length of k), got shape {shape_of(v)}"
+        )
+    if k.dtype != q.dtype or v.dtype != q.dtype:
+        raise TypeError(f"k, v: expected dtype {q.dtype} like q, got {k.dtype} and {v.dtype}")
+    return q, k, v
+
+
+def attend(
+    q: Tensor,
+    k: Tensor,
+    v: Tensor,
+    *,
+    attn_mask: Tensor | None = None,
+    key_padding_mask: Tensor | None = None,
+    is_causal: bool = False,
+    dropout_p: float = 0.0,
+    scale: float | None = None,
+    need_weights: bool = False,
+) -> tuple[Tensor, Tensor | None]:
+    """Scaled dot-product attention: ``softmax(q·kᵀ·scale + mask)·v``.
+
+    Two paths, one result. With ``need_weights=True`` the textbook computation runs and the
+    attention weights are returned; otherwise ``F.scaled_dot_product_attention`` runs (its
+    flash, memory-efficient or cuDNN kernel where one applies) and the weights are ``None``.
+
+    Masks follow ``torch.nn.MultiheadAttention``: a boolean ``True`` means "may not
+    attend", a float mask is added to the scores. (``F.scaled_dot_product_attention`` reads
+    boolean masks the opposite way; this function converts at that boundary, which is why
+    it is not called ``scaled_dot_product_attention``.) ``is_causal`` aligns to the last
+    key: with fewer queries than keys, query ``i`` sees keys ``0 … Lk - Lq + i``.
+
+    A query whose keys are all masked returns zeros, and zero weights, instead of NaN, in
+    the forward and the backward pass.
+
+    Args:
+        q, k, v: ``(b, h, i, d)``, ``(b, h, j, d)``, ``(b, h, j, d_v)``.
+        attn_mask: ``(i, j)`` or ``(b | 1, h | 1, i, j)``, bool or float.
+        key_padding_mask: ``(b, j)``, bool or float; ``True`` marks padding.
+        is_causal: forbid attending to later positions (aligned to the last key).
+        dropout_p: dropout on the attention weights; pass ``0.0`` in evaluation.
+        scale: multiplies the scores; ``1/√d_head`` when ``None``.
+        need_weights: return the ``(b, h, i, j)`` weights (before dropout).
+
+    Returns:
+        ``(output (b, h, i, d_v), weights (b, h, i, j) or None)``.
+    """
+    q, k, v = _check_qkv(q, k, v)
+    dropout_p = check_probability("dropout_p", dropout_p)
+    batch, heads, q_len, d_head = q.shape
+    k_len = k.shape[-2]
+    scale = d_head**-0.5 if scale is None else scale
+
+    # SDPA's own is_causal aligns to the first key; it is only the same thing for Lq == Lk.
+    use_sdpa_causal = (is_causal and not need_weights and attn_mask is None
+                       and key_padding_mask is None and q_len == k_len)
+    mask = merge_masks(
+        batch, heads, q_len, k_len,
+        attn_mask=attn_mask, key_padding_mask=key_padding_mask,
+        is_causal=is_causal and not use_sdpa_causal, dtype=q.dtype, device=q.device,
+    )
+
+    # Rows whose keys are all masked: let softmax see an unmasked row (finite, no NaN in
+    # either pass) and zero the row afterwards, which also zeroes its gradient.
+    empty_rows = None
+    if mask is not None:
+        blocked = mask if mask.dtype == torch.bool else mask == float("-inf")
+        empty_rows = blocked.all(dim=-1, keepdim=True)  # (b|1, h|1, i|1, 1)
+        mask = mask & ~empty_rows if mask.dtype == torch.bool else mask.masked_fill(empty_rows, 0)
+
+    if need_weights:
+        scores = (q @ k.transpose(-2, -1)) * scale  # (b h i d) @ (b h d j) -> (b h i j)
+        if mask is not None:
+            scores = scores.masked_fill(mask, float("-inf")) if mask.dtype == torch.bool \
+                else scores + mask
+        weights = scores.softmax(dim=-1, dtype=torch.float32).to(q.dtype)
+        if empty_rows is not None:
+            weights = weights.masked_fill(empty_rows, 0.0)
+        dropped = F.dropout(weights, p=dropout_p) if dropout_p > 0 else weights
+        out = dropped @ v  # (b h i j) @ (b h j d) -> (b h i d)
+        return out, weights
+
+    if mask is not None and mask.dtype == torch.bool:
+        mask = ~mask  # the SDPA boundary: True now means "may attend"
+    out = F.scaled_dot_product_attention(
+        q, k, v, attn_mask=mask, dropout_p=dropout_p, is_causal=use_sdpa_causal, scale=scale
+    )
+    if empty_rows is not None:
+        out = out.masked_fill(empty_rows, 0.0)
+    return out, None

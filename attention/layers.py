@@ -1,0 +1,222 @@
+"""The blocks a Transformer stacks: feed-forward, encoder layer, decoder layer.
+
+Each sub-layer is wrapped in a residual connection and a LayerNorm, either pre-norm
+(``x + f(norm(x))``, the default: stable without warm-up tricks) or post-norm
+(``norm(x + f(x))``, the original paper and torch.nn's default).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from functools import partial
+
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from ._checks import check_positive_int, check_probability, check_size, check_tensor
+from .multihead import KVCache, MultiHeadAttention
+
+__all__ = ["ACTIVATIONS", "DecoderLayer", "EncoderLayer", "FeedForward", "get_activation"]
+
+ACTIVATIONS: dict[str, Callable[[Tensor], Tensor]] = {
+    "relu": F.relu,
+    "gelu": F.gelu,
+    "gelu_tanh": partial(F.gelu, approximate="tanh"),
+    "silu": F.silu,
+}
+
+
+def get_activation(activation: str | Callable[[Tensor], Tensor]) -> Callable[[Tensor], Tensor]:
+    """The activation function named ``activation`` (or ``activation`` itself if callable)."""
+    if callable(activation):
+        return activation
+    if activation not in ACTIVATIONS:
+        raise ValueError(f"activation: expected one of {list(ACTIVATIONS)} or a callable, "
+                         f"got {activation!r}")
+    return ACTIVATIONS[activation]
+
+
+class FeedForward(nn.Module):
+    """Position-wise feed-forward: ``linear2(dropout(activation(linear1(x))))``.
+
+    Shape:
+        x: ``(..., d_model)`` → same shape; the hidden layer has ``d_ff`` features
+        (``4 * d_model`` when ``None``).
+    """
+
+    def __init__(
+        self,
+        d_model: int,
+        d_ff: int | None = None,
+        dropout: float = 0.0,
+        activation: str | Callable[[Tensor], Tensor] = "gelu",
+        bias: bool = False,
+    ) -> None:
+        super().__init__()
+        self.d_model = check_positive_int("d_model", d_model)
+        self.d_ff = 4 * d_model if d_ff is None else check_positive_int("d_ff", d_ff)
+        self.activation = get_activation(activation)
+        self.linear1 = nn.Linear(d_model, self.d_ff, bias=bias)
+        self.dropout = nn.Dropout(check_probability("dropout", dropout))
+        self.linear2 = nn.Linear(self.d_ff, d_model, bias=bias)
+
+    def forward(self, x: Tensor) -> Tensor:
+        return self.linear2(self.dropout(self.activation(self.linear1(x))))
+
+
+def _check_layer_input(name: str, x: object, d_model: int) -> Tensor:
+    x = check_tensor(name, x, [3], f"(batch, length, d_model={d_model})")
+    check_size(name, x, -1, d_model, "d_model")
+    return x
+
+
+class EncoderLayer(nn.Module):
+    """Self-attention then feed-forward, each with dropout, a residual and a LayerNorm.
+
+    ``bias`` applies to every linear layer and LayerNorm, as in torch.nn (``bias=False``
+    is the package default: projections that only add weights).
+
+    Shape:
+        x: ``(batch, length, d_model)`` → same shape; with ``return_attention`` also the
+        ``(batch, n_heads, length, length)`` attention weights.
+    """
+
+    def __init__(
+        self,
+        d_model: int,
+        n_heads: int,
+        d_ff: int | None = None,
+        dropout: float = 0.1,
+        activation: str | Callable[[Tensor], Tensor] = "gelu",
+        norm_first: bool = True,
+        bias: bool = False,
+        layer_norm_eps: float = 1e-5,
+        rotary: bool = False,
+    ) -> None:
+        super().__init__()
+        self.d_model = d_model
+        self.norm_first = norm_first
+        self.self_attn = MultiHeadAttention(d_model, n_heads, dropout, bias, rotary=rotary)
+        self.feed_forward = FeedForward(d_model, d_ff, dropout, activation, bias)
+        self.norm1 = nn.LayerNorm(d_model, eps=layer_norm_eps, bias=bias)
+        self.norm2 = nn.LayerNorm(d_model, eps=layer_norm_eps, bias=bias)
+        self.dropout1 = nn.Dropout(dropout)
+        self.dropout2 = nn.Dropout(dropout)
+
+    def forward(
+        self,
+        x: Tensor,
+        *,
+        key_padding_mask: Tensor | None = None,
+        attn_mask: Tensor | None = None,
+        is_causal: bool = False,
+        return_attention: bool = False,
+    ) -> Tensor | tuple[Tensor, Tensor]:
+        """Masks: boolean ``True`` = may not attend, float = added to the scores.
+
+        key_padding_mask: ``(batch, length)``; attn_mask: ``(length, length)``,
+        ``(batch * n_heads, length, length)`` or ``(batch, n_heads, length, length)``.
+        """
+        x = _check_layer_input("x", x, self.d_model)
+
+        def self_attention(h: Tensor) -> tuple[Tensor, Tensor | None]:
+            out, weights = self.self_attn(
+                h, key_padding_mask=key_padding_mask, attn_mask=attn_mask,
+                is_causal=is_causal, need_weights=return_attention, average_attn_weights=False,
+            )
+            return self.dropout1(out), weights
+
+        if self.norm_first:
+            attended, weights = self_attention(self.norm1(x))
+            x = x + attended
+            x = x + self.dropout2(self.feed_forward(self.norm2(x)))
+        else:
+            attended, weights = self_attention(x)
+            x = self.norm1(x + attended)
+            x = self.norm2(x + self.dropout2(self.feed_forward(x)))
+        return (x, weights) if return_attention else x
+
+
+class DecoderLayer(nn.Module):
+    """Masked self-attention, cross-attention over the encoder output, feed-forward.
+
+    Each sub-layer has dropout, a residual and a LayerNorm (pre- or post-norm).
+
+    Shape:
+        x: ``(batch, Lt, d_model)``; memory: ``(batch, Ls, d_model)`` → ``(batch, Lt,
+        d_model)``; with ``return_attention`` also the ``(batch, n_heads, Lt, Ls)``
+        cross-attention weights.
+    """
+
+    def __init__(
+        self,
+        d_model: int,
+        n_heads: int,
+        d_ff: int | None = None,
+        dropout: float = 0.1,
+        activation: str | Callable[[Tensor], Tensor] = "gelu",
+        norm_first: bool = True,
+        bias: bool = False,
+        layer_norm_eps: float = 1e-5,
+        rotary: bool = False,
+    ) -> None:
+        super().__init__()
+        self.d_model = d_model
+        self.norm_first = norm_first
+        self.self_attn = MultiHeadAttention(d_model, n_heads, dropout, bias, rotary=rotary)
+        self.cross_attn = MultiHeadAttention(d_model, n_heads, dropout, bias)
+        self.feed_forward = FeedForward(d_model, d_ff, dropout, activation, bias)
+        self.norm1 = nn.LayerNorm(d_model, eps=layer_norm_eps, bias=bias)
+        self.norm2 = nn.LayerNorm(d_model, eps=layer_norm_eps, bias=bias)
+        self.norm3 = nn.LayerNorm(d_model, eps=layer_norm_eps, bias=bias)
+        self.dropout1 = nn.Dropout(dropout)
+        self.dropout2 = nn.Dropout(dropout)
+        self.dropout3 = nn.Dropout(dropout)
+
+    def forward(
+        self,
+        x: Tensor,
+        memory: Tensor,
+        *,
+        tgt_key_padding_mask: Tensor | None = None,
+        memory_key_padding_mask: Tensor | None = None,
+        tgt_mask: Tensor | None = None,
+        is_causal: bool = True,
+        cache: tuple[KVCache, KVCache] | None = None,
+        return_attention: bool = False,
+    ) -> Tensor | tuple[Tensor, Tensor]:
+        """Masks: boolean ``True`` = may not attend, float = added to the scores.
+
+        tgt_key_padding_mask: ``(batch, Lt)`` (``Lt`` counting cached positions);
+        memory_key_padding_mask: ``(batch, Ls)``; tgt_mask: ``(Lt, Lt)`` or per head.
+        cache: ``(self-attention cache, cross-attention cache)`` for incremental decoding.
+        """
+        x = _check_layer_input("x", x, self.d_model)
+        memory = _check_layer_input("memory", memory, self.d_model)
+        self_cache, cross_cache = cache if cache is not None else (None, None)
+
+        def self_attention(h: Tensor) -> Tensor:
+            out, _ = self.self_attn(
+                h, key_padding_mask=tgt_key_padding_mask, attn_mask=tgt_mask,
+                is_causal=is_causal, cache=self_cache,
+            )
+            return self.dropout1(out)
+
+        def cross_attention(h: Tensor) -> tuple[Tensor, Tensor | None]:
+            out, weights = self.cross_attn(
+                h, memory, key_padding_mask=memory_key_padding_mask, cache=cross_cache,
+                need_weights=return_attention, average_attn_weights=False,
+            )
+            return self.dropout2(out), weights
+
+        if self.norm_first:
+            x = x + self_attention(self.norm1(x))
+            attended, weights = cross_attention(self.norm2(x))
+            x = x + attended
+            x = x + self.dropout3(self.feed_forward(self.norm3(x)))
+        else:
+            x = self.norm1(x + self_attention(x))
+            attended, weights = cross_attention(x)
+            x = self.norm2(x + attended)
+            x = self.norm3(x + self.dropout3(self.feed_forward(x)))
+        return (x, weights) if return_attention else x

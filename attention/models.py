@@ -1,0 +1,346 @@
+"""Stacks of layers: :class:`Encoder`, :class:`Decoder` and the seq2seq :class:`Transformer`."""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable
+
+import torch
+from torch import Tensor, nn
+
+from ._checks import check_positive_int, shape_of
+from .decoding import beam_search, greedy_search
+from .layers import DecoderLayer, EncoderLayer
+from .multihead import KVCache
+from .positional import build_positional_encoding
+
+__all__ = ["Decoder", "DecoderCache", "Encoder", "Transformer"]
+
+Activation = str | Callable[[Tensor], Tensor]
+
+
+class Encoder(nn.Module):
+    """A stack of ``n_layers`` :class:`EncoderLayer` blocks, batch first.
+
+    Adds the positional encoding to the input, runs the layers, and ends with a LayerNorm
+    when the layers are pre-norm (their output is otherwise un-normalised).
+
+    Args:
+        d_model, n_heads, n_layers: width, heads per layer, depth.
+        d_ff: feed-forward width, ``4 * d_model`` when ``None``.
+        dropout: on attention weights, sub-layer outputs and the positional encoding.
+        positional: ``"sinusoidal"``, ``"learned"``, ``"rotary"`` or ``None``.
+        max_len: positions the learned encoding has (the sinusoid table extends itself).
+        norm_first: pre-norm (default) or post-norm.
+        activation: ``"relu"``, ``"gelu"``, ``"gelu_tanh"``, ``"silu"`` or a callable.
+        bias: biases in linear layers and LayerNorms.
+
+    Shape:
+        x: ``(batch, length, d_model)`` → same shape.
+    """
+
+    def __init__(
+        self,
+        d_model: int,
+        n_heads: int,
+        n_layers: int,
+        d_ff: int | None = None,
+        dropout: float = 0.1,
+        positional: str | None = "sinusoidal",
+        max_len: int = 1024,
+        norm_first: bool = True,
+        activation: Activation = "gelu",
+        bias: bool = False,
+        layer_norm_eps: float = 1e-5,
+    ) -> None:
+        super().__init__()
+        self.d_model = d_model
+        self.positional = build_positional_encoding(positional, d_model, max_len, dropout)
+        self.layers = nn.ModuleList(
+            EncoderLayer(d_model, n_heads, d_ff, dropout, activation, norm_first, bias,
+                         layer_norm_eps, rotary=positional == "rotary")
+            for _ in range(check_positive_int("n_layers", n_layers))
+        )
+        self.norm = nn.LayerNorm(d_model, eps=layer_norm_eps, bias=bias) if norm_first else None
+
+    def forward(
+        self,
+        x: Tensor,
+        *,
+        key_padding_mask: Tensor | None = None,
+        attn_mask: Tensor | None = None,
+        is_causal: bool = False,
+        return_attention: bool = False,
+    ) -> Tensor | tuple[Tensor, list[Tensor]]:
+        """Encode ``x``; with ``return_attention`` also each layer's ``(B, H, L, L)`` weights.
+
+        Masks: boolean ``True`` = may not attend, float = added to the scores.
+        key_padding_mask: ``(B, L)``, ``True`` at padding; attn_mask: ``(L, L)``,
+        ``(B * n_heads, L, L)`` or ``(B, n_heads, L, L)``.
+        """
+        if self.positional is not None:
+            x = self.positional(x)
+        attention: list[Tensor] = []
+        for layer in self.layers:
+            out = layer(x, key_padding_mask=key_padding_mask, attn_mask=attn_mask,
+                        is_causal=is_causal, return_attention=return_attention)
+            if return_attention:
+                x, weights = out
+                attention.append(weights)
+            else:
+                x = out
+        if self.norm is not None:
+            x = self.norm(x)
+        return (x, attention) if return_attention else x
+
+
+class DecoderCache:
+    """Per-layer key/value caches of a :class:`Decoder`, for incremental decoding."""
+
+    def __init__(self, n_layers: int) -> None:
+        self.layers = [(KVCache(), KVCache()) for _ in range(n_layers)]
+
+    def __len__(self) -> int:
+        """Number of target positions decoded so far."""
+        return len(self.layers[0][0])
+
+    def reorder(self, index: Tensor) -> None:
+        """Keep batch rows ``index``, in that order (beam search)."""
+        for self_cache, cross_cache in self.layers:
+            self_cache.reorder(index)
+            cross_cache.reorder(index)
+
+
+class Decoder(nn.Module):
+    """A stack of ``n_layers`` :class:`DecoderLayer` blocks, batch first.
+
+    Arguments as for :class:`Encoder`. ``forward`` is causal by default.
+
+    Shape:
+        x: ``(batch, Lt, d_model)``; memory: ``(batch, Ls, d_model)`` → ``(batch, Lt,
+        d_model)``.
+    """
+
+    def __init__(
+        self,
+        d_model: int,
+        n_heads: int,
+        n_layers: int,
+        d_ff: int | None = None,
+        dropout: float = 0.1,
+        positional: str | None = "sinusoidal",
+        max_len: int = 1024,
+        norm_first: bool = True,
+        activation: Activation = "gelu",
+        bias: bool = False,
+        layer_norm_eps: float = 1e-5,
+    ) -> None:
+        super().__init__()
+        self.d_model = d_model
+        self.positional = build_positional_encoding(positional, d_model, max_len, dropout)
+        self.layers = nn.ModuleList(
+            DecoderLayer(d_model, n_heads, d_ff, dropout, activation, norm_first, bias,
+                         layer_norm_eps, rotary=positional == "rotary")
+            for _ in range(check_positive_int("n_layers", n_layers))
+        )
+        self.norm = nn.LayerNorm(d_model, eps=layer_norm_eps, bias=bias) if norm_first else None
+
+    def new_cache(self) -> DecoderCache:
+        return DecoderCache(len(self.layers))
+
+    def forward(
+        self,
+        x: Tensor,
+        memory: Tensor,
+        *,
+        tgt_key_padding_mask: Tensor | None = None,
+        memory_key_padding_mask: Tensor | None = None,
+        tgt_mask: Tensor | None = None,
+        is_causal: bool = True,
+        cache: DecoderCache | None = None,
+        return_attention: bool = False,
+    ) -> Tensor | tuple[Tensor, list[Tensor]]:
+        """Decode ``x`` against ``memory``; with ``return_attention`` also each layer's
+        ``(B, H, Lt, Ls)`` cross-attention weights.
+
+        With a ``cache``, ``x`` holds only the new positions; they are placed after the
+        cached ones and attend to them. Masks: boolean ``True`` = may not attend.
+        """
+        offset = len(cache) if cache is not None else 0
+        if self.positional is not None:
+            x = self.positional(x, offset)
+        attention: list[Tensor] = []
+        for i, layer in enumerate(self.layers):
+            out = layer(
+                x, memory, tgt_key_padding_mask=tgt_key_padding_mask,
+                memory_key_padding_mask=memory_key_padding_mask, tgt_mask=tgt_mask,
+                is_causal=is_causal, cache=cache.layers[i] if cache is not None else None,
+                return_attention=return_attention,
+            )
+            if return_attention:
+                x, weights = out
+                attention.append(weights)
+            else:
+                x = out
+        if self.norm is not None:
+            x = self.norm(x)
+        return (x, attention) if return_attention else x
+
+
+def _check_ids(name: str, ids: object, vocab_size: int) -> Tensor:
+    if not isinstance(ids, Tensor):
+        raise TypeError(f"{name}: expected a LongTensor (batch, length), got {type(ids).__name__}")
+    if ids.dim() != 2:
+        raise ValueError(f"{name}: expected a 2-D tensor (batch, length), got shape "
+                         f"{shape_of(ids)}")
+    if ids.dtype not in (torch.int64, torch.int32):
+        raise TypeError(f"{name}: expected dtype torch.int64 token ids, got {ids.dtype}")
+    return ids
+
+
+class Transformer(nn.Module):
+    """The encoder-decoder Transformer for sequence-to-sequence tasks such as translation.
+
+    Token embeddings (scaled by ``√d_model``), an :class:`Encoder`, a :class:`Decoder` and
+    a linear output head. Padding masks come from ``pad_id``. ``tie_embeddings`` shares the
+    target embedding with the output head (the vocabularies are the target's).
+
+    Shape:
+        src_ids: ``(B, Ls)``; tgt_ids: ``(B, Lt)`` → logits ``(B, Lt, tgt_vocab_size)``.
+    """
+
+    def __init__(
+        self,
+        src_vocab_size: int,
+        tgt_vocab_size: int,
+        d_model: int = 512,
+        n_heads: int = 8,
+        n_encoder_layers: int = 6,
+        n_decoder_layers: int = 6,
+        d_ff: int | None = None,
+        dropout: float = 0.1,
+        pad_id: int = 0,
+        tie_embeddings: bool = False,
+        positional: str | None = "sinusoidal",
+        max_len: int = 1024,
+        norm_first: bool = True,
+        activation: Activation = "gelu",
+        bias: bool = False,
+    ) -> None:
+        super().__init__()
+        self.src_vocab_size = check_positive_int("src_vocab_size", src_vocab_size)
+        self.tgt_vocab_size = check_positive_int("tgt_vocab_size", tgt_vocab_size)
+        self.d_model = check_positive_int("d_model", d_model)
+        if not 0 <= pad_id < min(src_vocab_size, tgt_vocab_size):
+            raise ValueError(f"pad_id: expected an id in [0, {min(src_vocab_size, tgt_vocab_size)})"
+                             f" (inside both vocabularies), got {pad_id}")
+        self.pad_id = pad_id
+        common = dict(d_ff=d_ff, dropout=dropout, positional=positional, max_len=max_len,
+                      norm_first=norm_first, activation=activation, bias=bias)
+        self.src_embed = nn.Embedding(src_vocab_size, d_model, padding_idx=pad_id)
+        self.tgt_embed = nn.Embedding(tgt_vocab_size, d_model, padding_idx=pad_id)
+        self.encoder = Encoder(d_model, n_heads, n_encoder_layers, **common)
+        self.decoder = Decoder(d_model, n_heads, n_decoder_layers, **common)
+        self.lm_head = nn.Linear(d_model, tgt_vocab_size, bias=False)
+        # N(0, 1/d_model) so that the √d_model scaling gives unit-variance embeddings.
+        for embedding in (self.src_embed, self.tgt_embed):
+            nn.init.normal_(embedding.weight, std=d_model**-0.5)
+            with torch.no_grad():
+                embedding.weight[pad_id].zero_()
+        if tie_embeddings:
+            self.lm_head.weight = self.tgt_embed.weight
+
+    def padding_mask(self, ids: Tensor) -> Tensor:
+        """``(B, L)`` boolean mask, ``True`` where ``ids`` is ``pad_id``."""
+        return ids == self.pad_id
+
+    def encode(self, src_ids: Tensor, *, return_attention: bool = False
+               ) -> Tensor | tuple[Tensor, list[Tensor]]:
+        """``(B, Ls)`` ids → memory ``(B, Ls, d_model)`` (and encoder self-attention)."""
+        src_ids = _check_ids("src_ids", src_ids, self.src_vocab_size)
+        x = self.src_embed(src_ids) * math.sqrt(self.d_model)
+        return self.encoder(x, key_padding_mask=self.padding_mask(src_ids),
+                            return_attention=return_attention)
+
+    def decode(
+        self,
+        tgt_ids: Tensor,
+        memory: Tensor,
+        memory_key_padding_mask: Tensor | None = None,
+        *,
+        cache: DecoderCache | None = None,
+        return_attention: bool = False,
+    ) -> Tensor | tuple[Tensor, list[Tensor]]:
+        """``(B, Lt)`` target ids and memory → logits ``(B, Lt, tgt_vocab_size)``.
+
+        With ``return_attention``, also the cross-attention weights of every layer,
+        ``(B, n_heads, Lt, Ls)`` each. With a ``cache``, ``tgt_ids`` holds only the new
+        positions (target padding is then not masked: decoding has none).
+        """
+        tgt_ids = _check_ids("tgt_ids", tgt_ids, self.tgt_vocab_size)
+        x = self.tgt_embed(tgt_ids) * math.sqrt(self.d_model)
+        out = self.decoder(
+            x, memory,
+            tgt_key_padding_mask=None if cache is not None else self.padding_mask(tgt_ids),
+            memory_key_padding_mask=memory_key_padding_mask, is_causal=True, cache=cache,
+            return_attention=return_attention,
+        )
+        if return_attention:
+            hidden, attention = out
+            return self.lm_head(hidden), attention
+        return self.lm_head(out)
+
+    def forward(self, src_ids: Tensor, tgt_ids: Tensor) -> Tensor:
+        """Teacher-forced logits ``(B, Lt, tgt_vocab_size)`` for ``tgt_ids``."""
+        src_ids = _check_ids("src_ids", src_ids, self.src_vocab_size)
+        tgt_ids = _check_ids("tgt_ids", tgt_ids, self.tgt_vocab_size)
+        if src_ids.shape[0] != tgt_ids.shape[0]:
+            raise ValueError(f"tgt_ids: expected batch={src_ids.shape[0]} (as in src_ids), "
+                             f"got shape {shape_of(tgt_ids)}")
+        memory = self.encode(src_ids)
+        return self.decode(tgt_ids, memory, self.padding_mask(src_ids))
+
+    @torch.no_grad()
+    def generate(
+        self,
+        src_ids: Tensor,
+        max_new_tokens: int,
+        bos_id: int,
+        eos_id: int,
+        beam_size: int = 1,
+        length_penalty: float = 1.0,
+    ) -> Tensor:
+        """Translate ``src_ids`` by greedy (``beam_size=1``) or beam search on a KV cache.
+
+        Each step runs the decoder over the newest position only; earlier positions' keys
+        and values come from the cache. Beam search ranks finished hypotheses by
+        ``sum log p / length ** length_penalty``.
+
+        Returns:
+            ``(B, T)`` generated ids, without ``bos_id``, each row ending at its ``eos_id``
+            (included) and padded with ``pad_id`` after it; ``T ≤ max_new_tokens``.
+        """
+        src_ids = _check_ids("src_ids", src_ids, self.src_vocab_size)
+        check_positive_int("max_new_tokens", max_new_tokens)
+        check_positive_int("beam_size", beam_size)
+        for name, token in (("bos_id", bos_id), ("eos_id", eos_id)):
+            if not 0 <= token < self.tgt_vocab_size:
+                raise ValueError(f"{name}: expected an id in [0, {self.tgt_vocab_size}), "
+                                 f"got {token}")
+        batch = src_ids.shape[0]
+        memory = self.encode(src_ids)
+        memory_mask = self.padding_mask(src_ids)
+        if beam_size > 1:  # one row per hypothesis
+            memory = memory.repeat_interleave(beam_size, dim=0)
+            memory_mask = memory_mask.repeat_interleave(beam_size, dim=0)
+        cache = self.decoder.new_cache()
+
+        def step(last_ids: Tensor) -> Tensor:  # (N, 1) -> (N, V) log-probabilities
+            logits = self.decode(last_ids, memory, memory_mask, cache=cache)
+            return logits[:, -1].float().log_softmax(dim=-1)
+
+        if beam_size == 1:
+            return greedy_search(step, batch, bos_id, eos_id, self.pad_id, max_new_tokens,
+                                 device=src_ids.device)
+        return beam_search(step, cache.reorder, batch, bos_id, eos_id, self.pad_id,
+                           max_new_tokens, beam_size, length_penalty, device=src_ids.device)

@@ -1,0 +1,190 @@
+"""Multi-head attention: project, split into heads, attend, merge the heads, project.
+
+Letter key for the einops patterns: ``b`` batch, ``h`` heads, ``n`` length, ``d`` head
+dimension (``d_head = d_model // n_heads``).
+"""
+
+from __future__ import annotations
+
+import torch
+from einops import rearrange
+from torch import Tensor, nn
+
+from ._checks import (
+    check_divisible,
+    check_positive_int,
+    check_probability,
+    check_size,
+    check_tensor,
+    shape_of,
+)
+from .functional import attend
+from .positional import RotaryEmbedding
+
+__all__ = ["KVCache", "MultiHeadAttention"]
+
+
+class KVCache:
+    """Keys and values a :class:`MultiHeadAttention` has already projected.
+
+    Passed as ``cache=`` to the module, it is updated in place:
+
+    - in self-attention (``key`` omitted) each call appends the new positions' keys and
+      values, so a decoding step costs one position, not a re-run of the prefix;
+    - in cross-attention (``key`` given) the first call projects the memory and later calls
+      reuse it, since the encoder output does not change while decoding.
+
+    Shape:
+        k, v: ``(batch, heads, length, d_head)``.
+    """
+
+    def __init__(self) -> None:
+        self.k: Tensor | None = None
+        self.v: Tensor | None = None
+
+    def __len__(self) -> int:
+        return 0 if self.k is None else self.k.shape[-2]
+
+    def append(self, k: Tensor, v: Tensor) -> tuple[Tensor, Tensor]:
+        """Add new positions after the cached ones; return all keys and values."""
+        if self.k is not None and self.v is not None:
+            k = torch.cat((self.k, k), dim=-2)  # (b h n d) ++ (b h m d) -> (b h n+m d)
+            v = torch.cat((self.v, v), dim=-2)
+        self.k, self.v = k, v
+        return k, v
+
+    def reorder(self, index: Tensor) -> None:
+        """Keep batch rows ``index``, in that order (beam search reorders hypotheses)."""
+        if self.k is not None and self.v is not None:
+            self.k = self.k.index_select(0, index)
+            self.v = self.v.index_select(0, index)
+
+
+class MultiHeadAttention(nn.Module):
+    """Multi-head scaled dot-product attention, batch first.
+
+    Four trainable projections, without bias unless ``bias=True``: ``q_proj``, ``k_proj``
+    and ``v_proj`` make queries, keys and values; the heads attend in parallel; their
+    outputs are concatenated and mixed by ``out_proj``.
+
+    Args:
+        d_model: model width, a multiple of ``n_heads``.
+        n_heads: number of heads; each has ``d_head = d_model // n_heads`` features.
+        dropout: dropout on the attention weights (training only).
+        bias: add a bias to the four projections.
+        kdim, vdim: feature sizes of ``key`` and ``value`` when they differ from ``d_model``.
+        rotary: rotate queries and keys by their positions (self-attention only).
+    """
+
+    def __init__(
+        self,
+        d_model: int,
+        n_heads: int,
+        dropout: float = 0.0,
+        bias: bool = False,
+        *,
+        kdim: int | None = None,
+        vdim: int | None = None,
+        rotary: bool = False,
+    ) -> None:
+        super().__init__()
+        self.d_model = check_positive_int("d_model", d_model)
+        self.n_heads = check_positive_int("n_heads", n_heads)
+        self.d_head = check_divisible(d_model, n_heads)
+        self.kdim = d_model if kdim is None else check_positive_int("kdim", kdim)
+        self.vdim = d_model if vdim is None else check_positive_int("vdim", vdim)
+        self.dropout = check_probability("dropout", dropout)
+
+        self.q_proj = nn.Linear(d_model, d_model, bias=bias)
+        self.k_proj = nn.Linear(self.kdim, d_model, bias=bias)
+        self.v_proj = nn.Linear(self.vdim, d_model, bias=bias)
+        self.out_proj = nn.Linear(d_model, d_model, bias=bias)
+        self.rotary = RotaryEmbedding(self.d_head) if rotary else None
+
+    def forward(
+        self,
+        query: Tensor,
+        key: Tensor | None = None,
+        value: Tensor | None = None,
+        *,
+        key_padding_mask: Tensor | None = None,
+        attn_mask: Tensor | None = None,
+        is_causal: bool = False,
+        need_weights: bool = False,
+        average_attn_weights: bool = True,
+        cache: KVCache | None = None,
+    ) -> tuple[Tensor, Tensor | None]:
+        """Attend from ``query`` to ``key``/``value`` (to ``query`` itself when omitted).
+
+        Masks: a boolean ``True`` means "may not attend"; a float mask is added to the
+        scores. With a ``cache`` in self-attention, ``Lk`` counts the cached positions too.
+
+        Shape:
+            query: ``(B, Lq, d_model)``; key: ``(B, Lk, kdim)``; value: ``(B, Lk, vdim)``.
+            key_padding_mask: ``(B, Lk)``, ``True`` at padding.
+            attn_mask: ``(Lq, Lk)``, ``(B * n_heads, Lq, Lk)`` or ``(B, n_heads, Lq, Lk)``.
+            output: ``(B, Lq, d_model)``.
+            weights: ``(B, Lq, Lk)`` averaged over heads, ``(B, n_heads, Lq, Lk)`` if not
+            ``average_attn_weights``, ``None`` unless ``need_weights``.
+        """
+        query = check_tensor("query", query, [3], f"(batch, Lq, d_model={self.d_model})")
+        check_size("query", query, -1, self.d_model, "d_model")
+        self_attention = key is None
+        if key is None:
+            if value is not None:
+                raise ValueError("value: expected None when key is None (self-attention), "
+                                 f"got a tensor of shape {shape_of(value)}")
+            key = value = query
+        elif value is None:
+            value = key
+        key = check_tensor("key", key, [3], f"(batch, Lk, kdim={self.kdim})")
+        value = check_tensor("value", value, [3], f"(batch, Lk, vdim={self.vdim})")
+        check_size("key", key, -1, self.kdim, "kdim")
+        check_size("value", value, -1, self.vdim, "vdim")
+        for name, x in (("key", key), ("value", value)):
+            check_size(name, x, 0, query.shape[0], "batch (as in query)")
+        check_size("value", value, 1, key.shape[1], "Lk (as in key)")
+
+        offset = len(cache) if cache is not None and self_attention else 0
+        q = rearrange(self.q_proj(query), "b n (h d) -> b h n d", h=self.n_heads)
+        if cache is not None and not self_attention and cache.k is not None:
+            k, v = cache.k, cache.v  # the memory was projected on the first step
+        else:
+            k = rearrange(self.k_proj(key), "b n (h d) -> b h n d", h=self.n_heads)
+            v = rearrange(self.v_proj(value), "b n (h d) -> b h n d", h=self.n_heads)
+            if self.rotary is not None and self_attention:
+                k = self.rotary(k, offset)
+            if cache is not None:
+                k, v = cache.append(k, v)
+        if self.rotary is not None and self_attention:
+            q = self.rotary(q, offset)
+
+        out, weights = attend(
+            q, k, v,
+            attn_mask=self._heads_mask(attn_mask, q.shape[0]),
+            key_padding_mask=key_padding_mask,
+            is_causal=is_causal,
+            dropout_p=self.dropout if self.training else 0.0,
+            need_weights=need_weights,
+        )
+        out = self.out_proj(rearrange(out, "b h n d -> b n (h d)"))
+        if weights is not None and average_attn_weights:
+            weights = weights.mean(dim=1)  # (b h i j) -> (b i j)
+        return out, weights
+
+    def _heads_mask(self, attn_mask: Tensor | None, batch: int) -> Tensor | None:
+        """Accept torch.nn's ``(B * n_heads, Lq, Lk)`` mask layout as well as ``attend``'s."""
+        if isinstance(attn_mask, Tensor) and attn_mask.dim() == 3:
+            if attn_mask.shape[0] != batch * self.n_heads:
+                raise ValueError(
+                    f"attn_mask: expected a 3-D mask of shape (batch * n_heads = "
+                    f"{batch * self.n_heads}, Lq, Lk), got {shape_of(attn_mask)}"
+                )
+            return rearrange(attn_mask, "(b h) i j -> b h i j", h=self.n_heads)
+        return attn_mask
+
+    def extra_repr(self) -> str:
+        extra = "" if self.kdim == self.vdim == self.d_model else \
+            f", kdim={self.kdim}, vdim={self.vdim}"
+        return (f"d_model={self.d_model}, n_heads={self.n_heads}, dropout={self.dropout}"
+                f"{extra}, rotary={self.rotary is not None}")
