@@ -37,7 +37,11 @@ POSITIONAL_ENCODINGS = ("sinusoidal", "learned", "rotary", None)
 
 
 def sinusoid_table(length: int, d_model: int, *, offset: int = 0, base: float = 10000.0) -> Tensor:
-    """``(length, d_model)`` table: ``pe[p, 2i] = sin(p / base^(2i/d))``, ``pe[p, 2i+1] = cos(…)``."""
+    """The ``(length, d_model)`` table of the paper.
+
+    ``pe[p, 2i] = sin(p / base^(2i/d_model))`` and ``pe[p, 2i+1] = cos(p / base^(2i/d_model))``
+    for positions ``p = offset … offset + length - 1``.
+    """
     position = torch.arange(offset, offset + length, dtype=torch.float64).unsqueeze(1)
     inv_freq = base ** (-torch.arange(0, d_model, 2, dtype=torch.float64) / d_model)
     angles = position * inv_freq  # (n, ceil(d/2))
