@@ -313,8 +313,8 @@ class Transformer(nn.Module):
         """Translate ``src_ids`` by greedy (``beam_size=1``) or beam search on a KV cache.
 
         Each step runs the decoder over the newest position only; earlier positions' keys
-        and values come from the cache. Beam search ranks finished hypotheses by
-        ``sum log p / length ** length_penalty``.
+        and values come from the cache. ``pad_id`` and ``bos_id`` are never generated.
+        Beam search ranks finished hypotheses by ``sum log p / length ** length_penalty``.
 
         Returns:
             ``(B, T)`` generated ids, without ``bos_id``, each row ending at its ``eos_id``
@@ -336,8 +336,10 @@ class Transformer(nn.Module):
         cache = self.decoder.new_cache()
 
         def step(last_ids: Tensor) -> Tensor:  # (N, 1) -> (N, V) log-probabilities
-            logits = self.decode(last_ids, memory, memory_mask, cache=cache)
-            return logits[:, -1].float().log_softmax(dim=-1)
+            logits = self.decode(last_ids, memory, memory_mask, cache=cache)[:, -1].float()
+            # Padding and BOS are never outputs; padding also fills rows after their EOS.
+            logits[:, [self.pad_id, bos_id]] = float("-inf")
+            return logits.log_softmax(dim=-1)
 
         if beam_size == 1:
             return greedy_search(step, batch, bos_id, eos_id, self.pad_id, max_new_tokens,
