@@ -70,7 +70,8 @@ def test_encoder_trains_every_weight():
 
     first = loss_fn()
     first.backward()
-    missing = [n for n, p in encoder.named_parameters() if p.grad is None or p.grad.abs().sum() == 0]
+    missing = [n for n, p in encoder.named_parameters()
+               if p.grad is None or p.grad.abs().sum() == 0]
     assert missing == []
     for _ in range(60):
         optimizer.zero_grad()
