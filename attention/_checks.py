@@ -15,7 +15,7 @@ from torch import Tensor
 
 
 def shape_of(x: Tensor) -> str:
-    return "(" + ", ".join(str(int(s)) for s in x.shape) + ")"
+    return str(tuple(int(s) for s in x.shape))
 
 
 def check_positive_int(name: str, value: object) -> int:

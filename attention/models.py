@@ -195,6 +195,11 @@ def _check_ids(name: str, ids: object, vocab_size: int) -> Tensor:
                          f"{shape_of(ids)}")
     if ids.dtype not in (torch.int64, torch.int32):
         raise TypeError(f"{name}: expected dtype torch.int64 token ids, got {ids.dtype}")
+    if ids.numel() and not torch.compiler.is_compiling():
+        low, high = int(ids.min()), int(ids.max())
+        if low < 0 or high >= vocab_size:
+            raise ValueError(f"{name}: expected ids in [0, {vocab_size}) (the vocabulary "
+                             f"size), got ids from {low} to {high}")
     return ids
 
 
