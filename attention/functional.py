@@ -186,7 +186,9 @@ def attend(
         if mask is not None:
             scores = scores.masked_fill(mask, float("-inf")) if mask.dtype == torch.bool \
                 else scores + mask
-        weights = scores.softmax(dim=-1, dtype=torch.float32).to(q.dtype)
+        # Softmax in at least float32 (half-precision scores lose the small weights).
+        weights = scores.softmax(dim=-1, dtype=torch.promote_types(q.dtype, torch.float32))
+        weights = weights.to(q.dtype)
         if empty_rows is not None:
             weights = weights.masked_fill(empty_rows, 0.0)
         dropped = F.dropout(weights, p=dropout_p) if dropout_p > 0 else weights
