@@ -218,8 +218,9 @@ class MultiheadAttention(MultiHeadAttention):
 class TransformerEncoderLayer(EncoderLayer):
     """``torch.nn.TransformerEncoderLayer``: same arguments, defaults and forward.
 
-    ``self_attn`` is this package's batch-first :class:`~attention.MultiHeadAttention`;
-    ``linear1``, ``linear2``, ``dropout`` and ``activation`` are there as in torch.nn.
+    ``self_attn`` is a :class:`MultiheadAttention` in the layer's layout, called as torch.nn
+    calls it; ``linear1``, ``linear2``, ``dropout`` and ``activation`` are there as in
+    torch.nn. Masks: boolean ``True`` = may not attend, float = added to the scores.
     """
 
     def __init__(
@@ -238,10 +239,10 @@ class TransformerEncoderLayer(EncoderLayer):
     ) -> None:
         super().__init__(d_model, nhead, dim_feedforward, dropout, activation, norm_first, bias,
                          layer_norm_eps)
+        self.self_attn = MultiheadAttention(d_model, nhead, dropout, bias, batch_first=batch_first)
         self.batch_first = batch_first
         _factory(self, device, dtype)
         self.register_load_state_dict_pre_hook(_layer_load_hook)
-        self.self_attn.register_load_state_dict_pre_hook(_mha_load_hook)
 
     linear1 = property(lambda self: self.feed_forward.linear1)
     linear2 = property(lambda self: self.feed_forward.linear2)
@@ -257,15 +258,21 @@ class TransformerEncoderLayer(EncoderLayer):
     ) -> Tensor:
         """Shape: src ``(S, N, E)`` (``(N, S, E)`` if batch_first, ``(S, E)`` unbatched);
         src_mask ``(S, S)`` or ``(N * nhead, S, S)``; src_key_padding_mask ``(N, S)``."""
-        layout = "(N, S, E) if batch_first" if self.batch_first else "(S, N, E)"
-        batched = _is_batched("src", src, f"{layout} or unbatched (S, E)")
-        out = super().forward(
-            _to_batch_first(src, self.batch_first, batched),
-            key_padding_mask=_unbatched_mask(src_key_padding_mask, batched),
-            attn_mask=src_mask,
-            is_causal=is_causal and src_mask is None,
-        )
-        return _from_batch_first(out, self.batch_first, batched)
+
+        def self_attention(x: Tensor) -> Tensor:
+            out, _ = self.self_attn(x, x, x, key_padding_mask=src_key_padding_mask,
+                                    need_weights=False, attn_mask=src_mask, is_causal=is_causal)
+            return self.dropout1(out)
+
+        # The same residual wiring as EncoderLayer, in the caller's layout.
+        x = src
+        if self.norm_first:
+            x = x + self_attention(self.norm1(x))
+            x = x + self.dropout2(self.feed_forward(self.norm2(x)))
+        else:
+            x = self.norm1(x + self_attention(x))
+            x = self.norm2(x + self.dropout2(self.feed_forward(x)))
+        return x
 
 
 class TransformerEncoder(nn.Module):
@@ -350,9 +357,14 @@ def from_torch(module: nn.Module) -> nn.Module:
     """Convert a trained ``torch.nn`` attention module into its ``attention.compat`` twin.
 
     Accepts ``nn.MultiheadAttention``, ``nn.TransformerEncoderLayer`` and
-    ``nn.TransformerEncoder``; keeps the layout (``batch_first``), the device and dtype, and
-    copies every weight. Outputs, attention weights and gradients match torch.nn's.
+    ``nn.TransformerEncoder``; keeps the layout (``batch_first``), the device and dtype, the
+    train/eval mode, and copies every weight. Outputs, attention weights and gradients match
+    torch.nn's.
     """
+    return _convert_from_torch(module).train(module.training)
+
+
+def _convert_from_torch(module: nn.Module) -> nn.Module:
     if isinstance(module, nn.MultiheadAttention):
         return _mha_from_torch(module)
     if isinstance(module, nn.TransformerEncoderLayer):
@@ -411,8 +423,13 @@ def to_torch(module: nn.Module) -> nn.Module:
 
     Accepts the ``attention.compat`` classes (their layout is kept) and the batch-first core
     classes (``MultiHeadAttention``, ``EncoderLayer``, and an ``Encoder`` built with
-    ``positional=None``), which become ``batch_first=True`` torch.nn modules.
+    ``positional=None``), which become ``batch_first=True`` torch.nn modules. The train/eval
+    mode is kept.
     """
+    return _convert_to_torch(module).train(module.training)
+
+
+def _convert_to_torch(module: nn.Module) -> nn.Module:
     batch_first = getattr(module, "batch_first", True)
     if isinstance(module, MultiHeadAttention):
         return _mha_to_torch(module, batch_first)
@@ -420,18 +437,20 @@ def to_torch(module: nn.Module) -> nn.Module:
         return _layer_to_torch(module, batch_first)
     if isinstance(module, TransformerEncoder):
         layers = [_layer_to_torch(layer, layer.batch_first) for layer in module.layers]
-        norm, nested = copy.deepcopy(module.norm), module.enable_nested_tensor
+        norm, nested, mask_check = (copy.deepcopy(module.norm), module.enable_nested_tensor,
+                                    module.mask_check)
     elif isinstance(module, Encoder):
         if module.positional is not None or module.layers[0].self_attn.rotary is not None:
             raise ValueError("module: torch.nn.TransformerEncoder has no positional encoding; "
                              "to_torch needs an Encoder built with positional=None")
         layers = [_layer_to_torch(layer, True) for layer in module.layers]
-        norm, nested = copy.deepcopy(module.norm), False
+        norm, nested, mask_check = copy.deepcopy(module.norm), False, True
     else:
         raise TypeError("module: expected an attention MultiHeadAttention, EncoderLayer, Encoder "
                         f"or compat module, got {type(module).__name__}")
     theirs = nn.TransformerEncoder(layers[0], len(layers), norm,
-                                   enable_nested_tensor=nested and not layers[0].norm_first)
+                                   enable_nested_tensor=nested and not layers[0].norm_first,
+                                   mask_check=mask_check)
     for target, source in zip(theirs.layers, layers, strict=True):
         target.load_state_dict(source.state_dict())
     return theirs
