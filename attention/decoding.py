@@ -70,9 +70,11 @@ def beam_search(
     ``b * beam_size + k``. Each step ranks the ``2 * beam_size`` best extensions: an
     extension ending in ``eos_id`` among the first ``beam_size`` is a finished hypothesis,
     the best ``beam_size`` others continue. A sentence is done once it has ``beam_size``
-    finished hypotheses (so ``beam_size=1`` is exactly greedy decoding); at
+    finished hypotheses and the best live one, scored at its current length, does not beat
+    the worst of them (so ``beam_size=1`` is exactly greedy decoding); at
     ``max_new_tokens`` the unfinished ones are finished as they are. The result is the
-    finished hypothesis with the best :func:`sequence_score`.
+    finished hypothesis with the best :func:`sequence_score`. Like any beam search it
+    prunes, so it can, rarely, end below greedy decoding's score.
 
     Returns ``(batch, T)`` ids, ``T ≤ max_new_tokens``, padded with ``pad_id``.
     """
@@ -95,6 +97,12 @@ def beam_search(
 
         top_scores_list, top_beam_list = top_scores.tolist(), top_beam.tolist()
         top_token_list, is_eos = top_token.tolist(), (top_token == eos_id).tolist()
+        # Continue with the best k extensions that do not end the sentence.
+        continuing = top_scores.masked_fill(top_token == eos_id, float("-inf"))
+        keep = continuing.topk(k, dim=-1).indices  # (b, k) positions among the 2k
+        scores = continuing.gather(-1, keep)
+        best_alive = scores.max(dim=-1).values.tolist()
+
         for b in range(batch):
             if done[b]:
                 continue
@@ -103,14 +111,11 @@ def beam_search(
                     prefix = history[b * k + top_beam_list[b][rank]].tolist()
                     score = sequence_score(top_scores_list[b][rank], t + 1, length_penalty)
                     finished[b].append((score, prefix + [top_token_list[b][rank]]))
-            done[b] = len(finished[b]) >= k
+            finished[b] = sorted(finished[b], key=lambda h: h[0], reverse=True)[:k]
+            done[b] = len(finished[b]) == k and finished[b][-1][0] >= sequence_score(
+                best_alive[b], t + 1, length_penalty)
         if all(done):
             break
-
-        # Continue with the best k extensions that do not end the sentence.
-        continuing = top_scores.masked_fill(top_token == eos_id, float("-inf"))
-        keep = continuing.topk(k, dim=-1).indices  # (b, k) positions among the 2k
-        scores = continuing.gather(-1, keep)
         source_rows = (rows + top_beam.gather(-1, keep)).reshape(-1)  # (b*k,)
         last = top_token.gather(-1, keep).reshape(-1, 1)
         history = torch.cat((history.index_select(0, source_rows), last), dim=1)

@@ -12,7 +12,7 @@ from ._checks import check_positive_int, shape_of
 from .decoding import beam_search, greedy_search
 from .layers import DecoderLayer, EncoderLayer
 from .multihead import KVCache
-from .positional import build_positional_encoding
+from .positional import LearnedPositionalEncoding, build_positional_encoding
 
 __all__ = ["Decoder", "DecoderCache", "Encoder", "Transformer"]
 
@@ -317,6 +317,7 @@ class Transformer(nn.Module):
     ) -> Tensor:
         """Translate ``src_ids`` by greedy (``beam_size=1``) or beam search on a KV cache.
 
+        Runs in evaluation mode (no dropout) and restores the module's mode afterwards.
         Each step runs the decoder over the newest position only; earlier positions' keys
         and values come from the cache. ``pad_id`` and ``bos_id`` are never generated.
         Beam search ranks finished hypotheses by ``sum log p / length ** length_penalty``.
@@ -332,6 +333,28 @@ class Transformer(nn.Module):
             if not 0 <= token < self.tgt_vocab_size:
                 raise ValueError(f"{name}: expected an id in [0, {self.tgt_vocab_size}), "
                                  f"got {token}")
+        # Padding is masked out of the keys and never generated, so none may be BOS or EOS.
+        if bos_id == self.pad_id or eos_id in (self.pad_id, bos_id):
+            raise ValueError(f"bos_id, eos_id: expected ids distinct from each other and from "
+                             f"pad_id={self.pad_id}, got bos_id={bos_id}, eos_id={eos_id}")
+        if isinstance(length_penalty, bool) or not isinstance(length_penalty, (int, float)):
+            raise TypeError(f"length_penalty: expected a float, got "
+                            f"{type(length_penalty).__name__} {length_penalty!r}")
+        max_len = getattr(self.decoder.positional, "max_len", None)
+        if isinstance(self.decoder.positional, LearnedPositionalEncoding) and \
+                max_new_tokens > max_len:
+            raise ValueError(f"max_new_tokens: expected at most max_len={max_len} (the learned "
+                             f"positions of the decoder), got {max_new_tokens}")
+        was_training = self.training
+        self.eval()  # no dropout while decoding
+        try:
+            return self._generate(src_ids, max_new_tokens, bos_id, eos_id, beam_size,
+                                  length_penalty)
+        finally:
+            self.train(was_training)
+
+    def _generate(self, src_ids: Tensor, max_new_tokens: int, bos_id: int, eos_id: int,
+                  beam_size: int, length_penalty: float) -> Tensor:
         batch = src_ids.shape[0]
         memory = self.encode(src_ids)
         memory_mask = self.padding_mask(src_ids)

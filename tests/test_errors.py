@@ -200,9 +200,23 @@ def test_token_ids_rank(model):
         ({"beam_size": 0}, ["beam_size", "positive int", "got 0"]),
         ({"max_new_tokens": 0}, ["max_new_tokens", "got 0"]),
         ({"eos_id": 12}, ["eos_id", "[0, 12)", "got 12"]),
+        ({"eos_id": 0}, ["eos_id", "distinct", "pad_id=0", "eos_id=0"]),
+        ({"eos_id": 1}, ["eos_id", "distinct", "bos_id=1, eos_id=1"]),
+        ({"bos_id": 0}, ["bos_id", "distinct", "pad_id=0", "bos_id=0"]),
     ],
 )
 def test_generate_arguments(model, kwargs, fragments):
     arguments = {"max_new_tokens": 5, "bos_id": 1, "eos_id": 2} | kwargs
     with raises(ValueError, *fragments):
         model.generate(torch.ones(2, 3, dtype=torch.long), **arguments)
+
+
+def test_generate_length_penalty_type(model):
+    with raises(TypeError, "length_penalty", "float", "str"):
+        model.generate(torch.ones(2, 3, dtype=torch.long), 5, 1, 2, length_penalty="x")
+
+
+def test_generate_longer_than_learned_positions():
+    model = Transformer(10, 12, 16, 2, 1, 1, positional="learned", max_len=8)
+    with raises(ValueError, "max_new_tokens", "max_len=8", "got 20"):
+        model.generate(torch.ones(2, 3, dtype=torch.long), 20, 1, 2)

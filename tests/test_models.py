@@ -214,6 +214,15 @@ def test_greedy_search_stops_each_row_at_eos_and_pads_after_it():
     assert calls[0].tolist() == [[BOS], [BOS]]
 
 
+def test_generate_decodes_without_dropout_and_keeps_the_mode():
+    model = make_model(dropout=0.5).train()
+    src = torch.randint(3, 12, (3, 6))
+    first = model.generate(src, 8, BOS, EOS)
+    assert model.training
+    assert torch.equal(model.generate(src, 8, BOS, EOS), first)
+    assert torch.equal(model.eval().generate(src, 8, BOS, EOS), first)
+
+
 def model_step(model, src, beams):
     memory = model.encode(src).repeat_interleave(beams, 0)
     mask = model.padding_mask(src).repeat_interleave(beams, 0)
@@ -303,3 +312,22 @@ def test_beam_search_on_a_known_distribution():
     greedy = greedy_search(Step(1), 1, BOS, EOS, PAD, 4)
     assert greedy[0].tolist() == [a, a, EOS]  # probability 0.6 * 0.35 = 0.21
     assert sequence_score(-1.0, 4, 1.0) == -0.25
+
+
+def test_beam_search_keeps_going_while_a_live_beam_beats_the_finished_ones():
+    """After two steps three hypotheses have ended, but the live prefix A A still scores
+    better than all of them; stopping there would return a worse result than greedy."""
+    a, b = 3, 4
+    table = torch.full((5, 5), -1e9)
+    table[BOS, [EOS, a, b]] = torch.tensor([-5.5, -0.04, -3.3])
+    table[a, [EOS, a, b]] = torch.tensor([-3.0, -0.05, -4.0])
+    table[b, [EOS, a, b]] = torch.tensor([-0.1, -2.6, -3.9])
+
+    def step(last):  # a first-order model: the next token depends on the last one only
+        return table[last[:, 0]]
+
+    greedy = greedy_search(step, 1, BOS, EOS, PAD, 4)
+    beam = beam_search(step, lambda index: None, 1, BOS, EOS, PAD, 4, beam_size=3,
+                       length_penalty=1.0)
+    assert greedy[0].tolist() == [a, a, a, a]
+    assert beam[0].tolist() == [a, a, a, a]
