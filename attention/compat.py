@@ -14,7 +14,15 @@ Differences from torch.nn, on purpose:
 - a query whose keys are all masked gets zeros, not NaN;
 - ``is_causal`` is not only a hint: with no ``attn_mask`` it applies a causal mask
   (torch.nn raises); with one, the mask is used as given, as torch.nn does;
-- no nested-tensor fast path: padded positions get computed values, not zeros.
+- no nested-tensor fast path: padded positions get computed values, not zeros;
+- attention weights are returned before dropout (torch.nn returns them after), so their
+  rows sum to 1 in training too.
+
+And where the drop-in ends: the classes are not subclasses of torch.nn's, the projections
+are ``q_proj``/``k_proj``/``v_proj`` (there is no ``in_proj_weight`` to initialise by
+hand), and ``state_dict()`` uses those names: torch.nn checkpoints load into these classes,
+and ``to_torch`` turns a trained module back into torch.nn's layout. TorchScript
+(``torch.jit.script``) is not supported; ``torch.compile`` and ``torch.export`` are.
 """
 
 from __future__ import annotations
@@ -28,7 +36,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from ._checks import check_tensor, shape_of
+from ._checks import check_size, check_tensor, shape_of
 from .layers import EncoderLayer
 from .models import Encoder
 from .multihead import MultiHeadAttention
@@ -162,6 +170,8 @@ class MultiheadAttention(MultiHeadAttention):
         self.head_dim = self.d_head
         self.batch_first = batch_first
         self._qkv_same_embed_dim = self.kdim == self.vdim == embed_dim
+        self.bias_k = self.bias_v = None  # torch.nn's attributes for what is not supported
+        self.add_zero_attn = False
         self._reset_parameters()
         _factory(self, device, dtype)
         self.register_load_state_dict_pre_hook(_mha_load_hook)
@@ -194,12 +204,20 @@ class MultiheadAttention(MultiHeadAttention):
         key/value likewise with ``S``; key_padding_mask ``(N, S)``; attn_mask ``(L, S)`` or
         ``(N * num_heads, L, S)``. Returns ``(L, N, E)`` and ``(N, L, S)`` weights (or
         ``(N, num_heads, L, S)`` when not ``average_attn_weights``)."""
+        # Checked in the caller's layout, so that messages show the shapes they passed.
         layout = "(N, L, E) if batch_first" if self.batch_first else "(L, N, E)"
         batched = _is_batched("query", query, f"{layout} or unbatched (L, E)")
         for name, x in (("key", key), ("value", value)):
             if _is_batched(name, x, f"{layout} or unbatched (S, E)") != batched:
                 raise ValueError(f"{name}: expected a {query.dim()}-D tensor like query, got "
                                  f"shape {shape_of(x)}")
+        for name, x, size in (("query", query, "embed_dim"), ("key", key, "kdim"),
+                              ("value", value, "vdim")):
+            check_size(name, x, -1, getattr(self, size), size)
+        if batched:
+            batch_dim = 0 if self.batch_first else 1
+            for name, x in (("key", key), ("value", value)):
+                check_size(name, x, batch_dim, query.shape[batch_dim], "N (as in query)")
         out, weights = super().forward(
             _to_batch_first(query, self.batch_first, batched),
             _to_batch_first(key, self.batch_first, batched),
@@ -244,10 +262,18 @@ class TransformerEncoderLayer(EncoderLayer):
         _factory(self, device, dtype)
         self.register_load_state_dict_pre_hook(_layer_load_hook)
 
+    # torch.nn's names for the feed-forward's parts: read and replaced through them.
     linear1 = property(lambda self: self.feed_forward.linear1)
     linear2 = property(lambda self: self.feed_forward.linear2)
     dropout = property(lambda self: self.feed_forward.dropout)
     activation = property(lambda self: self.feed_forward.activation)
+
+    def __setattr__(self, name: str, value: Any) -> None:
+        if name in ("linear1", "linear2", "dropout", "activation") and \
+                "feed_forward" in self._modules:
+            setattr(self.feed_forward, name, value)
+        else:
+            super().__setattr__(name, value)
 
     def forward(  # type: ignore[override]
         self,
@@ -258,6 +284,10 @@ class TransformerEncoderLayer(EncoderLayer):
     ) -> Tensor:
         """Shape: src ``(S, N, E)`` (``(N, S, E)`` if batch_first, ``(S, E)`` unbatched);
         src_mask ``(S, S)`` or ``(N * nhead, S, S)``; src_key_padding_mask ``(N, S)``."""
+
+        layout = "(N, S, E) if batch_first" if self.batch_first else "(S, N, E)"
+        _is_batched("src", src, f"{layout} or unbatched (S, E)")
+        check_size("src", src, -1, self.d_model, "d_model")
 
         def self_attention(x: Tensor) -> Tensor:
             out, _ = self.self_attn(x, x, x, key_padding_mask=src_key_padding_mask,

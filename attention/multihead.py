@@ -116,6 +116,10 @@ class MultiHeadAttention(nn.Module):
     ) -> tuple[Tensor, Tensor | None]:
         """Attend from ``query`` to ``key``/``value`` (to ``query`` itself when omitted).
 
+        Self-attention (key omitted, or the very tensor ``query``) applies rotary positions
+        and appends to a ``cache``; cross-attention (another key) projects the memory once
+        into the ``cache`` and reuses it.
+
         Masks: a boolean ``True`` means "may not attend"; a float mask is added to the
         scores. With a ``cache`` in self-attention, ``Lk`` counts the cached positions too.
 
@@ -129,7 +133,9 @@ class MultiHeadAttention(nn.Module):
         """
         query = check_tensor("query", query, [3], f"(batch, Lq, d_model={self.d_model})")
         check_size("query", query, -1, self.d_model, "d_model")
-        self_attention = key is None
+        # Self-attention when key is omitted, or is query itself (torch.nn's mha(x, x, x)):
+        # rotary positions and the appending cache apply to it, not to cross-attention.
+        self_attention = key is None or (key is query and (value is None or value is query))
         if key is None:
             if value is not None:
                 raise ValueError("value: expected None when key is None (self-attention), "

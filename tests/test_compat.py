@@ -712,3 +712,28 @@ def test_swapping_the_import_keeps_outputs_and_training(ns):
     assert expected[-1] < expected[0]  # it trained
     close(losses, expected)
     close(model(ids, padding), reference(ids, padding))
+
+
+def test_replacing_torch_named_parts_of_a_layer_takes_effect():
+    """Adapter-style surgery: layer.linear2 = ... must change what the layer computes."""
+    torch.manual_seed(0)
+    layer = compat.TransformerEncoderLayer(16, 2, 32, dropout=0.0).eval()
+    x = torch.randn(5, 2, 16)
+    before = layer(x)
+    layer.linear2 = nn.Linear(32, 16)
+    layer.activation = F.gelu
+    layer.dropout = nn.Dropout(0.3)
+    assert layer.feed_forward.linear2 is layer.linear2
+    assert layer.feed_forward.activation is F.gelu and layer.dropout.p == 0.3
+    assert not torch.allclose(layer(x), before)
+    assert not any(k.startswith("linear2.") for k in layer.state_dict())
+
+
+def test_compat_errors_use_torch_names_and_the_callers_shapes():
+    layer = compat.TransformerEncoderLayer(32, 4, 64)
+    with pytest.raises(ValueError, match=r"src: expected d_model=32 .*got shape \(5, 2, 31\)"):
+        layer(torch.randn(5, 2, 31))
+    mha = compat.MultiheadAttention(16, 2)
+    with pytest.raises(ValueError, match=r"key: expected N \(as in query\)=2 .*\(4, 3, 16\)"):
+        mha(torch.randn(5, 2, 16), torch.randn(4, 3, 16), torch.randn(4, 3, 16))
+    assert mha.bias_k is None and mha.bias_v is None and mha.add_zero_attn is False

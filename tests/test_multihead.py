@@ -51,6 +51,22 @@ def test_self_attention_is_cross_attention_to_itself():
     torch.testing.assert_close(mha(x, x)[0], mha(x, x, x)[0])  # value defaults to key
 
 
+@pytest.mark.parametrize("rotary", [False, True])
+def test_passing_query_as_key_is_self_attention(rotary):
+    torch.manual_seed(0)
+    mha = MultiHeadAttention(16, 2, rotary=rotary)
+    x = torch.randn(2, 5, 16)
+    torch.testing.assert_close(mha(x, x, x)[0], mha(x)[0])
+    cache = KVCache()
+    steps = []
+    for t in range(5):
+        x_t = x[:, t : t + 1]  # the same tensor as query and key: appended, not frozen
+        steps.append(mha(x_t, x_t, is_causal=True, cache=cache)[0])
+    assert len(cache) == 5
+    torch.testing.assert_close(torch.cat(steps, 1), mha(x, is_causal=True)[0],
+                               atol=1e-5, rtol=1e-5)
+
+
 def test_weights_averaged_or_per_head():
     torch.manual_seed(0)
     mha = MultiHeadAttention(16, 4)
