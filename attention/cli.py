@@ -1,0 +1,122 @@
+"""Command-line entry points: ``attention-train``, ``attention-translate``,
+``attention-plot-attention`` (and the same as ``python scripts/NAME.py``).
+
+Each parses its arguments and calls the library; errors a user can fix are printed as one
+line with the exit status 2 (bad arguments or config), 1 (the run failed) or 130 (Ctrl-C).
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+
+__all__ = ["plot_attention_main", "train_main", "translate_main"]
+
+
+def _fail(message: str, status: int) -> int:
+    print(f"error: {message}", file=sys.stderr)
+    return status
+
+
+def train_main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(
+        prog="attention-train", description="Train a translation Transformer from a YAML config.",
+        epilog="Example: attention-train --config configs/toy_translation.yaml train.lr=1e-3")
+    parser.add_argument("--config", required=True, help="YAML file with model/data/train/eval")
+    parser.add_argument("overrides", nargs="*", metavar="section.key=value",
+                        help="override config values, e.g. train.max_minutes=5")
+    parser.add_argument("--resume", action="store_true",
+                        help="continue from runs/NAME/checkpoint_last.pt")
+    args = parser.parse_args(argv)
+
+    from .config import ConfigError, load_config
+    from .training import NonFiniteLossError, TrainingInterrupted, train
+
+    try:
+        config = load_config(args.config, args.overrides)
+        train(config, resume=args.resume)
+    except (ConfigError, FileNotFoundError) as error:
+        return _fail(str(error), 2)
+    except NonFiniteLossError as error:
+        return _fail(str(error), 1)
+    except TrainingInterrupted as error:
+        print(str(error), file=sys.stderr)
+        return 130
+    return 0
+
+
+def translate_main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(
+        prog="attention-translate",
+        description="Translate sentences (arguments, or standard input one per line) with a "
+                    "trained checkpoint; writes one translation per line.")
+    parser.add_argument("--checkpoint", required=True, help="checkpoint_best.pt of a run")
+    parser.add_argument("sentences", nargs="*", help="sentences; none: read standard input")
+    parser.add_argument("--beam-size", type=int, default=None, help="1 is greedy search")
+    parser.add_argument("--length-penalty", type=float, default=None)
+    parser.add_argument("--device", default="auto")
+    parser.add_argument("--references", type=Path, default=None,
+                        help="file of reference translations: print BLEU and exact match")
+    args = parser.parse_args(argv)
+    if args.beam_size is not None and args.beam_size < 1:
+        parser.error(f"--beam-size: expected a positive integer, got {args.beam_size}")
+
+    from .translator import Translator
+
+    try:
+        translator = Translator.from_checkpoint(args.checkpoint, device=args.device)
+    except (FileNotFoundError, ValueError) as error:
+        return _fail(str(error), 2)
+    sentences = args.sentences or [line.rstrip("\n") for line in sys.stdin]
+    translations = translator.translate(sentences, beam_size=args.beam_size,
+                                        length_penalty=args.length_penalty)
+    sys.stdout.write("".join(t + "\n" for t in translations))
+    if args.references is not None:
+        from .data.corpus import read_lines
+        from .metrics import bleu, exact_match
+
+        references = read_lines(args.references)
+        if len(references) != len(translations):
+            return _fail(f"--references: expected {len(translations)} lines (one per "
+                         f"sentence), got {len(references)}", 2)
+        scores = bleu(translations, references)
+        print(f"BLEU {scores['bleu']:.2f} (lowercased {scores['bleu_lowercase']:.2f}), exact "
+              f"match {exact_match(translations, references):.2%}", file=sys.stderr)
+    return 0
+
+
+def plot_attention_main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(
+        prog="attention-plot-attention",
+        description="Translate a sentence and draw its encoder self-attention and decoder "
+                    "cross-attention, one panel per layer and head.")
+    parser.add_argument("--checkpoint", required=True)
+    parser.add_argument("sentence")
+    parser.add_argument("--out", type=Path, default=Path("attention_plots"),
+                        help="folder for encoder_self_attention.png and cross_attention.png")
+    parser.add_argument("--device", default="auto")
+    args = parser.parse_args(argv)
+
+    from .plotting import plot_attention_grid
+    from .translator import Translator
+
+    try:
+        translator = Translator.from_checkpoint(args.checkpoint, device=args.device)
+    except (FileNotFoundError, ValueError) as error:
+        return _fail(str(error), 2)
+    attention = translator.attention(args.sentence)
+    translation = translator.tgt_tokenizer.decode(
+        [translator.tgt_tokenizer.token_to_id(t) for t in attention["target_tokens"]])
+    paths = [
+        plot_attention_grid(attention["encoder"], attention["source_tokens"],
+                            attention["source_tokens"], args.out / "encoder_self_attention.png",
+                            title=f"encoder self-attention: {args.sentence}"),
+        plot_attention_grid(attention["cross"], attention["target_tokens"],
+                            attention["source_tokens"], args.out / "cross_attention.png",
+                            title=f"cross-attention: {args.sentence} → {translation}"),
+    ]
+    print(translation)
+    for path in paths:
+        print(f"wrote {path}", file=sys.stderr)
+    return 0

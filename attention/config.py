@@ -1,0 +1,323 @@
+"""Run configuration: four dataclass sections read from YAML, with ``section.key=value`` overrides.
+
+A config file has the sections ``model``, ``data``, ``train`` and ``eval`` (each optional;
+missing keys take the defaults below). Every key and every value is checked before any work
+starts: an unknown key, a value of the wrong type or a data file that does not exist raises
+:class:`ConfigError` with the key (or path) in the message.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import types
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+__all__ = [
+    "Config",
+    "ConfigError",
+    "DataConfig",
+    "EvalConfig",
+    "ModelConfig",
+    "TrainConfig",
+    "load_config",
+]
+
+
+class ConfigError(ValueError):
+    """A configuration that cannot run: the message names the key or the path."""
+
+
+@dataclass
+class ModelConfig:
+    """The :class:`attention.Transformer`'s hyperparameters (vocabulary sizes come from data)."""
+
+    d_model: int = 256
+    n_heads: int = 4
+    n_encoder_layers: int = 3
+    n_decoder_layers: int = 3
+    d_ff: int = 1024
+    dropout: float = 0.1
+    positional: str = "sinusoidal"
+    max_len: int = 256
+    norm_first: bool = True
+    activation: str = "gelu"
+    tie_embeddings: bool = True
+
+
+@dataclass
+class DataConfig:
+    """Where the sentence pairs come from and how they are tokenized.
+
+    ``corpus`` is ``toy`` (generated, see :mod:`attention.data.toy`), ``multi30k`` (the
+    gzip files under ``root``, languages ``src_lang`` → ``tgt_lang``) or ``parallel`` (the
+    user's files: ``train``, ``val`` and ``test`` each a list of two line-aligned text files,
+    source then target, or of one tab-separated file).
+    """
+
+    corpus: str = "toy"
+    root: str = "../shared/data/multi30k"
+    src_lang: str = "de"
+    tgt_lang: str = "en"
+    train: list[str] = field(default_factory=list)
+    val: list[str] = field(default_factory=list)
+    test: list[str] = field(default_factory=list)
+    toy_seed: int = 1234
+    toy_train_size: int = 20000
+    toy_val_size: int = 500
+    toy_test_size: int = 1000
+    tokenizer: str = "word"  # word | bpe
+    vocab_size: int = 8000  # bpe only: the size of each side's vocabulary
+    lowercase: bool = False
+    max_tokens: int = 100  # training pairs longer than this on either side are dropped
+
+
+@dataclass
+class TrainConfig:
+    """The optimisation: AdamW with linear warmup then inverse-square-root decay."""
+
+    run_dir: str = "runs"
+    device: str = "auto"  # auto | cpu | cuda | cuda:N
+    seed: int = 0
+    compile: bool = False
+    lr: float = 7e-4
+    weight_decay: float = 0.01
+    warmup_steps: int = 1000
+    label_smoothing: float = 0.1
+    clip_norm: float = 1.0
+    batch_tokens: int = 4096  # target tokens per batch, padding included
+    max_steps: int | None = None
+    max_epochs: int | None = None
+    max_minutes: float | None = None
+    log_every: int = 50
+    eval_every: int = 500
+    threads: int | None = None  # CPU threads for torch; None keeps torch's default
+
+
+@dataclass
+class EvalConfig:
+    """Decoding and scoring: ``val_sentences`` of validation in training, all of test at the end."""
+
+    beam_size: int = 1
+    length_penalty: float = 1.0
+    max_len_a: float = 1.5  # generate at most a * source_length + b tokens
+    max_len_b: int = 10
+    val_sentences: int = 500
+    batch_size: int = 128
+
+
+SECTIONS = {"model": ModelConfig, "data": DataConfig, "train": TrainConfig, "eval": EvalConfig}
+CHOICES = {
+    ("model", "positional"): ("sinusoidal", "learned", "rotary"),
+    ("model", "activation"): ("relu", "gelu", "gelu_tanh", "silu"),
+    ("data", "corpus"): ("toy", "multi30k", "parallel"),
+    ("data", "tokenizer"): ("word", "bpe"),
+}
+
+
+@dataclass
+class Config:
+    """A whole run: its name (the run folder under ``train.run_dir``) and the four sections."""
+
+    name: str = "run"
+    model: ModelConfig = field(default_factory=ModelConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+    eval: EvalConfig = field(default_factory=EvalConfig)
+
+    @property
+    def run_path(self) -> Path:
+        return Path(self.train.run_dir) / self.name
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+    @classmethod
+    def from_dict(cls, raw: dict[str, Any], *, base_dir: Path | None = None,
+                  check_files: bool = True) -> Config:
+        """Build and check a config from plain data (a parsed YAML file or a checkpoint's copy).
+
+        ``base_dir`` resolves relative data paths (see :func:`load_config`); ``check_files``
+        off skips the data files' existence (a checkpoint used away from its data).
+        """
+        if not isinstance(raw, dict):
+            raise ConfigError(f"config: expected a mapping with sections {sorted(SECTIONS)}, "
+                              f"got {type(raw).__name__}")
+        unknown = set(raw) - set(SECTIONS) - {"name"}
+        if unknown:
+            raise ConfigError(f"{sorted(unknown)[0]}: unknown section; expected one of "
+                              f"{['name', *SECTIONS]}")
+        config = cls(name=_check_value("name", raw.get("name", "run"), str))
+        for section, section_cls in SECTIONS.items():
+            values = raw.get(section) or {}
+            if not isinstance(values, dict):
+                raise ConfigError(f"{section}: expected a mapping of keys to values, got "
+                                  f"{type(values).__name__} {values!r}")
+            setattr(config, section, _build_section(section, section_cls, values))
+        if base_dir is not None:
+            config.data = _resolve_paths(config.data, base_dir)
+        config.check(check_files=check_files)
+        return config
+
+    def override(self, assignments: list[str], check_files: bool = True) -> Config:
+        """Apply ``section.key=value`` strings (values parsed as YAML) and check the result."""
+        raw = self.to_dict()
+        for assignment in assignments:
+            key, sep, text = assignment.partition("=")
+            section, dot, name = key.partition(".")
+            if not sep or (not dot and key != "name"):
+                raise ConfigError(f"override {assignment!r}: expected section.key=value, "
+                                  f"e.g. train.lr=0.001")
+            value = yaml.safe_load(text) if text else None
+            if key == "name":
+                raw["name"] = value
+            elif section not in SECTIONS:
+                raise ConfigError(f"{key}: unknown section {section!r}; expected one of "
+                                  f"{list(SECTIONS)}")
+            else:
+                raw[section][name] = value
+        return Config.from_dict(raw, check_files=check_files)
+
+    def check(self, check_files: bool = True) -> None:
+        """Cross-field checks and file existence, so that a run fails before any work."""
+        for (section, key), allowed in CHOICES.items():
+            value = getattr(getattr(self, section), key)
+            if value not in allowed:
+                raise ConfigError(f"{section}.{key}: expected one of {list(allowed)}, "
+                                  f"got {value!r}")
+        m = self.model
+        if m.d_model % m.n_heads:
+            raise ConfigError(f"model.d_model: expected a multiple of model.n_heads="
+                              f"{m.n_heads}, got {m.d_model}")
+        for section in (self.model, self.data, self.train, self.eval):
+            for f in dataclasses.fields(section):
+                value = getattr(section, f.name)
+                name = f"{_section_name(section)}.{f.name}"
+                if f.name in _POSITIVE and value is not None and not value > 0:
+                    raise ConfigError(f"{name}: expected a positive number, got {value!r}")
+        t = self.train
+        if t.max_steps is None and t.max_epochs is None and t.max_minutes is None:
+            raise ConfigError("train.max_steps, train.max_epochs, train.max_minutes: expected "
+                              "at least one to be set (a run must end), got none")
+        if not 0 <= m.dropout < 1:
+            raise ConfigError(f"model.dropout: expected a probability in [0, 1), got {m.dropout}")
+        if not 0 <= self.train.label_smoothing < 1:
+            raise ConfigError(f"train.label_smoothing: expected a value in [0, 1), got "
+                              f"{self.train.label_smoothing}")
+        if check_files:
+            self._check_data_files()
+
+    def _check_data_files(self) -> None:
+        d = self.data
+        if d.corpus == "multi30k":
+            from .data.corpus import multi30k_files
+
+            for split in ("train", "val", "test"):
+                for path in multi30k_files(d.root, split, d.src_lang, d.tgt_lang):
+                    if not path.is_file():
+                        raise ConfigError(f"data.root: missing file {path} (Multi30k "
+                                          f"{split}, {d.src_lang}-{d.tgt_lang})")
+        elif d.corpus == "parallel":
+            for split in ("train", "val", "test"):
+                paths = getattr(d, split)
+                if len(paths) not in (1, 2):
+                    raise ConfigError(f"data.{split}: expected [source_file, target_file] "
+                                      f"or [tsv_file], got {paths!r}")
+                for path in paths:
+                    if not Path(path).is_file():
+                        raise ConfigError(f"data.{split}: file not found: {path}")
+
+
+_POSITIVE = {
+    "d_model", "n_heads", "n_encoder_layers", "n_decoder_layers", "d_ff", "max_len",
+    "toy_train_size", "toy_val_size", "toy_test_size", "vocab_size", "max_tokens",
+    "lr", "batch_tokens", "max_steps", "max_epochs", "max_minutes", "log_every", "eval_every",
+    "clip_norm", "threads", "beam_size", "max_len_a", "val_sentences", "batch_size",
+}
+
+
+def _section_name(section: object) -> str:
+    return next(name for name, cls in SECTIONS.items() if isinstance(section, cls))
+
+
+def _build_section(section: str, section_cls: type, values: dict[str, Any]) -> Any:
+    hints = typing.get_type_hints(section_cls)
+    known = [f.name for f in dataclasses.fields(section_cls)]
+    kwargs = {}
+    for key, value in values.items():
+        if key not in hints:
+            raise ConfigError(f"{section}.{key}: unknown key; expected one of {known}")
+        kwargs[key] = _check_value(f"{section}.{key}", value, hints[key])
+    return section_cls(**kwargs)
+
+
+def _check_value(name: str, value: Any, expected: Any) -> Any:
+    """Return ``value`` if it has type ``expected`` (ints accepted as floats), else raise."""
+    origin = typing.get_origin(expected)
+    if origin in (typing.Union, types.UnionType):
+        options = typing.get_args(expected)
+        if value is None and type(None) in options:
+            return None
+        errors = []
+        for option in options:
+            if option is type(None):
+                continue
+            try:
+                return _check_value(name, value, option)
+            except ConfigError as error:
+                errors.append(error)
+        raise errors[0] if len(errors) == 1 else ConfigError(
+            f"{name}: expected {_type_name(expected)}, got {type(value).__name__} {value!r}")
+    if origin is list:
+        (item_type,) = typing.get_args(expected)
+        if not isinstance(value, list):
+            raise ConfigError(f"{name}: expected a list of {item_type.__name__}, got "
+                              f"{type(value).__name__} {value!r}")
+        return [_check_value(f"{name}[{i}]", item, item_type) for i, item in enumerate(value)]
+    if expected is float and isinstance(value, int) and not isinstance(value, bool):
+        return float(value)
+    if expected in (int, float) and isinstance(value, bool) or not isinstance(value, expected):
+        raise ConfigError(f"{name}: expected {_type_name(expected)}, got "
+                          f"{type(value).__name__} {value!r}")
+    return value
+
+
+def _type_name(expected: Any) -> str:
+    if typing.get_origin(expected) in (typing.Union, types.UnionType):
+        return " or ".join(_type_name(t) for t in typing.get_args(expected))
+    return "null" if expected is type(None) else getattr(expected, "__name__", str(expected))
+
+
+def _resolve_paths(data: DataConfig, base_dir: Path) -> DataConfig:
+    """Relative data paths in a config file are relative to the working directory if they
+    exist there, else to the file's own folder (so configs work from anywhere in a clone)."""
+
+    def resolve(path: str) -> str:
+        candidate = Path(path)
+        if candidate.is_absolute() or candidate.exists():
+            return path
+        beside = base_dir / candidate
+        return str(beside) if beside.exists() else path
+
+    return dataclasses.replace(
+        data, root=resolve(data.root), train=[resolve(p) for p in data.train],
+        val=[resolve(p) for p in data.val], test=[resolve(p) for p in data.test])
+
+
+def load_config(path: str | Path, overrides: list[str] | None = None) -> Config:
+    """Read a YAML config (the run's ``name`` defaults to the file's stem) and apply overrides."""
+    path = Path(path)
+    if not path.is_file():
+        raise ConfigError(f"--config: file not found: {path}")
+    try:
+        raw = yaml.safe_load(path.read_text(encoding="utf-8")) or {}
+    except yaml.YAMLError as error:
+        raise ConfigError(f"--config: {path} is not valid YAML: {error}") from None
+    if isinstance(raw, dict):
+        raw.setdefault("name", path.stem)
+    config = Config.from_dict(raw, base_dir=path.parent)
+    return config.override(overrides or [])

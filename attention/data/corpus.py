@@ -1,0 +1,62 @@
+"""Parallel corpora: Multi30k's gzip files and any user corpus of line-aligned text.
+
+A corpus is a list of ``(source, target)`` sentence pairs. Files may be gzip-compressed
+(``.gz``); lines are stripped of surrounding whitespace and pairs with an empty side are
+dropped (with their count reported by :func:`read_parallel`'s caller if it cares).
+"""
+
+from __future__ import annotations
+
+import gzip
+from pathlib import Path
+
+__all__ = ["MULTI30K_SPLITS", "multi30k_files", "read_lines", "read_parallel"]
+
+MULTI30K_SPLITS = {"train": "train", "val": "val", "test": "test_2016_flickr"}
+
+
+def multi30k_files(root: str | Path, split: str, src_lang: str, tgt_lang: str
+                   ) -> tuple[Path, Path]:
+    """The source and target files of a Multi30k split (``train``, ``val`` or ``test``)."""
+    if split not in MULTI30K_SPLITS:
+        raise ValueError(f"split: expected one of {list(MULTI30K_SPLITS)}, got {split!r}")
+    stem = Path(root) / MULTI30K_SPLITS[split]
+    return Path(f"{stem}.{src_lang}.gz"), Path(f"{stem}.{tgt_lang}.gz")
+
+
+def read_lines(path: str | Path) -> list[str]:
+    """Lines of a UTF-8 text file (gzip if the name ends in ``.gz``), without line ends."""
+    path = Path(path)
+    opener = gzip.open if path.suffix == ".gz" else open
+    with opener(path, "rt", encoding="utf-8", newline=None) as file:
+        return [line.rstrip("\r\n") for line in file]
+
+
+def read_parallel(paths: list[str] | tuple[str, ...] | list[Path]) -> list[tuple[str, str]]:
+    """Sentence pairs from ``[source_file, target_file]`` (line-aligned) or ``[tsv_file]``.
+
+    A tab-separated file holds ``source<TAB>target`` on each line. Mismatched line counts or
+    a line without exactly one tab raise ``ValueError`` naming the file and line.
+    """
+    paths = [Path(p) for p in paths]
+    if len(paths) == 2:
+        source, target = read_lines(paths[0]), read_lines(paths[1])
+        if len(source) != len(target):
+            raise ValueError(f"paths: {paths[0]} has {len(source)} lines but {paths[1]} has "
+                             f"{len(target)}; expected line-aligned files")
+        rows = zip(source, target, strict=True)
+    elif len(paths) == 1:
+        rows = []
+        for number, line in enumerate(read_lines(paths[0]), start=1):
+            if not line.strip():
+                continue
+            fields = line.split("\t")
+            if len(fields) != 2:
+                raise ValueError(f"{paths[0]}:{number}: expected source<TAB>target, got "
+                                 f"{len(fields)} tab-separated fields")
+            rows.append((fields[0], fields[1]))
+    else:
+        raise ValueError(f"paths: expected [source_file, target_file] or [tsv_file], got "
+                         f"{len(paths)} paths")
+    pairs = [(s.strip(), t.strip()) for s, t in rows]
+    return [(s, t) for s, t in pairs if s and t]

@@ -1,0 +1,67 @@
+"""Translation scores: sacreBLEU, exact match, and how well cross-attention aligns words."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import sacrebleu
+import torch
+from torch import Tensor
+
+__all__ = ["alignment_hits", "bleu", "exact_match"]
+
+
+def bleu(hypotheses: Sequence[str], references: Sequence[str]) -> dict[str, float]:
+    """Corpus BLEU on detokenized text with sacreBLEU's default ``13a`` tokenizer.
+
+    Returns ``{"bleu": cased, "bleu_lowercase": lowercased}``; published Multi30k tables
+    use the lowercased figure.
+    """
+    if len(hypotheses) != len(references):
+        raise ValueError(f"hypotheses: expected {len(references)} (one per reference), got "
+                         f"{len(hypotheses)}")
+    cased = sacrebleu.corpus_bleu(list(hypotheses), [list(references)])
+    lower = sacrebleu.corpus_bleu(list(hypotheses), [list(references)], lowercase=True)
+    return {"bleu": cased.score, "bleu_lowercase": lower.score}
+
+
+def exact_match(hypotheses: Sequence[str], references: Sequence[str]) -> float:
+    """The fraction of hypotheses equal to their reference (surrounding spaces ignored)."""
+    if len(hypotheses) != len(references):
+        raise ValueError(f"hypotheses: expected {len(references)} (one per reference), got "
+                         f"{len(hypotheses)}")
+    if not references:
+        return 0.0
+    same = sum(h.strip() == r.strip() for h, r in zip(hypotheses, references, strict=True))
+    return same / len(references)
+
+
+def alignment_hits(cross_attention: Sequence[Tensor], gold: Sequence[Sequence[int] | None]
+                   ) -> tuple[Tensor, Tensor, int]:
+    """Count target words whose strongest cross-attention falls on their gold source word.
+
+    ``cross_attention[l]`` is layer ``l``'s ``(B, H, Lt, Ls)`` weights under teacher forcing,
+    where row ``i`` is the decoder step that predicts target word ``i`` (the decoder reads
+    ``[bos] + words``). ``gold[b][i]`` is the source position of word ``i`` of example ``b``
+    (``None`` skips the example).
+
+    Returns ``(hits (layers, heads), head_mean_hits (layers,), words)``: per head, and with
+    each layer's weights averaged over its heads first.
+    """
+    weights = torch.stack([w.detach().float() for w in cross_attention])  # (l, b, h, t, s)
+    n_layers, batch, n_heads = weights.shape[:3]
+    if len(gold) != batch:
+        raise ValueError(f"gold: expected {batch} alignments (the batch), got {len(gold)}")
+    hits = torch.zeros(n_layers, n_heads, dtype=torch.long)
+    head_mean_hits = torch.zeros(n_layers, dtype=torch.long)
+    words = 0
+    for b, alignment in enumerate(gold):
+        if not alignment:
+            continue
+        n = len(alignment)
+        target = torch.tensor(alignment, device=weights.device)  # (t,)
+        rows = weights[:, b, :, :n]  # (l, h, t, s)
+        hits += (rows.argmax(dim=-1) == target).sum(dim=-1).cpu()
+        head_mean_hits += (rows.mean(dim=1).argmax(dim=-1) == target).sum(dim=-1).cpu()
+        words += n
+    return hits, head_mean_hits, words

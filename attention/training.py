@@ -1,0 +1,495 @@
+"""Train a translation Transformer from a :class:`~attention.config.Config`, end to end.
+
+:func:`train` reads top to bottom: config and device, data and tokenizers, model and
+optimizer, then the loop (length-bucketed token batches, label-smoothed loss, clipping,
+warmup), periodic validation with checkpoints, and a last evaluation of the best weights on
+the test split written to ``runs/NAME/results.json``.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import json
+import math
+import signal
+import sys
+import threading
+import time
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+import yaml
+from tokenizers import Tokenizer
+from torch import Tensor, nn
+from tqdm import tqdm
+
+from .checkpoint import (
+    config_from_checkpoint,
+    load_checkpoint,
+    model_from_config,
+    save_checkpoint,
+    write_atomic,
+)
+from .config import Config, ConfigError, TrainConfig
+from .data import PAD_ID, ParallelData, load_splits, token_batches, train_tokenizer
+from .metrics import alignment_hits, bleu, exact_match
+from .models import Transformer
+from .translator import Translator, resolve_device
+
+__all__ = ["NonFiniteLossError", "TrainingInterrupted", "evaluate", "train"]
+
+
+class NonFiniteLossError(RuntimeError):
+    """The loss became NaN or infinite; the message names the step."""
+
+
+class TrainingInterrupted(RuntimeError):
+    """Ctrl-C: the run saved ``checkpoint_last.pt`` and stopped; ``--resume`` continues it."""
+
+
+@dataclass
+class Progress:
+    """Where a run is: saved in checkpoints so that ``--resume`` continues exactly."""
+
+    step: int = 0
+    epoch: int = 0
+    batch_in_epoch: int = 0  # batches of ``epoch`` already trained on
+    best_bleu: float = -1.0
+    best_loss: float = math.inf
+    best_step: int = 0
+    wall_seconds: float = 0.0  # time spent in this run so far, over all its sessions
+    last_eval_step: int = -1
+
+
+def inverse_sqrt_schedule(warmup_steps: int):
+    """Learning-rate factor: linear warmup to 1 over ``warmup_steps``, then ``√(warmup/step)``."""
+
+    def factor(step: int) -> float:
+        step += 1
+        return min(step / warmup_steps, math.sqrt(warmup_steps / step)) if warmup_steps else \
+            1.0
+    return factor
+
+
+def make_optimizer(model: nn.Module, cfg: TrainConfig) -> torch.optim.AdamW:
+    """AdamW with weight decay on matrices only (not on norms or biases)."""
+    params = [p for p in model.parameters() if p.requires_grad]
+    decay = [p for p in params if p.dim() >= 2]
+    no_decay = [p for p in params if p.dim() < 2]
+    groups = [{"params": decay, "weight_decay": cfg.weight_decay},
+              {"params": no_decay, "weight_decay": 0.0}]
+    return torch.optim.AdamW(groups, lr=cfg.lr, betas=(0.9, 0.98), eps=1e-9)
+
+
+def sequence_loss(logits: Tensor, labels: Tensor, label_smoothing: float) -> tuple[Tensor, Tensor]:
+    """Summed cross-entropy over non-pad labels, and their count.
+
+    logits ``(B, L, V)``, labels ``(B, L)`` → ``(loss_sum, n_tokens)``, both scalars.
+    """
+    loss = F.cross_entropy(logits.float().flatten(0, 1), labels.flatten(), ignore_index=PAD_ID,
+                           label_smoothing=label_smoothing, reduction="sum")
+    return loss, (labels != PAD_ID).sum()
+
+
+class _StopFlag:
+    """Turns the first Ctrl-C into a request to stop after the current step."""
+
+    def __init__(self) -> None:
+        self.requested = False
+
+    @contextlib.contextmanager
+    def installed(self) -> Iterator[None]:
+        if threading.current_thread() is not threading.main_thread():
+            yield
+            return
+        previous = signal.getsignal(signal.SIGINT)
+
+        def handler(signum, frame):  # a second Ctrl-C interrupts at once
+            self.requested = True
+            signal.signal(signal.SIGINT, previous)
+
+        signal.signal(signal.SIGINT, handler)
+        try:
+            yield
+        finally:
+            signal.signal(signal.SIGINT, previous)
+
+
+class _Metrics:
+    """Appends one JSON object per line to ``metrics.jsonl`` (flushed as written)."""
+
+    def __init__(self, path: Path, fresh: bool) -> None:
+        self.path = path
+        self.file = path.open("w" if fresh else "a", encoding="utf-8")
+
+    def write(self, record: dict[str, Any]) -> None:
+        self.file.write(json.dumps(record) + "\n")
+        self.file.flush()
+
+    def close(self) -> None:
+        self.file.close()
+
+
+@torch.no_grad()
+def evaluate(model: Transformer, data: ParallelData, translator: Translator, *,
+             label_smoothing: float, batch_tokens: int, sentences: int | None = None,
+             beam_size: int | None = None, alignment: bool = False) -> dict[str, Any]:
+    """Score ``model`` on ``data``: teacher-forced loss, then BLEU and exact match of its
+    translations of the first ``sentences`` pairs (all when ``None``).
+
+    With ``alignment`` (and gold alignments in ``data``), also the cross-attention
+    alignment counts of :func:`attention.metrics.alignment_hits`, summed over the data.
+    """
+    was_training = model.training
+    model.eval()
+    device = translator.device
+    loss_sum = nll_sum = 0.0
+    n_tokens = 0
+    hits = head_mean_hits = None
+    words = 0
+    try:
+        for indices in token_batches(data.lengths, batch_tokens, seed=0, epoch=0,
+                                     shuffle=False):
+            src, tgt_in, tgt_out = (t.to(device) for t in data.batch(indices))
+            with torch.autocast(device.type, dtype=torch.bfloat16,
+                                enabled=device.type == "cuda"):
+                memory = model.encode(src)
+                logits, cross = model.decode(tgt_in, memory, model.padding_mask(src),
+                                             return_attention=True) if alignment else \
+                    (model.decode(tgt_in, memory, model.padding_mask(src)), None)
+            loss, count = sequence_loss(logits, tgt_out, label_smoothing)
+            loss_sum += float(loss)
+            nll_sum += float(sequence_loss(logits, tgt_out, 0.0)[0])
+            n_tokens += int(count)
+            if alignment:
+                gold = [_word_alignment(data, i) for i in indices]
+                h, m, w = alignment_hits(cross, gold)
+                hits = h if hits is None else hits + h
+                head_mean_hits = m if head_mean_hits is None else head_mean_hits + m
+                words += w
+        chosen = range(len(data)) if sentences is None else range(min(sentences, len(data)))
+        hypotheses = translator.decode(translator.generate_ids(
+            [data.sources[i] for i in chosen], beam_size=beam_size))
+    finally:
+        model.train(was_training)
+    references = [data.pairs[i].target for i in chosen]
+    result = {"loss": loss_sum / max(n_tokens, 1), "nll": nll_sum / max(n_tokens, 1),
+              "sentences": len(references), "hypotheses": hypotheses}
+    if references:
+        result.update(bleu(hypotheses, references),
+                      exact_match=exact_match(hypotheses, references))
+    if alignment and words:
+        result.update(alignment_hits=hits, alignment_head_mean_hits=head_mean_hits,
+                      alignment_words=words)
+    return result
+
+
+def _word_alignment(data: ParallelData, index: int) -> tuple[int, ...] | None:
+    """The gold alignment of an example if its tokens are its words (one token per word)."""
+    pair = data.pairs[index]
+    if pair.alignment is None:
+        return None
+    if len(data.sources[index]) - 1 != len(pair.source.split()) or \
+            len(data.targets[index]) - 2 != len(pair.alignment):
+        return None
+    return pair.alignment
+
+
+def _rng_state(device: torch.device) -> dict[str, Any]:
+    state = {"torch": torch.get_rng_state()}
+    if device.type == "cuda":
+        state["cuda"] = torch.cuda.get_rng_state_all()
+    return state
+
+
+def _set_rng_state(state: dict[str, Any], device: torch.device) -> None:
+    torch.set_rng_state(state["torch"].cpu())
+    if device.type == "cuda" and "cuda" in state:
+        torch.cuda.set_rng_state_all([s.cpu() for s in state["cuda"]])
+
+
+def _check_resumable(saved: Config, config: Config) -> None:
+    """A resumed run may change how long and how it trains, not what it trains."""
+    for section in ("model", "data"):
+        old, new = dataclasses.asdict(getattr(saved, section)), \
+            dataclasses.asdict(getattr(config, section))
+        for key in old:
+            if old[key] != new[key]:
+                raise ConfigError(f"{section}.{key}: the checkpoint was trained with "
+                                  f"{old[key]!r}, the config asks for {new[key]!r}; a resumed "
+                                  f"run keeps the model and data of the checkpoint")
+
+
+def train(config: Config, *, resume: bool = False, progress_bar: bool | None = None,
+          log=None) -> dict[str, Any]:
+    """Run the training that ``config`` describes; return the test results.
+
+    Writes under ``config.run_path``: ``config.yaml``, ``metrics.jsonl``,
+    ``checkpoint_last.pt``, ``checkpoint_best.pt`` (best validation BLEU), ``curves.png``,
+    attention heatmaps of one test sentence and ``results.json``.
+
+    Raises:
+        NonFiniteLossError: the loss became NaN or infinite (checkpoints are left as they were).
+        TrainingInterrupted: Ctrl-C; ``checkpoint_last.pt`` holds the last finished step.
+    """
+    log = log or (lambda message: tqdm.write(message, file=sys.stderr))
+    started = time.perf_counter()
+    cfg = config.train
+    run = config.run_path
+    device = resolve_device(cfg.device)
+    if cfg.threads:
+        torch.set_num_threads(cfg.threads)
+
+    checkpoint = None
+    if resume:
+        checkpoint = load_checkpoint(run / "checkpoint_last.pt", map_location=device)
+        _check_resumable(config_from_checkpoint(checkpoint), config)
+    torch.manual_seed(cfg.seed)
+
+    # Data and tokenizers: trained on the training split, or restored with the checkpoint.
+    splits = load_splits(config.data)
+    if checkpoint is not None:
+        src_tokenizer = Tokenizer.from_str(checkpoint["tokenizers"]["source"])
+        tgt_tokenizer = Tokenizer.from_str(checkpoint["tokenizers"]["target"])
+    else:
+        d = config.data
+        src_tokenizer = train_tokenizer((p.source for p in splits["train"]), d.tokenizer,
+                                        d.vocab_size, d.lowercase)
+        tgt_tokenizer = train_tokenizer((p.target for p in splits["train"]), d.tokenizer,
+                                        d.vocab_size, d.lowercase)
+    train_data = ParallelData(splits["train"], src_tokenizer, tgt_tokenizer,
+                              max_tokens=min(config.data.max_tokens, config.model.max_len))
+    val_data = ParallelData(splits["val"], src_tokenizer, tgt_tokenizer)
+    test_data = ParallelData(splits["test"], src_tokenizer, tgt_tokenizer)
+
+    model = model_from_config(config.model, src_tokenizer.get_vocab_size(),
+                              tgt_tokenizer.get_vocab_size(), PAD_ID).to(device)
+    optimizer = make_optimizer(model, cfg)
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer,
+                                                  inverse_sqrt_schedule(cfg.warmup_steps))
+    state = Progress()
+    if checkpoint is not None:
+        model.load_state_dict(checkpoint["model"])
+        optimizer.load_state_dict(checkpoint["optimizer"])
+        scheduler.load_state_dict(checkpoint["scheduler"])
+        state = Progress(**checkpoint["progress"])
+        _set_rng_state(checkpoint["rng"], device)
+    forward = torch.compile(model) if cfg.compile else model
+    translator = Translator(model, src_tokenizer, tgt_tokenizer, config.eval)
+    tokenizers = {"source": src_tokenizer.to_str(), "target": tgt_tokenizer.to_str()}
+    n_params = sum(p.numel() for p in model.parameters())
+
+    run.mkdir(parents=True, exist_ok=True)
+    write_atomic(run / "config.yaml",
+                 lambda f: f.write(yaml.safe_dump(config.to_dict(), sort_keys=False).encode()))
+    metrics = _Metrics(run / "metrics.jsonl", fresh=checkpoint is None)
+    log(f"{config.name}: {len(train_data)} training pairs ({train_data.dropped} longer than "
+        f"{train_data_limit(config)} tokens dropped), {len(val_data)} val, {len(test_data)} "
+        f"test; vocabularies {src_tokenizer.get_vocab_size()} → "
+        f"{tgt_tokenizer.get_vocab_size()}; {n_params / 1e6:.2f}M parameters on {device}")
+    if checkpoint is not None:
+        log(f"resuming from step {state.step} (epoch {state.epoch + 1})")
+
+    def save(name: str) -> None:
+        save_checkpoint(run / name, {
+            "config": config.to_dict(), "model": model.state_dict(),
+            "optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(),
+            "rng": _rng_state(device), "tokenizers": tokenizers,
+            "progress": dataclasses.asdict(state),
+        })
+
+    def validate() -> None:
+        result = evaluate(model, val_data, translator, label_smoothing=cfg.label_smoothing,
+                          batch_tokens=cfg.batch_tokens, sentences=config.eval.val_sentences,
+                          beam_size=1)
+        state.last_eval_step = state.step
+        state.wall_seconds += time.perf_counter() - session_start[0]
+        session_start[0] = time.perf_counter()
+        improved = (result["bleu"], -result["loss"]) > (state.best_bleu, -state.best_loss)
+        if improved:
+            state.best_bleu, state.best_loss, state.best_step = \
+                result["bleu"], result["loss"], state.step
+        metrics.write({"kind": "val", "step": state.step, "loss": result["loss"],
+                       "nll": result["nll"], "bleu": result["bleu"],
+                       "bleu_lowercase": result["bleu_lowercase"],
+                       "exact_match": result["exact_match"], "sentences": result["sentences"],
+                       "elapsed_seconds": round(state.wall_seconds, 2)})
+        log(f"step {state.step}: val loss {result['loss']:.3f}, BLEU {result['bleu']:.2f}, "
+            f"exact match {result['exact_match']:.1%}" + (" (best)" if improved else ""))
+        save("checkpoint_last.pt")
+        if improved:
+            save("checkpoint_best.pt")
+        _plot_curves(run)
+
+    # The loop. State is consistent between steps: that is where stops and saves happen.
+    session_start = [time.perf_counter()]
+    stop = _StopFlag()
+    show_bar = sys.stderr.isatty() if progress_bar is None else progress_bar
+    bar = tqdm(total=cfg.max_steps, initial=state.step, disable=not show_bar, unit="step",
+               dynamic_ncols=True, file=sys.stderr)
+    window_loss = window_tokens = 0.0
+    window_start = time.perf_counter()
+    stop_reason = None
+    try:
+        with stop.installed():
+            while stop_reason is None:
+                batches = token_batches(train_data.lengths, cfg.batch_tokens, seed=cfg.seed,
+                                        epoch=state.epoch)
+                for index in range(state.batch_in_epoch, len(batches)):
+                    stop_reason = _stop_reason(cfg, state, session_start[0], stop)
+                    if stop_reason:
+                        break
+                    src, tgt_in, tgt_out = (t.to(device, non_blocking=True)
+                                            for t in train_data.batch(batches[index]))
+                    with torch.autocast(device.type, dtype=torch.bfloat16,
+                                        enabled=device.type == "cuda"):
+                        logits = forward(src, tgt_in)
+                    loss_sum, n_tokens = sequence_loss(logits, tgt_out, cfg.label_smoothing)
+                    loss = loss_sum / n_tokens
+                    loss_value = float(loss.detach())
+                    if not math.isfinite(loss_value):
+                        raise NonFiniteLossError(
+                            f"loss is {loss_value} at step {state.step + 1}: training stopped. "
+                            f"checkpoint_best.pt (step {state.best_step}) and "
+                            f"checkpoint_last.pt (step {state.last_eval_step}) are unchanged; "
+                            f"try a lower train.lr or a longer train.warmup_steps")
+                    optimizer.zero_grad(set_to_none=True)
+                    loss.backward()
+                    nn.utils.clip_grad_norm_(model.parameters(), cfg.clip_norm)
+                    optimizer.step()
+                    scheduler.step()
+                    state.step += 1
+                    state.batch_in_epoch = index + 1
+                    window_loss += loss_value * int(n_tokens)
+                    window_tokens += int(n_tokens)
+                    bar.update(1)
+                    if state.step % cfg.log_every == 0:
+                        seconds = time.perf_counter() - window_start
+                        record = {"kind": "train", "step": state.step, "epoch": state.epoch + 1,
+                                  "loss": window_loss / window_tokens,
+                                  "lr": scheduler.get_last_lr()[0],
+                                  "tokens_per_second": window_tokens / max(seconds, 1e-9)}
+                        metrics.write(record)
+                        bar.set_postfix(loss=f"{record['loss']:.3f}",
+                                        tok_s=f"{record['tokens_per_second']:.0f}",
+                                        lr=f"{record['lr']:.2e}", refresh=False)
+                        window_loss = window_tokens = 0.0
+                        window_start = time.perf_counter()
+                    if state.step % cfg.eval_every == 0:
+                        validate()
+                else:
+                    state.epoch += 1
+                    state.batch_in_epoch = 0
+                    if cfg.max_epochs is not None and state.epoch >= cfg.max_epochs:
+                        stop_reason = f"max_epochs={cfg.max_epochs}"
+            if stop_reason == "interrupted":
+                state.wall_seconds += time.perf_counter() - session_start[0]
+                session_start[0] = time.perf_counter()
+                save("checkpoint_last.pt")
+                raise TrainingInterrupted(
+                    f"interrupted at step {state.step}: saved {run / 'checkpoint_last.pt'}; "
+                    f"continue with --resume")
+            log(f"training stopped at step {state.step}: {stop_reason}")
+            if state.last_eval_step != state.step:
+                validate()
+            else:
+                save("checkpoint_last.pt")
+    finally:
+        bar.close()
+        metrics.close()
+
+    # Final evaluation: the best weights on the test split.
+    best = load_checkpoint(run / "checkpoint_best.pt", map_location=device)
+    model.load_state_dict(best["model"])
+    results = _test_results(config, model, val_data, test_data, translator)
+    results["wall_seconds"] = round(state.wall_seconds + time.perf_counter() - session_start[0],
+                                    1)
+    results.update(best_step=best["progress"]["step"], steps=state.step, parameters=n_params,
+                   device=str(device))
+    write_atomic(run / "results.json",
+                 lambda f: f.write((json.dumps(results, indent=2) + "\n").encode()))
+    _plot_test_attention(run, translator, test_data)
+    log(_summary(results, time.perf_counter() - started))
+    return results
+
+
+def train_data_limit(config: Config) -> int:
+    return min(config.data.max_tokens, config.model.max_len)
+
+
+def _stop_reason(cfg: TrainConfig, state: Progress, session_start: float,
+                 stop: _StopFlag) -> str | None:
+    if stop.requested:
+        return "interrupted"
+    if cfg.max_steps is not None and state.step >= cfg.max_steps:
+        return f"max_steps={cfg.max_steps}"
+    minutes = (state.wall_seconds + time.perf_counter() - session_start) / 60
+    if cfg.max_minutes is not None and minutes >= cfg.max_minutes:
+        return f"max_minutes={cfg.max_minutes:g}"
+    return None
+
+
+def _test_results(config: Config, model: Transformer, val_data: ParallelData,
+                  test_data: ParallelData, translator: Translator) -> dict[str, Any]:
+    cfg = config.train
+    has_alignment = any(p.alignment is not None for p in test_data.pairs)
+    test = evaluate(model, test_data, translator, label_smoothing=cfg.label_smoothing,
+                    batch_tokens=cfg.batch_tokens, alignment=has_alignment)
+    results = {"bleu": round(test["bleu"], 2), "bleu_lowercase": round(test["bleu_lowercase"], 2),
+               "exact_match": round(test["exact_match"], 4), "sentences": test["sentences"],
+               "loss": round(test["loss"], 4), "beam_size": config.eval.beam_size}
+    if has_alignment and "alignment_hits" in test:
+        # The head is chosen on validation, then scored on test.
+        val = evaluate(model, val_data, translator, label_smoothing=cfg.label_smoothing,
+                       batch_tokens=cfg.batch_tokens, sentences=0, alignment=True)
+        val_accuracy = val["alignment_hits"].float() / val["alignment_words"]
+        layer, head = divmod(int(val_accuracy.argmax()), val_accuracy.shape[1])
+        test_accuracy = test["alignment_hits"].float() / test["alignment_words"]
+        head_mean = test["alignment_head_mean_hits"].float() / test["alignment_words"]
+        results.update(
+            alignment_accuracy=round(float(test_accuracy[layer, head]), 4),
+            alignment_layer=layer + 1, alignment_head=head + 1,
+            alignment_accuracy_head_mean=round(float(head_mean[-1]), 4),
+            alignment_accuracy_by_head=[[round(float(a), 4) for a in row]
+                                        for row in test_accuracy],
+            alignment_words=test["alignment_words"])
+    return results
+
+
+def _summary(results: dict[str, Any], seconds: float) -> str:
+    lines = [f"test: BLEU {results['bleu']:.2f} (lowercased {results['bleu_lowercase']:.2f}), "
+             f"exact match {results['exact_match']:.2%} on {results['sentences']} sentences"]
+    if "alignment_accuracy" in results:
+        lines.append(f"alignment accuracy {results['alignment_accuracy']:.2%} (decoder layer "
+                     f"{results['alignment_layer']}, head {results['alignment_head']}); "
+                     f"last layer, heads averaged: {results['alignment_accuracy_head_mean']:.2%}")
+    lines.append(f"finished in {seconds / 60:.1f} min")
+    return "\n".join(lines)
+
+
+def _plot_curves(run: Path) -> None:
+    from .plotting import plot_curves, read_metrics
+
+    plot_curves(read_metrics(run / "metrics.jsonl"), run / "curves.png", title=run.name)
+
+
+def _plot_test_attention(run: Path, translator: Translator, test_data: ParallelData) -> None:
+    from .plotting import plot_attention_grid
+
+    _plot_curves(run)
+    # A test sentence of middling length: long enough to show reordering, short enough to read.
+    lengths = [len(p.source.split()) for p in test_data.pairs]
+    target = sorted(lengths)[len(lengths) * 3 // 4]
+    sentence = test_data.pairs[lengths.index(target)].source
+    attention = translator.attention(sentence, beam_size=1)
+    plot_attention_grid(attention["encoder"], attention["source_tokens"],
+                        attention["source_tokens"], run / "attention_encoder.png",
+                        title=f"encoder self-attention: {sentence}")
+    plot_attention_grid(attention["cross"], attention["target_tokens"],
+                        attention["source_tokens"], run / "attention_cross.png",
+                        title=f"decoder cross-attention: {sentence}")

@@ -1,0 +1,142 @@
+"""Translate text with a trained model: tokenize, batch, search, detokenize.
+
+``Translator.from_checkpoint("runs/toy_translation/checkpoint_best.pt").translate([...])``
+is the whole use; training uses the same class to score its validation and test splits.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Sequence
+from pathlib import Path
+
+import torch
+from tokenizers import Tokenizer
+from torch import Tensor
+
+from .checkpoint import config_from_checkpoint, load_checkpoint, model_from_config
+from .config import EvalConfig
+from .data.batching import collate
+from .data.tokenizer import BOS_ID, EOS_ID, PAD_ID
+from .models import Transformer
+from .positional import LearnedPositionalEncoding
+
+__all__ = ["Translator", "resolve_device"]
+
+
+def resolve_device(name: str | torch.device) -> torch.device:
+    """``auto`` → CUDA when present, else CPU; anything else as ``torch.device`` reads it."""
+    if str(name) == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    device = torch.device(name)
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise ValueError(f"device: {name!r} requested but torch.cuda.is_available() is False")
+    return device
+
+
+class Translator:
+    """A :class:`Transformer` with its source and target tokenizers and decoding defaults."""
+
+    def __init__(self, model: Transformer, src_tokenizer: Tokenizer, tgt_tokenizer: Tokenizer,
+                 eval_config: EvalConfig | None = None) -> None:
+        self.model = model
+        self.src_tokenizer = src_tokenizer
+        self.tgt_tokenizer = tgt_tokenizer
+        self.eval_config = eval_config or EvalConfig()
+
+    @classmethod
+    def from_checkpoint(cls, path: str | Path, device: str | torch.device = "auto"
+                        ) -> Translator:
+        """Load a checkpoint written by training (``checkpoint_best.pt`` or ``_last.pt``)."""
+        device = resolve_device(device)
+        checkpoint = load_checkpoint(path, map_location=device)
+        config = config_from_checkpoint(checkpoint)
+        src_tokenizer = Tokenizer.from_str(checkpoint["tokenizers"]["source"])
+        tgt_tokenizer = Tokenizer.from_str(checkpoint["tokenizers"]["target"])
+        model = model_from_config(config.model, src_tokenizer.get_vocab_size(),
+                                  tgt_tokenizer.get_vocab_size(), PAD_ID)
+        model.load_state_dict(checkpoint["model"])
+        return cls(model.to(device).eval(), src_tokenizer, tgt_tokenizer, config.eval)
+
+    @property
+    def device(self) -> torch.device:
+        return next(self.model.parameters()).device
+
+    def encode(self, sentences: Sequence[str]) -> list[list[int]]:
+        """Source token ids, each ending in ``eos``."""
+        return [e.ids + [EOS_ID] for e in self.src_tokenizer.encode_batch(list(sentences))]
+
+    def decode(self, ids: Sequence[Sequence[int]]) -> list[str]:
+        """Target text from generated ids (cut at ``eos``, special tokens dropped)."""
+        cut = [list(row[:list(row).index(EOS_ID)]) if EOS_ID in row else list(row)
+               for row in ids]
+        return self.tgt_tokenizer.decode_batch(cut, skip_special_tokens=True)
+
+    def generate_ids(self, sources: Sequence[Sequence[int]], *, beam_size: int | None = None,
+                     length_penalty: float | None = None) -> list[list[int]]:
+        """Search for the translation of each id list; returns ids up to and with ``eos``."""
+        cfg = self.eval_config
+        beam_size = cfg.beam_size if beam_size is None else beam_size
+        length_penalty = cfg.length_penalty if length_penalty is None else length_penalty
+        # Longest first, so that batches hold similar lengths and the first shows memory use.
+        order = sorted(range(len(sources)), key=lambda i: -len(sources[i]))
+        results: list[list[int]] = [[] for _ in sources]
+        device = self.device
+        for start in range(0, len(order), cfg.batch_size):
+            chunk = order[start:start + cfg.batch_size]
+            src = collate([list(sources[i]) for i in chunk], PAD_ID).to(device)
+            max_new = math.ceil(cfg.max_len_a * src.shape[1] + cfg.max_len_b)
+            if isinstance(self.model.decoder.positional, LearnedPositionalEncoding):
+                max_new = min(max_new, self.model.decoder.positional.max_len)
+            with torch.autocast(device.type, dtype=torch.bfloat16,
+                                enabled=device.type == "cuda"):
+                out = self.model.generate(src, max_new, BOS_ID, EOS_ID, beam_size=beam_size,
+                                          length_penalty=length_penalty)
+            for row, index in zip(out.tolist(), chunk, strict=True):
+                results[index] = row[:row.index(EOS_ID) + 1] if EOS_ID in row else \
+                    [t for t in row if t != PAD_ID]
+        return results
+
+    def translate(self, sentences: Sequence[str] | str, *, beam_size: int | None = None,
+                  length_penalty: float | None = None) -> list[str]:
+        """Translate sentences (a single string is one sentence); one output per input.
+
+        ``beam_size`` 1 is greedy search; both default to the checkpoint's ``eval`` section.
+        """
+        if isinstance(sentences, str):
+            sentences = [sentences]
+        ids = self.generate_ids(self.encode(sentences), beam_size=beam_size,
+                                length_penalty=length_penalty)
+        return self.decode(ids)
+
+    @torch.no_grad()
+    def attention(self, sentence: str, *, beam_size: int | None = None
+                  ) -> dict[str, list[str] | Tensor]:
+        """Translate ``sentence`` and return the attention behind it, for plotting.
+
+        Returns ``source_tokens`` (with ``<eos>``), ``target_tokens`` (the generated tokens,
+        ``<eos>`` included: each is the token predicted at that decoder step),
+        ``encoder`` ``(layers, heads, S, S)`` self-attention and ``cross``
+        ``(layers, heads, T, S)`` cross-attention, the latter with the translation fed
+        back to the decoder (teacher forcing on the model's own output).
+        """
+        src_ids = self.encode([sentence])[0]
+        out_ids = self.generate_ids([src_ids], beam_size=beam_size)[0]
+        device = self.device
+        src = torch.tensor([src_ids], device=device)
+        tgt_in = torch.tensor([[BOS_ID, *out_ids[:-1]]] if out_ids else [[BOS_ID]], device=device)
+        was_training = self.model.training
+        self.model.eval()
+        try:
+            memory, encoder = self.model.encode(src, return_attention=True)
+            _, cross = self.model.decode(tgt_in, memory, self.model.padding_mask(src),
+                                         return_attention=True)
+        finally:
+            self.model.train(was_training)
+        target_ids = out_ids or [EOS_ID]
+        return {
+            "source_tokens": [self.src_tokenizer.id_to_token(i) for i in src_ids],
+            "target_tokens": [self.tgt_tokenizer.id_to_token(i) for i in target_ids],
+            "encoder": torch.stack(encoder)[:, 0].float().cpu(),
+            "cross": torch.stack(cross)[:, 0].float().cpu(),
+        }
