@@ -165,22 +165,8 @@ class Config:
 
     def override(self, assignments: list[str], check_files: bool = True) -> Config:
         """Apply ``section.key=value`` strings (values parsed as YAML) and check the result."""
-        raw = self.to_dict()
-        for assignment in assignments:
-            key, sep, text = assignment.partition("=")
-            section, dot, name = key.partition(".")
-            if not sep or (not dot and key != "name"):
-                raise ConfigError(f"override {assignment!r}: expected section.key=value, "
-                                  f"e.g. train.lr=0.001")
-            value = yaml.safe_load(text) if text else None
-            if key == "name":
-                raw["name"] = value
-            elif section not in SECTIONS:
-                raise ConfigError(f"{key}: unknown section {section!r}; expected one of "
-                                  f"{list(SECTIONS)}")
-            else:
-                raw[section][name] = value
-        return Config.from_dict(raw, check_files=check_files)
+        return Config.from_dict(apply_overrides(self.to_dict(), assignments),
+                                check_files=check_files)
 
     def check(self, check_files: bool = True) -> None:
         """Cross-field checks and file existence, so that a run fails before any work."""
@@ -189,16 +175,16 @@ class Config:
             if value not in allowed:
                 raise ConfigError(f"{section}.{key}: expected one of {list(allowed)}, "
                                   f"got {value!r}")
-        m = self.model
-        if m.d_model % m.n_heads:
-            raise ConfigError(f"model.d_model: expected a multiple of model.n_heads="
-                              f"{m.n_heads}, got {m.d_model}")
         for section in (self.model, self.data, self.train, self.eval):
             for f in dataclasses.fields(section):
                 value = getattr(section, f.name)
                 name = f"{_section_name(section)}.{f.name}"
                 if f.name in _POSITIVE and value is not None and not value > 0:
                     raise ConfigError(f"{name}: expected a positive number, got {value!r}")
+        m = self.model
+        if m.d_model % m.n_heads:
+            raise ConfigError(f"model.d_model: expected a multiple of model.n_heads="
+                              f"{m.n_heads}, got {m.d_model}")
         t = self.train
         if t.max_steps is None and t.max_epochs is None and t.max_minutes is None:
             raise ConfigError("train.max_steps, train.max_epochs, train.max_minutes: expected "
@@ -280,6 +266,12 @@ def _check_value(name: str, value: Any, expected: Any) -> Any:
         return [_check_value(f"{name}[{i}]", item, item_type) for i, item in enumerate(value)]
     if expected is float and isinstance(value, int) and not isinstance(value, bool):
         return float(value)
+    if expected is float and isinstance(value, str):
+        # YAML 1.1 reads 1e-3 (no dot) as a string; users mean the number.
+        try:
+            return float(value)
+        except ValueError:
+            pass
     if expected in (int, float) and isinstance(value, bool) or not isinstance(value, expected):
         raise ConfigError(f"{name}: expected {_type_name(expected)}, got "
                           f"{type(value).__name__} {value!r}")
@@ -308,8 +300,32 @@ def _resolve_paths(data: DataConfig, base_dir: Path) -> DataConfig:
         val=[resolve(p) for p in data.val], test=[resolve(p) for p in data.test])
 
 
+def apply_overrides(raw: dict[str, Any], assignments: list[str]) -> dict[str, Any]:
+    """Set ``section.key=value`` strings (values parsed as YAML) in a raw config mapping."""
+    raw = {key: dict(value) if isinstance(value, dict) else value for key, value in raw.items()}
+    for assignment in assignments:
+        key, sep, text = assignment.partition("=")
+        section, dot, name = key.partition(".")
+        if not sep or (not dot and key != "name"):
+            raise ConfigError(f"override {assignment!r}: expected section.key=value, "
+                              f"e.g. train.lr=0.001")
+        value = yaml.safe_load(text) if text else None
+        if key == "name":
+            raw["name"] = value
+        elif section not in SECTIONS:
+            raise ConfigError(f"{key}: unknown section {section!r}; expected one of "
+                              f"{list(SECTIONS)}")
+        else:
+            if not isinstance(raw.get(section) or {}, dict):
+                raise ConfigError(f"{section}: expected a mapping of keys to values, got "
+                                  f"{raw[section]!r}")
+            raw[section] = {**(raw.get(section) or {}), name: value}
+    return raw
+
+
 def load_config(path: str | Path, overrides: list[str] | None = None) -> Config:
-    """Read a YAML config (the run's ``name`` defaults to the file's stem) and apply overrides."""
+    """Read a YAML config (the run's ``name`` defaults to the file's stem), apply the
+    overrides, then check the result."""
     path = Path(path)
     if not path.is_file():
         raise ConfigError(f"--config: file not found: {path}")
@@ -317,7 +333,8 @@ def load_config(path: str | Path, overrides: list[str] | None = None) -> Config:
         raw = yaml.safe_load(path.read_text(encoding="utf-8")) or {}
     except yaml.YAMLError as error:
         raise ConfigError(f"--config: {path} is not valid YAML: {error}") from None
-    if isinstance(raw, dict):
-        raw.setdefault("name", path.stem)
-    config = Config.from_dict(raw, base_dir=path.parent)
-    return config.override(overrides or [])
+    if not isinstance(raw, dict):
+        raise ConfigError(f"--config: expected {path} to hold a mapping with sections "
+                          f"{list(SECTIONS)}, got a {type(raw).__name__}")
+    raw.setdefault("name", path.stem)
+    return Config.from_dict(apply_overrides(raw, overrides or []), base_dir=path.parent)

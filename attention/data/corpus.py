@@ -28,7 +28,8 @@ def read_lines(path: str | Path) -> list[str]:
     """Lines of a UTF-8 text file (gzip if the name ends in ``.gz``), without line ends."""
     path = Path(path)
     opener = gzip.open if path.suffix == ".gz" else open
-    with opener(path, "rt", encoding="utf-8", newline=None) as file:
+    # utf-8-sig: a byte-order mark (left by some Windows editors) is not part of the text.
+    with opener(path, "rt", encoding="utf-8-sig", newline=None) as file:
         return [line.rstrip("\r\n") for line in file]
 
 

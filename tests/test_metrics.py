@@ -1,0 +1,96 @@
+"""Translation scores: BLEU (cased and lowercased), exact match, cross-attention alignment."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from attention.metrics import alignment_hits, bleu, exact_match
+
+REFERENCES = [
+    "A man in a blue shirt is riding a bike down the street .",
+    "Two dogs are playing in the snow near a fence .",
+    "The children are laughing at the clown in the park .",
+]
+
+
+def test_identical_hypotheses_score_perfectly():
+    scores = bleu(REFERENCES, REFERENCES)
+    assert scores["bleu"] == pytest.approx(100.0)
+    assert scores["bleu_lowercase"] == pytest.approx(100.0)
+    assert exact_match(REFERENCES, REFERENCES) == 1.0
+
+
+def test_lowercase_bleu_ignores_case_only_differences():
+    hypotheses = [s.upper() if i == 0 else s.lower() for i, s in enumerate(REFERENCES)]
+    scores = bleu(hypotheses, REFERENCES)
+    assert scores["bleu"] < 100.0
+    assert scores["bleu_lowercase"] == pytest.approx(100.0)
+    assert scores["bleu_lowercase"] >= scores["bleu"]
+
+
+def test_bleu_falls_with_worse_hypotheses():
+    close = [s.replace("blue", "red") for s in REFERENCES]
+    far = ["a cat sleeps .", "nothing here .", "the end ."]
+    assert 0 < bleu(close, REFERENCES)["bleu"] < 100
+    assert bleu(far, REFERENCES)["bleu"] < bleu(close, REFERENCES)["bleu"]
+
+
+def test_exact_match_counts_whole_sentences():
+    hypotheses = ["  " + REFERENCES[0] + " ", REFERENCES[1].lower(), "something else"]
+    assert exact_match(hypotheses, REFERENCES) == pytest.approx(1 / 3)
+    assert exact_match([], []) == 0.0
+
+
+@pytest.mark.parametrize("score", [bleu, exact_match])
+def test_mismatched_lengths_raise(score):
+    with pytest.raises(ValueError, match="hypotheses: expected 3 .*got 2"):
+        score(REFERENCES[:2], REFERENCES)
+
+
+def peaked(argmaxes: list[int], peak: float, n_source: int) -> torch.Tensor:
+    """(len(argmaxes), n_source) attention rows: ``peak`` on the argmax, the rest spread evenly."""
+    rows = torch.full((len(argmaxes), n_source), (1 - peak) / (n_source - 1))
+    rows[torch.arange(len(argmaxes)), torch.tensor(argmaxes)] = peak
+    return rows
+
+
+def test_alignment_hits_on_known_argmaxes():
+    n_source, batch = 5, 4
+    # (heads, target rows, source): row 3 is padding beyond the 3-word alignment below
+    layer0 = torch.stack([peaked([0, 2, 1, 3], 0.9, n_source),
+                          peaked([0, 0, 0, 0], 0.6, n_source)])
+    layer1 = torch.stack([peaked([0, 2, 1, 3], 0.6, n_source),
+                          peaked([4, 4, 1, 4], 0.9, n_source)])
+    # every example sees the same weights: (B, H, Lt, Ls)
+    cross = [layer.expand(batch, -1, -1, -1) for layer in (layer0, layer1)]
+    gold = [[0, 2, 1], None, [0], []]  # None and [] are skipped
+
+    hits, head_mean_hits, words = alignment_hits(cross, gold)
+
+    assert words == 4
+    assert hits.shape == (2, 2) and head_mean_hits.shape == (2,)
+    # example 0 (gold 0, 2, 1) then example 2 (gold 0, first row only):
+    # layer 0: head 0 hits 3 + 1, head 1 (always 0) hits 1 + 1
+    # layer 1: head 0 hits 3 + 1, head 1 (4, 4, 1) hits 1 + 0
+    assert hits.tolist() == [[4, 2], [4, 1]]
+    # head means: layer 0 follows the 0.9 head everywhere (3 + 1); in layer 1 the 0.9 head
+    # wins rows 0 and 1 (source 4) and both agree on row 2 (1 + 0)
+    assert head_mean_hits.tolist() == [4, 1]
+
+
+def test_head_mean_averages_weights_before_the_argmax():
+    # neither head's argmax is source 1, and neither is the strongest single weight's,
+    # but the heads' mean peaks there: (0.275, 0.425, 0.29, 0.01, 0)
+    heads = torch.tensor([[[0.50, 0.40, 0.10, 0.00, 0.00]],
+                          [[0.05, 0.45, 0.48, 0.02, 0.00]]])  # (H, Lt, Ls)
+    hits, head_mean_hits, words = alignment_hits([heads[None]], [[1]])
+    assert hits.tolist() == [[0, 0]]
+    assert head_mean_hits.tolist() == [1]
+    assert words == 1
+
+
+def test_alignment_hits_checks_the_batch():
+    cross = [torch.rand(2, 1, 3, 4).softmax(-1)]
+    with pytest.raises(ValueError, match="gold: expected 2 alignments"):
+        alignment_hits(cross, [[0, 1, 2]])
