@@ -78,7 +78,11 @@ class DataConfig:
 
 @dataclass
 class TrainConfig:
-    """The optimisation: AdamW with linear warmup then inverse-square-root decay."""
+    """The optimisation: AdamW with linear warmup, then a decay.
+
+    ``schedule``: ``inverse_sqrt`` decays as ``√(warmup / step)`` and suits runs of unknown
+    length (``max_minutes``); ``cosine`` anneals to zero at ``max_steps``, which it needs.
+    """
 
     run_dir: str = "runs"
     device: str = "auto"  # auto | cpu | cuda | cuda:N
@@ -87,6 +91,7 @@ class TrainConfig:
     lr: float = 7e-4
     weight_decay: float = 0.01
     warmup_steps: int = 1000
+    schedule: str = "inverse_sqrt"  # inverse_sqrt | cosine
     label_smoothing: float = 0.1
     clip_norm: float = 1.0
     batch_tokens: int = 4096  # target tokens per batch, padding included
@@ -116,6 +121,7 @@ CHOICES = {
     ("model", "activation"): ("relu", "gelu", "gelu_tanh", "silu"),
     ("data", "corpus"): ("toy", "multi30k", "parallel"),
     ("data", "tokenizer"): ("word", "bpe"),
+    ("train", "schedule"): ("inverse_sqrt", "cosine"),
 }
 
 
@@ -189,6 +195,9 @@ class Config:
         if t.max_steps is None and t.max_epochs is None and t.max_minutes is None:
             raise ConfigError("train.max_steps, train.max_epochs, train.max_minutes: expected "
                               "at least one to be set (a run must end), got none")
+        if t.schedule == "cosine" and t.max_steps is None:
+            raise ConfigError("train.max_steps: expected a number of steps for "
+                              "train.schedule=cosine (it anneals to zero there), got null")
         if not 0 <= m.dropout < 1:
             raise ConfigError(f"model.dropout: expected a probability in [0, 1), got {m.dropout}")
         if not 0 <= self.train.label_smoothing < 1:

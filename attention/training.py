@@ -76,6 +76,18 @@ def inverse_sqrt_schedule(warmup_steps: int):
     return factor
 
 
+def cosine_schedule(warmup_steps: int, total_steps: int):
+    """Learning-rate factor: linear warmup to 1, then a cosine down to 0 at ``total_steps``."""
+
+    def factor(step: int) -> float:
+        step += 1
+        if step < warmup_steps:
+            return step / warmup_steps
+        progress = min((step - warmup_steps) / max(total_steps - warmup_steps, 1), 1.0)
+        return 0.5 * (1.0 + math.cos(math.pi * progress))
+    return factor
+
+
 def make_optimizer(model: nn.Module, cfg: TrainConfig) -> torch.optim.AdamW:
     """AdamW with weight decay on matrices only (not on norms or biases)."""
     params = [p for p in model.parameters() if p.requires_grad]
@@ -270,8 +282,9 @@ def train(config: Config, *, resume: bool = False, progress_bar: bool | None = N
     model = model_from_config(config.model, src_tokenizer.get_vocab_size(),
                               tgt_tokenizer.get_vocab_size(), PAD_ID).to(device)
     optimizer = make_optimizer(model, cfg)
-    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer,
-                                                  inverse_sqrt_schedule(cfg.warmup_steps))
+    schedule = cosine_schedule(cfg.warmup_steps, cfg.max_steps) if cfg.schedule == "cosine" \
+        else inverse_sqrt_schedule(cfg.warmup_steps)
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, schedule)
     state = Progress()
     if checkpoint is not None:
         model.load_state_dict(checkpoint["model"])

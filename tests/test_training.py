@@ -222,3 +222,21 @@ def test_plot_command_writes_both_heatmaps(tiny_run, tmp_path, capsys):
                                 "the big dog sees a cat", "--out", str(out)]) == 0
     for name in ("encoder_self_attention.png", "cross_attention.png"):
         assert (out / name).read_bytes()[:4] == b"\x89PNG", name
+
+
+def test_learning_rate_schedules_warm_up_then_decay():
+    from attention.training import cosine_schedule, inverse_sqrt_schedule
+
+    cosine, inverse_sqrt = cosine_schedule(10, 100), inverse_sqrt_schedule(10)
+    assert [round(cosine(s), 6) for s in (0, 4, 9)] == [0.1, 0.5, 1.0]
+    assert cosine(54) == pytest.approx(0.5, abs=0.02) and cosine(99) == pytest.approx(0.0)
+    assert cosine(500) == pytest.approx(0.0)
+    assert inverse_sqrt(9) == 1.0 and inverse_sqrt(39) == pytest.approx(0.5)
+
+
+def test_cosine_schedule_needs_max_steps(tmp_path):
+    from attention.config import ConfigError
+
+    with pytest.raises(ConfigError, match="train.max_steps"):
+        tiny_config(tmp_path, "train.schedule=cosine", "train.max_steps=null",
+                    "train.max_minutes=1")
