@@ -8,13 +8,12 @@ scheduler's states, the random-number generators' states, the run's config, both
 
 from __future__ import annotations
 
-import os
-import tempfile
 from pathlib import Path
 from typing import Any
 
 import torch
 
+from ._files import write_atomic
 from .config import Config, ModelConfig
 from .models import Transformer
 
@@ -28,27 +27,6 @@ __all__ = [
 ]
 
 FORMAT = "attention-translation/1"
-
-
-def write_atomic(path: str | Path, write: Any) -> Path:
-    """Call ``write(file)`` on a temporary file beside ``path``, then rename it onto ``path``.
-
-    A reader (or a crash) never sees a half-written file: ``path`` holds either its old
-    content or the whole new one.
-    """
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    handle, temporary = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(handle, "wb") as file:
-            write(file)
-            file.flush()
-            os.fsync(file.fileno())
-        os.replace(temporary, path)
-    except BaseException:
-        Path(temporary).unlink(missing_ok=True)
-        raise
-    return path
 
 
 def save_checkpoint(path: str | Path, checkpoint: dict[str, Any]) -> Path:

@@ -27,8 +27,9 @@ def train_main(argv: list[str] | None = None) -> int:
     parser.add_argument("overrides", nargs="*", metavar="section.key=value",
                         help="override config values, e.g. train.max_minutes=5")
     parser.add_argument("--resume", action="store_true",
-                        help="continue from runs/NAME/checkpoint_last.pt")
-    args = parser.parse_args(argv)
+                        help="continue from checkpoint_last.pt in the run's folder "
+                             "(train.run_dir/NAME)")
+    args = parser.parse_intermixed_args(argv)
 
     from .config import ConfigError, load_config
     from .training import NonFiniteLossError, TrainingInterrupted, train
@@ -38,6 +39,8 @@ def train_main(argv: list[str] | None = None) -> int:
         train(config, resume=args.resume)
     except (ConfigError, FileNotFoundError) as error:
         return _fail(str(error), 2)
+    except (ValueError, UnicodeDecodeError) as error:  # bad data or settings found on the way
+        return _fail(f"{type(error).__name__}: {error}", 2)
     except NonFiniteLossError as error:
         return _fail(str(error), 1)
     except TrainingInterrupted as error:
@@ -94,7 +97,7 @@ def plot_attention_main(argv: list[str] | None = None) -> int:
     parser.add_argument("--checkpoint", required=True)
     parser.add_argument("sentence")
     parser.add_argument("--out", type=Path, default=Path("attention_plots"),
-                        help="folder for encoder_self_attention.png and cross_attention.png")
+                        help="folder for attention_encoder.png and attention_cross.png")
     parser.add_argument("--device", default="auto")
     args = parser.parse_args(argv)
 
@@ -110,10 +113,10 @@ def plot_attention_main(argv: list[str] | None = None) -> int:
         [translator.tgt_tokenizer.token_to_id(t) for t in attention["target_tokens"]])
     paths = [
         plot_attention_grid(attention["encoder"], attention["source_tokens"],
-                            attention["source_tokens"], args.out / "encoder_self_attention.png",
+                            attention["source_tokens"], args.out / "attention_encoder.png",
                             title=f"encoder self-attention: {args.sentence}"),
         plot_attention_grid(attention["cross"], attention["target_tokens"],
-                            attention["source_tokens"], args.out / "cross_attention.png",
+                            attention["source_tokens"], args.out / "attention_cross.png",
                             title=f"cross-attention: {args.sentence} → {translation}"),
     ]
     print(translation)

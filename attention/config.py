@@ -15,6 +15,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+import torch
 import yaml
 
 __all__ = [
@@ -71,7 +72,7 @@ class DataConfig:
     toy_val_size: int = 500
     toy_test_size: int = 1000
     tokenizer: str = "word"  # word | bpe
-    vocab_size: int = 8000  # bpe only: the size of each side's vocabulary
+    vocab_size: int = 8000  # the most tokens in each side's vocabulary
     lowercase: bool = False
     max_tokens: int = 100  # training pairs longer than this on either side are dropped
 
@@ -187,6 +188,20 @@ class Config:
                 name = f"{_section_name(section)}.{f.name}"
                 if f.name in _POSITIVE and value is not None and not value > 0:
                     raise ConfigError(f"{name}: expected a positive number, got {value!r}")
+        for name in ("warmup_steps", "weight_decay"):
+            if getattr(self.train, name) < 0:
+                raise ConfigError(f"train.{name}: expected a number ≥ 0, got "
+                                  f"{getattr(self.train, name)!r}")
+        if self.eval.max_len_b < 0:
+            raise ConfigError(f"eval.max_len_b: expected a number ≥ 0, got {self.eval.max_len_b}")
+        try:
+            device = torch.device(self.train.device) if self.train.device != "auto" else None
+        except RuntimeError:
+            raise ConfigError(f"train.device: expected auto, cpu, cuda or cuda:N, got "
+                              f"{self.train.device!r}") from None
+        if device is not None and device.type == "cuda" and not torch.cuda.is_available():
+            raise ConfigError(f"train.device: {self.train.device!r} requested, but this "
+                              f"machine has no CUDA device (use auto or cpu)")
         m = self.model
         if m.d_model % m.n_heads:
             raise ConfigError(f"model.d_model: expected a multiple of model.n_heads="

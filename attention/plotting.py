@@ -11,13 +11,14 @@ from __future__ import annotations
 import json
 import math
 import os
-import tempfile
 from collections.abc import Iterable, Sequence
 from pathlib import Path
 
 import torch
 from matplotlib.figure import Figure
 from matplotlib.ticker import FuncFormatter
+
+from ._files import write_atomic
 
 __all__ = ["plot_attention_grid", "plot_curves", "read_metrics"]
 
@@ -31,21 +32,8 @@ DPI = 110
 
 def _save_png(fig: Figure, path: str | os.PathLike) -> Path:
     """Write ``fig`` to ``path`` as a PNG atomically, creating parent directories."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    with tempfile.NamedTemporaryFile(
-        dir=path.parent, prefix=f".{path.name}.", suffix=".png", delete=False
-    ) as tmp:
-        try:
-            fig.savefig(tmp, format="png", dpi=DPI, bbox_inches="tight")
-            # Temporary files are created private (0600); an image is for everyone to read.
-            os.chmod(tmp.name, 0o644)
-        except BaseException:
-            tmp.close()
-            os.unlink(tmp.name)
-            raise
-    os.replace(tmp.name, path)
-    return path
+    return write_atomic(path, lambda file: fig.savefig(file, format="png", dpi=DPI,
+                                                       bbox_inches="tight"))
 
 
 def _check_labels(name: str, labels: Sequence[str], expected: int, dim: int) -> None:

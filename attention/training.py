@@ -41,7 +41,8 @@ from .metrics import alignment_hits, bleu, exact_match
 from .models import Transformer
 from .translator import Translator, resolve_device
 
-__all__ = ["NonFiniteLossError", "TrainingInterrupted", "evaluate", "train"]
+__all__ = ["NonFiniteLossError", "TrainingInterrupted", "evaluate", "train",
+           "train_data_limit"]
 
 
 class NonFiniteLossError(RuntimeError):
@@ -64,6 +65,9 @@ class Progress:
     best_step: int = 0
     wall_seconds: float = 0.0  # time spent in this run so far, over all its sessions
     last_eval_step: int = -1
+    last_saved_step: int = -1  # the step in checkpoint_last.pt
+    window_loss: float = 0.0  # summed loss and tokens since the last logged training record
+    window_tokens: int = 0
 
 
 def inverse_sqrt_schedule(warmup_steps: int):
@@ -109,7 +113,8 @@ def sequence_loss(logits: Tensor, labels: Tensor, label_smoothing: float) -> tup
 
 
 class _StopFlag:
-    """Turns the first Ctrl-C into a request to stop after the current step."""
+    """Turns the first Ctrl-C (or SIGTERM, as a job scheduler sends) into a request to stop
+    after the current step."""
 
     def __init__(self) -> None:
         self.requested = False
@@ -119,24 +124,32 @@ class _StopFlag:
         if threading.current_thread() is not threading.main_thread():
             yield
             return
-        previous = signal.getsignal(signal.SIGINT)
+        signals = (signal.SIGINT, signal.SIGTERM)
+        previous = {number: signal.getsignal(number) for number in signals}
 
-        def handler(signum, frame):  # a second Ctrl-C interrupts at once
+        def handler(signum, frame):  # a second signal acts at once
             self.requested = True
-            signal.signal(signal.SIGINT, previous)
+            signal.signal(signum, previous[signum])
 
-        signal.signal(signal.SIGINT, handler)
+        for number in signals:
+            signal.signal(number, handler)
         try:
             yield
         finally:
-            signal.signal(signal.SIGINT, previous)
+            for number in signals:
+                signal.signal(number, previous[number])
 
 
 class _Metrics:
     """Appends one JSON object per line to ``metrics.jsonl`` (flushed as written)."""
 
-    def __init__(self, path: Path, fresh: bool) -> None:
+    def __init__(self, path: Path, fresh: bool, keep_until_step: int = 0) -> None:
         self.path = path
+        if not fresh and path.is_file():
+            # Records past the checkpoint (written before a hard stop) would appear twice.
+            kept = [line for line in path.read_text(encoding="utf-8").splitlines(keepends=True)
+                    if _record_step(line) <= keep_until_step]
+            write_atomic(path, lambda f: f.write("".join(kept).encode()))
         self.file = path.open("w" if fresh else "a", encoding="utf-8")
 
     def write(self, record: dict[str, Any]) -> None:
@@ -147,15 +160,24 @@ class _Metrics:
         self.file.close()
 
 
+def _record_step(line: str) -> float:
+    try:
+        return json.loads(line)["step"]
+    except (ValueError, KeyError, TypeError):
+        return math.inf  # a torn last line goes too
+
+
 @torch.no_grad()
 def evaluate(model: Transformer, data: ParallelData, translator: Translator, *,
              label_smoothing: float, batch_tokens: int, sentences: int | None = None,
-             beam_size: int | None = None, alignment: bool = False) -> dict[str, Any]:
+             beam_size: int | None = None, alignment: bool = False, lowercase: bool = False
+             ) -> dict[str, Any]:
     """Score ``model`` on ``data``: teacher-forced loss, then BLEU and exact match of its
     translations of the first ``sentences`` pairs (all when ``None``).
 
     With ``alignment`` (and gold alignments in ``data``), also the cross-attention
     alignment counts of :func:`attention.metrics.alignment_hits`, summed over the data.
+    ``lowercase`` compares with lowercased references (for a lowercasing tokenizer).
     """
     was_training = model.training
     model.eval()
@@ -190,6 +212,8 @@ def evaluate(model: Transformer, data: ParallelData, translator: Translator, *,
     finally:
         model.train(was_training)
     references = [data.pairs[i].target for i in chosen]
+    if lowercase:  # the model can only produce what its tokenizer normalizes to
+        references = [r.lower() for r in references]
     result = {"loss": loss_sum / max(n_tokens, 1), "nll": nll_sum / max(n_tokens, 1),
               "sentences": len(references), "hypotheses": hypotheses}
     if references:
@@ -214,27 +238,36 @@ def _word_alignment(data: ParallelData, index: int) -> tuple[int, ...] | None:
 
 def _rng_state(device: torch.device) -> dict[str, Any]:
     state = {"torch": torch.get_rng_state()}
-    if device.type == "cuda":
-        state["cuda"] = torch.cuda.get_rng_state_all()
+    if device.type == "cuda":  # the training device's only: resuming may see other GPUs
+        state["cuda"] = torch.cuda.get_rng_state(device)
     return state
 
 
 def _set_rng_state(state: dict[str, Any], device: torch.device) -> None:
     torch.set_rng_state(state["torch"].cpu())
     if device.type == "cuda" and "cuda" in state:
-        torch.cuda.set_rng_state_all([s.cpu() for s in state["cuda"]])
+        torch.cuda.set_rng_state(state["cuda"].cpu(), device)
+
+
+# What a resumed run may not change: what it trains, its data order and its optimizer's
+# settings (restored from the checkpoint, so a change would be silently ignored).
+_FIXED_ON_RESUME = {"train": ("seed", "batch_tokens", "schedule", "warmup_steps", "lr",
+                              "weight_decay")}
 
 
 def _check_resumable(saved: Config, config: Config) -> None:
-    """A resumed run may change how long and how it trains, not what it trains."""
-    for section in ("model", "data"):
-        old, new = dataclasses.asdict(getattr(saved, section)), \
-            dataclasses.asdict(getattr(config, section))
-        for key in old:
-            if old[key] != new[key]:
-                raise ConfigError(f"{section}.{key}: the checkpoint was trained with "
-                                  f"{old[key]!r}, the config asks for {new[key]!r}; a resumed "
-                                  f"run keeps the model and data of the checkpoint")
+    """A resumed run may change how long it trains (and how it logs and evaluates)."""
+    keys = [("model", key) for key in dataclasses.asdict(saved.model)]
+    keys += [("data", key) for key in dataclasses.asdict(saved.data)]
+    keys += [("train", key) for key in _FIXED_ON_RESUME["train"]]
+    if saved.train.schedule == "cosine":  # the schedule is shaped by max_steps
+        keys.append(("train", "max_steps"))
+    for section, key in keys:
+        old, new = getattr(getattr(saved, section), key), getattr(getattr(config, section), key)
+        if old != new:
+            raise ConfigError(f"{section}.{key}: the checkpoint was trained with {old!r}, the "
+                              f"config asks for {new!r}; a resumed run keeps it (start a new "
+                              f"run with another name=... to change it)")
 
 
 def train(config: Config, *, resume: bool = False, progress_bar: bool | None = None,
@@ -259,7 +292,9 @@ def train(config: Config, *, resume: bool = False, progress_bar: bool | None = N
 
     checkpoint = None
     if resume:
-        checkpoint = load_checkpoint(run / "checkpoint_last.pt", map_location=device)
+        # On the CPU first: load_state_dict then moves each tensor where it belongs (and
+        # keeps AdamW's step counters on the CPU, where they cost no synchronisation).
+        checkpoint = load_checkpoint(run / "checkpoint_last.pt")
         _check_resumable(config_from_checkpoint(checkpoint), config)
     torch.manual_seed(cfg.seed)
 
@@ -275,9 +310,14 @@ def train(config: Config, *, resume: bool = False, progress_bar: bool | None = N
         tgt_tokenizer = train_tokenizer((p.target for p in splits["train"]), d.tokenizer,
                                         d.vocab_size, d.lowercase)
     train_data = ParallelData(splits["train"], src_tokenizer, tgt_tokenizer,
-                              max_tokens=min(config.data.max_tokens, config.model.max_len))
-    val_data = ParallelData(splits["val"], src_tokenizer, tgt_tokenizer)
-    test_data = ParallelData(splits["test"], src_tokenizer, tgt_tokenizer)
+                              max_tokens=train_data_limit(config))
+    if not len(train_data):
+        raise ConfigError(f"data.max_tokens, model.max_len: all {train_data.dropped} training "
+                          f"pairs are longer than {train_data_limit(config)} tokens; raise them")
+    # Learned positions end at max_len; other encodings extend to any length.
+    eval_limit = config.model.max_len if config.model.positional == "learned" else None
+    val_data = ParallelData(splits["val"], src_tokenizer, tgt_tokenizer, max_tokens=eval_limit)
+    test_data = ParallelData(splits["test"], src_tokenizer, tgt_tokenizer, max_tokens=eval_limit)
 
     model = model_from_config(config.model, src_tokenizer.get_vocab_size(),
                               tgt_tokenizer.get_vocab_size(), PAD_ID).to(device)
@@ -300,15 +340,23 @@ def train(config: Config, *, resume: bool = False, progress_bar: bool | None = N
     run.mkdir(parents=True, exist_ok=True)
     write_atomic(run / "config.yaml",
                  lambda f: f.write(yaml.safe_dump(config.to_dict(), sort_keys=False).encode()))
-    metrics = _Metrics(run / "metrics.jsonl", fresh=checkpoint is None)
+    if checkpoint is None and (run / "checkpoint_last.pt").is_file():
+        log(f"starting a new run in {run}: its previous files are replaced (--resume would "
+            f"have continued it)")
+    metrics = _Metrics(run / "metrics.jsonl", fresh=checkpoint is None,
+                       keep_until_step=state.step)
+    dropped = f", {val_data.dropped + test_data.dropped} val/test pairs longer than " \
+        f"model.max_len={eval_limit} left out" if val_data.dropped + test_data.dropped else ""
     log(f"{config.name}: {len(train_data)} training pairs ({train_data.dropped} longer than "
         f"{train_data_limit(config)} tokens dropped), {len(val_data)} val, {len(test_data)} "
-        f"test; vocabularies {src_tokenizer.get_vocab_size()} → "
+        f"test{dropped}; vocabularies {src_tokenizer.get_vocab_size()} → "
         f"{tgt_tokenizer.get_vocab_size()}; {n_params / 1e6:.2f}M parameters on {device}")
     if checkpoint is not None:
         log(f"resuming from step {state.step} (epoch {state.epoch + 1})")
 
     def save(name: str) -> None:
+        if name == "checkpoint_last.pt":
+            state.last_saved_step = state.step
         save_checkpoint(run / name, {
             "config": config.to_dict(), "model": model.state_dict(),
             "optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(),
@@ -319,7 +367,7 @@ def train(config: Config, *, resume: bool = False, progress_bar: bool | None = N
     def validate() -> None:
         result = evaluate(model, val_data, translator, label_smoothing=cfg.label_smoothing,
                           batch_tokens=cfg.batch_tokens, sentences=config.eval.val_sentences,
-                          beam_size=1)
+                          beam_size=1, lowercase=config.data.lowercase)
         state.last_eval_step = state.step
         state.wall_seconds += time.perf_counter() - session_start[0]
         session_start[0] = time.perf_counter()
@@ -345,7 +393,6 @@ def train(config: Config, *, resume: bool = False, progress_bar: bool | None = N
     show_bar = sys.stderr.isatty() if progress_bar is None else progress_bar
     bar = tqdm(total=cfg.max_steps, initial=state.step, disable=not show_bar, unit="step",
                dynamic_ncols=True, file=sys.stderr)
-    window_loss = window_tokens = 0.0
     window_start = time.perf_counter()
     stop_reason = None
     try:
@@ -366,32 +413,31 @@ def train(config: Config, *, resume: bool = False, progress_bar: bool | None = N
                     loss = loss_sum / n_tokens
                     loss_value = float(loss.detach())
                     if not math.isfinite(loss_value):
-                        raise NonFiniteLossError(
-                            f"loss is {loss_value} at step {state.step + 1}: training stopped. "
-                            f"checkpoint_best.pt (step {state.best_step}) and "
-                            f"checkpoint_last.pt (step {state.last_eval_step}) are unchanged; "
-                            f"try a lower train.lr or a longer train.warmup_steps")
+                        raise NonFiniteLossError(_non_finite("loss", loss_value, state, run))
                     optimizer.zero_grad(set_to_none=True)
                     loss.backward()
-                    nn.utils.clip_grad_norm_(model.parameters(), cfg.clip_norm)
+                    norm = float(nn.utils.clip_grad_norm_(model.parameters(), cfg.clip_norm))
+                    if not math.isfinite(norm):  # checked before the step can spoil the weights
+                        raise NonFiniteLossError(_non_finite("gradient norm", norm, state, run))
                     optimizer.step()
                     scheduler.step()
                     state.step += 1
                     state.batch_in_epoch = index + 1
-                    window_loss += loss_value * int(n_tokens)
-                    window_tokens += int(n_tokens)
+                    state.window_loss += loss_value * int(n_tokens)
+                    state.window_tokens += int(n_tokens)
                     bar.update(1)
                     if state.step % cfg.log_every == 0:
                         seconds = time.perf_counter() - window_start
                         record = {"kind": "train", "step": state.step, "epoch": state.epoch + 1,
-                                  "loss": window_loss / window_tokens,
+                                  "loss": state.window_loss / state.window_tokens,
                                   "lr": scheduler.get_last_lr()[0],
-                                  "tokens_per_second": window_tokens / max(seconds, 1e-9)}
+                                  "tokens_per_second": state.window_tokens / max(seconds,
+                                                                                 1e-9)}
                         metrics.write(record)
                         bar.set_postfix(loss=f"{record['loss']:.3f}",
                                         tok_s=f"{record['tokens_per_second']:.0f}",
                                         lr=f"{record['lr']:.2e}", refresh=False)
-                        window_loss = window_tokens = 0.0
+                        state.window_loss, state.window_tokens = 0.0, 0
                         window_start = time.perf_counter()
                     if state.step % cfg.eval_every == 0:
                         validate()
@@ -417,7 +463,7 @@ def train(config: Config, *, resume: bool = False, progress_bar: bool | None = N
         metrics.close()
 
     # Final evaluation: the best weights on the test split.
-    best = load_checkpoint(run / "checkpoint_best.pt", map_location=device)
+    best = load_checkpoint(run / "checkpoint_best.pt")
     model.load_state_dict(best["model"])
     results = _test_results(config, model, val_data, test_data, translator)
     results["wall_seconds"] = round(state.wall_seconds + time.perf_counter() - session_start[0],
@@ -432,7 +478,19 @@ def train(config: Config, *, resume: bool = False, progress_bar: bool | None = N
 
 
 def train_data_limit(config: Config) -> int:
+    """The longest training pair kept, in tokens."""
     return min(config.data.max_tokens, config.model.max_len)
+
+
+def _non_finite(what: str, value: float, state: Progress, run: Path) -> str:
+    saved = []
+    if state.best_step and (run / "checkpoint_best.pt").is_file():
+        saved.append(f"checkpoint_best.pt (step {state.best_step})")
+    if state.last_saved_step >= 0 and (run / "checkpoint_last.pt").is_file():
+        saved.append(f"checkpoint_last.pt (step {state.last_saved_step})")
+    kept = " and ".join(saved) + " are unchanged" if saved else "no checkpoint was written"
+    return (f"{what} is {value} at step {state.step + 1}: training stopped; {kept}. Try a "
+            f"lower train.lr or a longer train.warmup_steps")
 
 
 def _stop_reason(cfg: TrainConfig, state: Progress, session_start: float,
@@ -452,7 +510,8 @@ def _test_results(config: Config, model: Transformer, val_data: ParallelData,
     cfg = config.train
     has_alignment = any(p.alignment is not None for p in test_data.pairs)
     test = evaluate(model, test_data, translator, label_smoothing=cfg.label_smoothing,
-                    batch_tokens=cfg.batch_tokens, alignment=has_alignment)
+                    batch_tokens=cfg.batch_tokens, alignment=has_alignment,
+                    lowercase=config.data.lowercase)
     results = {"bleu": round(test["bleu"], 2), "bleu_lowercase": round(test["bleu_lowercase"], 2),
                "exact_match": round(test["exact_match"], 4), "sentences": test["sentences"],
                "loss": round(test["loss"], 4), "beam_size": config.eval.beam_size}

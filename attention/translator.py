@@ -49,7 +49,7 @@ class Translator:
                         ) -> Translator:
         """Load a checkpoint written by training (``checkpoint_best.pt`` or ``_last.pt``)."""
         device = resolve_device(device)
-        checkpoint = load_checkpoint(path, map_location=device)
+        checkpoint = load_checkpoint(path)  # CPU first: the optimizer state is not needed
         config = config_from_checkpoint(checkpoint)
         src_tokenizer = Tokenizer.from_str(checkpoint["tokenizers"]["source"])
         tgt_tokenizer = Tokenizer.from_str(checkpoint["tokenizers"]["target"])
@@ -63,8 +63,13 @@ class Translator:
         return next(self.model.parameters()).device
 
     def encode(self, sentences: Sequence[str]) -> list[list[int]]:
-        """Source token ids, each ending in ``eos``."""
-        return [e.ids + [EOS_ID] for e in self.src_tokenizer.encode_batch(list(sentences))]
+        """Source token ids, each ending in ``eos`` (cut to fit learned positions)."""
+        ids = [e.ids + [EOS_ID] for e in self.src_tokenizer.encode_batch(list(sentences))]
+        positional = self.model.encoder.positional
+        if isinstance(positional, LearnedPositionalEncoding):
+            ids = [row if len(row) <= positional.max_len else
+                   row[:positional.max_len - 1] + [EOS_ID] for row in ids]
+        return ids
 
     def decode(self, ids: Sequence[Sequence[int]]) -> list[str]:
         """Target text from generated ids (cut at ``eos``, special tokens dropped)."""

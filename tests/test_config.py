@@ -7,6 +7,7 @@ import re
 from pathlib import Path
 
 import pytest
+import torch
 
 from attention.cli import train_main
 from attention.config import (
@@ -52,7 +53,7 @@ def test_toy_translation_loads():
     config = load_config(CONFIGS / "toy_translation.yaml")
     assert config.name == "toy_translation"
     assert config.model.d_model == 128 and config.data.toy_train_size == 20000
-    assert config.train.max_minutes == 6 and config.train.max_steps is None
+    assert config.train.max_steps == 800 and config.train.schedule == "cosine"
 
 
 def _multi30k_root() -> Path | None:
@@ -86,7 +87,7 @@ def test_overrides_are_typed():
     assert config.model.n_heads == 4 and config.data.lowercase is True
     whole = load_config(TINY, ["train.lr=1"])
     assert whole.train.lr == 1.0 and isinstance(whole.train.lr, float)  # int accepted for float
-    unbounded = load_config(CONFIGS / "toy_translation.yaml", ["train.max_steps=null"])
+    unbounded = load_config(TINY, ["train.max_steps=null", "train.max_minutes=1"])
     assert unbounded.train.max_steps is None
     # later overrides win
     assert load_config(TINY, ["train.lr=0.1", "train.lr=0.2"]).train.lr == 0.2
@@ -271,3 +272,11 @@ def test_train_cli_bad_yaml_before_creating_the_run(tmp_path, capsys):
     err = capsys.readouterr().err
     assert err.startswith("error:") and "model.norm_first" in err
     assert not run_dir.exists()
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="checks the message on a CPU machine")
+def test_a_cuda_device_on_a_machine_without_one_is_a_config_error():
+    with config_error("train.device"):
+        load_config(TINY, ["train.device=cuda"])
+    with config_error("train.device"):
+        load_config(TINY, ["train.device=tpu0"])

@@ -79,17 +79,21 @@ def test_checkpoints_load_with_weights_only_and_carry_what_resuming_needs(tiny_r
 
 
 def test_a_resumed_run_gives_the_losses_of_an_uninterrupted_one(tmp_path):
-    # Dropout on, so that the restored random-number state matters.
-    common = ("model.dropout=0.1", "train.log_every=1", "train.eval_every=100")
+    # Dropout on, so that the restored random-number state matters; a stop between two
+    # logged records, so that the half-filled logging window must carry over.
+    common = ("model.dropout=0.1", "train.log_every=2", "train.eval_every=100")
     whole = tiny_config(tmp_path / "whole", *common, "train.max_steps=14")
     train(whole, progress_bar=False, log=lambda message: None)
-    first = tiny_config(tmp_path / "split", *common, "train.max_steps=6")
+    first = tiny_config(tmp_path / "split", *common, "train.max_steps=7")
     train(first, progress_bar=False, log=lambda message: None)
+    # A record written after the checkpoint (a run killed hard) must not survive the resume.
+    with (first.run_path / "metrics.jsonl").open("a") as file:
+        file.write(json.dumps({"kind": "train", "step": 9, "loss": -1.0}) + "\n")
     second = tiny_config(tmp_path / "split", *common, "train.max_steps=14")
     train(second, resume=True, progress_bar=False, log=lambda message: None)
     expected, resumed = train_losses(whole.run_path), train_losses(second.run_path)
-    assert sorted(resumed) == list(range(1, 15))
-    assert [resumed[s] for s in range(1, 15)] == [expected[s] for s in range(1, 15)]
+    assert sorted(resumed) == list(range(2, 15, 2))
+    assert resumed == expected
 
 
 def test_resume_refuses_a_different_model(tmp_path):
@@ -147,7 +151,8 @@ def test_a_checkpoint_of_another_kind_is_refused_with_its_path(tmp_path):
         load_checkpoint(path)
 
 
-def test_ctrl_c_saves_a_checkpoint_and_exits_cleanly(tmp_path):
+@pytest.mark.parametrize("signal_number", [signal.SIGINT, signal.SIGTERM])
+def test_ctrl_c_or_sigterm_saves_a_checkpoint_and_exits_cleanly(tmp_path, signal_number):
     run_dir = tmp_path / "runs"
     command = [sys.executable, str(ROOT / "scripts" / "train.py"), "--config", str(TINY),
                f"train.run_dir={run_dir}", "train.max_steps=100000", "train.log_every=1",
@@ -160,7 +165,7 @@ def test_ctrl_c_saves_a_checkpoint_and_exits_cleanly(tmp_path):
         if metrics.is_file() and len(read_metrics(metrics)) >= 3:
             break
         time.sleep(0.2)
-    process.send_signal(signal.SIGINT)
+    process.send_signal(signal_number)
     _, stderr = process.communicate(timeout=120)
     assert process.returncode == 130, stderr
     assert "Traceback" not in stderr
@@ -220,7 +225,7 @@ def test_plot_command_writes_both_heatmaps(tiny_run, tmp_path, capsys):
     out = tmp_path / "plots"
     assert plot_attention_main(["--checkpoint", str(run / "checkpoint_best.pt"),
                                 "the big dog sees a cat", "--out", str(out)]) == 0
-    for name in ("encoder_self_attention.png", "cross_attention.png"):
+    for name in ("attention_encoder.png", "attention_cross.png"):
         assert (out / name).read_bytes()[:4] == b"\x89PNG", name
 
 
@@ -240,3 +245,29 @@ def test_cosine_schedule_needs_max_steps(tmp_path):
     with pytest.raises(ConfigError, match="train.max_steps"):
         tiny_config(tmp_path, "train.schedule=cosine", "train.max_steps=null",
                     "train.max_minutes=1")
+
+
+def test_a_training_set_emptied_by_the_length_limit_is_an_error_not_a_hang(tmp_path):
+    from attention.config import ConfigError
+
+    config = tiny_config(tmp_path, "model.max_len=3")
+    with pytest.raises(ConfigError, match="model.max_len"):
+        train(config, progress_bar=False, log=lambda message: None)
+
+
+def test_resume_refuses_a_changed_learning_rate(tmp_path):
+    from attention.config import ConfigError
+
+    train(tiny_config(tmp_path, "train.max_steps=2", "train.eval_every=2"),
+          progress_bar=False, log=lambda message: None)
+    with pytest.raises(ConfigError, match="train.lr"):
+        train(tiny_config(tmp_path, "train.max_steps=4", "train.lr=0.1"), resume=True,
+              progress_bar=False, log=lambda message: None)
+
+
+def test_written_files_are_readable_by_others(tiny_run):
+    run, _ = tiny_run
+    umask = os.umask(0)
+    os.umask(umask)
+    for name in ("checkpoint_best.pt", "results.json", "curves.png"):
+        assert (run / name).stat().st_mode & 0o777 == 0o666 & ~umask, name

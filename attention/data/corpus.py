@@ -28,9 +28,13 @@ def read_lines(path: str | Path) -> list[str]:
     """Lines of a UTF-8 text file (gzip if the name ends in ``.gz``), without line ends."""
     path = Path(path)
     opener = gzip.open if path.suffix == ".gz" else open
-    # utf-8-sig: a byte-order mark (left by some Windows editors) is not part of the text.
-    with opener(path, "rt", encoding="utf-8-sig", newline=None) as file:
-        return [line.rstrip("\r\n") for line in file]
+    try:
+        # utf-8-sig: a byte-order mark (left by some Windows editors) is not part of the text.
+        with opener(path, "rt", encoding="utf-8-sig", newline=None) as file:
+            return [line.rstrip("\r\n") for line in file]
+    except UnicodeDecodeError as error:
+        raise ValueError(f"{path}: expected UTF-8 text, got bytes that are not "
+                         f"({error.reason} at byte {error.start})") from None
 
 
 def read_parallel(paths: list[str] | tuple[str, ...] | list[Path]) -> list[tuple[str, str]]:

@@ -21,8 +21,8 @@ def train_tokenizer(sentences: Iterable[str], kind: str = "bpe", vocab_size: int
                     lowercase: bool = False) -> Tokenizer:
     """Train a tokenizer on ``sentences``.
 
-    ``word`` splits on whitespace and keeps every word seen (for the toy language, whose
-    words are the unit of alignment); ``bpe`` learns ``vocab_size`` subwords with a
+    ``word`` splits on whitespace and keeps the ``vocab_size`` most frequent words (for the
+    toy language, whose words are the unit of alignment); ``bpe`` learns subwords with a
     SentencePiece-style word-boundary marker, so that decoding restores the spacing of the
     text: ``decode(encode(s)) == s`` for text with single spaces.
     """
@@ -30,7 +30,7 @@ def train_tokenizer(sentences: Iterable[str], kind: str = "bpe", vocab_size: int
     if kind == "word":
         tokenizer = Tokenizer(models.WordLevel(unk_token="<unk>"))
         tokenizer.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
-        trainer = trainers.WordLevelTrainer(special_tokens=SPECIAL_TOKENS)
+        trainer = trainers.WordLevelTrainer(vocab_size=vocab_size, special_tokens=SPECIAL_TOKENS)
     elif kind == "bpe":
         tokenizer = Tokenizer(models.BPE(unk_token="<unk>"))
         tokenizer.pre_tokenizer = pre_tokenizers.Sequence(
