@@ -8,7 +8,7 @@ import sacrebleu
 import torch
 from torch import Tensor
 
-__all__ = ["alignment_hits", "bleu", "exact_match"]
+__all__ = ["alignment_hits", "best_alignment_head", "bleu", "exact_match"]
 
 
 def bleu(hypotheses: Sequence[str], references: Sequence[str]) -> dict[str, float]:
@@ -65,3 +65,9 @@ def alignment_hits(cross_attention: Sequence[Tensor], gold: Sequence[Sequence[in
         head_mean_hits += (rows.mean(dim=1).argmax(dim=-1) == target).sum(dim=-1).cpu()
         words += n
     return hits, head_mean_hits, words
+
+
+def best_alignment_head(hits: Tensor) -> tuple[int, int]:
+    """The ``(layer, head)`` (0-based) with the most hits in a ``(layers, heads)`` count."""
+    layer, head = divmod(int(hits.argmax()), hits.shape[1])
+    return layer, head

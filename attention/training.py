@@ -37,7 +37,7 @@ from .checkpoint import (
 )
 from .config import Config, ConfigError, TrainConfig
 from .data import PAD_ID, ParallelData, load_splits, token_batches, train_tokenizer
-from .metrics import alignment_hits, bleu, exact_match
+from .metrics import alignment_hits, best_alignment_head, bleu, exact_match
 from .models import Transformer
 from .translator import Translator, resolve_device
 
@@ -519,8 +519,7 @@ def _test_results(config: Config, model: Transformer, val_data: ParallelData,
         # The head is chosen on validation, then scored on test.
         val = evaluate(model, val_data, translator, label_smoothing=cfg.label_smoothing,
                        batch_tokens=cfg.batch_tokens, sentences=0, alignment=True)
-        val_accuracy = val["alignment_hits"].float() / val["alignment_words"]
-        layer, head = divmod(int(val_accuracy.argmax()), val_accuracy.shape[1])
+        layer, head = best_alignment_head(val["alignment_hits"])
         test_accuracy = test["alignment_hits"].float() / test["alignment_words"]
         head_mean = test["alignment_head_mean_hits"].float() / test["alignment_words"]
         results.update(

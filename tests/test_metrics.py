@@ -94,3 +94,11 @@ def test_alignment_hits_checks_the_batch():
     cross = [torch.rand(2, 1, 3, 4).softmax(-1)]
     with pytest.raises(ValueError, match="gold: expected 2 alignments"):
         alignment_hits(cross, [[0, 1, 2]])
+
+
+def test_best_alignment_head_is_the_layer_and_head_with_most_hits():
+    from attention.metrics import best_alignment_head
+
+    hits = torch.tensor([[3, 9, 1], [9, 2, 10]])
+    assert best_alignment_head(hits) == (1, 2)
+    assert best_alignment_head(hits[:1]) == (0, 1)
