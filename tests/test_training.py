@@ -271,3 +271,28 @@ def test_written_files_are_readable_by_others(tiny_run):
     os.umask(umask)
     for name in ("checkpoint_best.pt", "results.json", "curves.png"):
         assert (run / name).stat().st_mode & 0o777 == 0o666 & ~umask, name
+
+
+def test_a_user_corpus_trains_with_bpe_and_translates(tmp_path):
+    """Two line-aligned files for training, tab-separated files for val and test."""
+    from attention.data import generate_pairs
+
+    pairs = generate_pairs(260, seed=7)
+    train_pairs, val_pairs, test_pairs = pairs[:200], pairs[200:230], pairs[230:]
+    (tmp_path / "train.src").write_text("".join(p.source.capitalize() + ".\n"
+                                                for p in train_pairs))
+    (tmp_path / "train.tgt").write_text("".join(p.target + "\n" for p in train_pairs))
+    for name, split in (("val.tsv", val_pairs), ("test.tsv", test_pairs)):
+        (tmp_path / name).write_text("".join(f"{p.source.capitalize()}.\t{p.target}\n"
+                                             for p in split))
+    config = tiny_config(
+        tmp_path / "runs", "name=mine", "data.corpus=parallel", "data.tokenizer=bpe",
+        "data.vocab_size=120", f"data.train=[{tmp_path}/train.src, {tmp_path}/train.tgt]",
+        f"data.val=[{tmp_path}/val.tsv]", f"data.test=[{tmp_path}/test.tsv]",
+        "train.max_steps=10", "train.eval_every=10")
+    results = train(config, progress_bar=False, log=lambda message: None)
+    assert results["sentences"] == 30 and "alignment_accuracy" not in results
+    checkpoint = torch.load(config.run_path / "checkpoint_best.pt", weights_only=True)
+    assert '"BPE"' in checkpoint["tokenizers"]["source"]
+    translator = Translator.from_checkpoint(config.run_path / "checkpoint_best.pt", "cpu")
+    assert len(translator.translate(["The dog sleeps.", "", "A cat runs."])) == 3
