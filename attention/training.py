@@ -552,7 +552,6 @@ def _plot_curves(run: Path) -> None:
 def _plot_test_attention(run: Path, translator: Translator, test_data: ParallelData) -> None:
     from .plotting import plot_attention_grid
 
-    _plot_curves(run)
     # A test sentence of middling length: long enough to show reordering, short enough to read.
     lengths = [len(p.source.split()) for p in test_data.pairs]
     target = sorted(lengths)[len(lengths) * 3 // 4]
