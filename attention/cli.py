@@ -8,6 +8,7 @@ line with the exit status 2 (bad arguments or config), 1 (the run failed) or 130
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 from pathlib import Path
 
@@ -30,7 +31,13 @@ def train_main(argv: list[str] | None = None) -> int:
                         help="continue from checkpoint_last.pt in the run's folder "
                              "(train.run_dir/NAME)")
     args = parser.parse_intermixed_args(argv)
+    # Under torchrun, an error that escapes is recorded for its summary of failed ranks.
+    from torch.distributed.elastic.multiprocessing.errors import record
 
+    return record(_train)(args)
+
+
+def _train(args: argparse.Namespace) -> int:
     from .config import ConfigError, load_config
     from .training import NonFiniteLossError, TrainingInterrupted, train
 
@@ -44,7 +51,8 @@ def train_main(argv: list[str] | None = None) -> int:
     except NonFiniteLossError as error:
         return _fail(str(error), 1)
     except TrainingInterrupted as error:
-        print(str(error), file=sys.stderr)
+        if os.environ.get("RANK", "0") == "0":  # every rank stops; one says so
+            print(str(error), file=sys.stderr)
         return 130
     return 0
 

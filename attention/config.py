@@ -96,6 +96,9 @@ class TrainConfig:
     label_smoothing: float = 0.1
     clip_norm: float = 1.0
     batch_tokens: int = 4096  # target tokens per batch, padding included
+    # Batches whose gradients add up to one optimizer step, on each rank: one step trains on
+    # ranks × grad_accum_steps batches (keep that product when the number of ranks changes).
+    grad_accum_steps: int = 1
     max_steps: int | None = None
     max_epochs: int | None = None
     max_minutes: float | None = None
@@ -245,8 +248,9 @@ class Config:
 _POSITIVE = {
     "d_model", "n_heads", "n_encoder_layers", "n_decoder_layers", "d_ff", "max_len",
     "toy_train_size", "toy_val_size", "toy_test_size", "vocab_size", "max_tokens",
-    "lr", "batch_tokens", "max_steps", "max_epochs", "max_minutes", "log_every", "eval_every",
-    "clip_norm", "threads", "beam_size", "max_len_a", "val_sentences", "batch_size",
+    "lr", "batch_tokens", "grad_accum_steps", "max_steps", "max_epochs", "max_minutes",
+    "log_every", "eval_every", "clip_norm", "threads", "beam_size", "max_len_a",
+    "val_sentences", "batch_size",
 }
 
 

@@ -37,9 +37,10 @@ from .checkpoint import (
 )
 from .config import Config, ConfigError, TrainConfig
 from .data import PAD_ID, ParallelData, load_splits, token_batches, train_tokenizer
+from .distributed import Distributed, distributed_session, shard
 from .metrics import alignment_hits, best_alignment_head, bleu, exact_match
 from .models import Transformer
-from .translator import Translator, resolve_device
+from .translator import Translator
 
 __all__ = ["NonFiniteLossError", "TrainingInterrupted", "evaluate", "train",
            "train_data_limit"]
@@ -68,6 +69,7 @@ class Progress:
     last_saved_step: int = -1  # the step in checkpoint_last.pt
     window_loss: float = 0.0  # summed loss and tokens since the last logged training record
     window_tokens: int = 0
+    ranks: int = 1  # processes that trained the last session (torchrun's WORLD_SIZE)
 
 
 def inverse_sqrt_schedule(warmup_steps: int):
@@ -249,6 +251,16 @@ def _set_rng_state(state: dict[str, Any], device: torch.device) -> None:
         torch.cuda.set_rng_state(state["cuda"].cpu(), device)
 
 
+def _restore_rng(checkpoint: dict[str, Any], ranks: Distributed, fallback_seed: int) -> None:
+    """Each rank continues its own random stream; a rank the checkpoint did not have (more
+    ranks than wrote it) starts a new one from ``fallback_seed``."""
+    saved = [checkpoint["rng"], *checkpoint.get("rng_other_ranks", [])]
+    if ranks.rank < len(saved):
+        _set_rng_state(saved[ranks.rank], ranks.device)
+    else:
+        torch.manual_seed(fallback_seed + ranks.rank)
+
+
 # What a resumed run may not change: what it trains, its data order and its optimizer's
 # settings (restored from the checkpoint, so a change would be silently ignored).
 _FIXED_ON_RESUME = {"train": ("seed", "batch_tokens", "schedule", "warmup_steps", "lr",
@@ -278,15 +290,28 @@ def train(config: Config, *, resume: bool = False, progress_bar: bool | None = N
     ``checkpoint_last.pt``, ``checkpoint_best.pt`` (best validation BLEU), ``curves.png``,
     attention heatmaps of one test sentence and ``results.json``.
 
+    Started by ``torchrun`` (see :mod:`attention.distributed`), each process trains a
+    :class:`~torch.nn.parallel.DistributedDataParallel` replica on its share of every step's
+    batches; rank 0 alone logs, validates and writes the files, and every rank returns the
+    same results.
+
     Raises:
         NonFiniteLossError: the loss became NaN or infinite (checkpoints are left as they were).
         TrainingInterrupted: Ctrl-C; ``checkpoint_last.pt`` holds the last finished step.
     """
-    log = log or (lambda message: tqdm.write(message, file=sys.stderr))
+    with distributed_session(config.train.device) as ranks:
+        if log is None:
+            log = lambda message: tqdm.write(message, file=sys.stderr)  # noqa: E731
+        return _train(config, ranks, resume=resume, progress_bar=progress_bar,
+                      log=log if ranks.is_main else lambda message: None)
+
+
+def _train(config: Config, ranks: Distributed, *, resume: bool, progress_bar: bool | None,
+           log) -> dict[str, Any]:
     started = time.perf_counter()
     cfg = config.train
     run = config.run_path
-    device = resolve_device(cfg.device)
+    device = ranks.device
     if cfg.threads:
         torch.set_num_threads(cfg.threads)
 
@@ -298,17 +323,21 @@ def train(config: Config, *, resume: bool = False, progress_bar: bool | None = N
         _check_resumable(config_from_checkpoint(checkpoint), config)
     torch.manual_seed(cfg.seed)
 
-    # Data and tokenizers: trained on the training split, or restored with the checkpoint.
+    # Data and tokenizers: trained on the training split (by rank 0, for all), or restored
+    # with the checkpoint.
     splits = load_splits(config.data)
     if checkpoint is not None:
-        src_tokenizer = Tokenizer.from_str(checkpoint["tokenizers"]["source"])
-        tgt_tokenizer = Tokenizer.from_str(checkpoint["tokenizers"]["target"])
+        tokenizers = checkpoint["tokenizers"]
     else:
-        d = config.data
-        src_tokenizer = train_tokenizer((p.source for p in splits["train"]), d.tokenizer,
-                                        d.vocab_size, d.lowercase)
-        tgt_tokenizer = train_tokenizer((p.target for p in splits["train"]), d.tokenizer,
-                                        d.vocab_size, d.lowercase)
+        tokenizers = None
+        if ranks.is_main:
+            d = config.data
+            tokenizers = {side: train_tokenizer((getattr(p, side) for p in splits["train"]),
+                                                d.tokenizer, d.vocab_size, d.lowercase).to_str()
+                          for side in ("source", "target")}
+        tokenizers = ranks.broadcast(tokenizers)
+    src_tokenizer = Tokenizer.from_str(tokenizers["source"])
+    tgt_tokenizer = Tokenizer.from_str(tokenizers["target"])
     train_data = ParallelData(splits["train"], src_tokenizer, tgt_tokenizer,
                               max_tokens=train_data_limit(config))
     if not len(train_data):
@@ -331,44 +360,74 @@ def train(config: Config, *, resume: bool = False, progress_bar: bool | None = N
         optimizer.load_state_dict(checkpoint["optimizer"])
         scheduler.load_state_dict(checkpoint["scheduler"])
         state = Progress(**checkpoint["progress"])
-        _set_rng_state(checkpoint["rng"], device)
-    forward = torch.compile(model) if cfg.compile else model
+        _restore_rng(checkpoint, ranks, cfg.seed + state.step)
+    elif ranks.rank:  # dropout differs between ranks; rank 0 draws as one process would
+        torch.manual_seed(cfg.seed + ranks.rank)
+    batches_per_step = ranks.world_size * cfg.grad_accum_steps
+    previous_batches_per_step = state.ranks * (
+        config_from_checkpoint(checkpoint).train.grad_accum_steps if checkpoint else 1)
+    state.ranks = ranks.world_size
+    # Gradients are averaged over the ranks, which all start from rank 0's weights.
+    replica = nn.parallel.DistributedDataParallel(
+        model, device_ids=[device] if device.type == "cuda" else None,
+        forward_sync_buffers=False) if ranks.enabled else model
+    forward = torch.compile(replica) if cfg.compile else replica
     translator = Translator(model, src_tokenizer, tgt_tokenizer, config.eval)
-    tokenizers = {"source": src_tokenizer.to_str(), "target": tgt_tokenizer.to_str()}
     n_params = sum(p.numel() for p in model.parameters())
 
-    run.mkdir(parents=True, exist_ok=True)
-    write_atomic(run / "config.yaml",
-                 lambda f: f.write(yaml.safe_dump(config.to_dict(), sort_keys=False).encode()))
-    if checkpoint is None and (run / "checkpoint_last.pt").is_file():
-        log(f"starting a new run in {run}: its previous files are replaced (--resume would "
-            f"have continued it)")
+    if ranks.is_main:
+        run.mkdir(parents=True, exist_ok=True)
+        write_atomic(run / "config.yaml", lambda f: f.write(
+            yaml.safe_dump(config.to_dict(), sort_keys=False).encode()))
+        if checkpoint is None and (run / "checkpoint_last.pt").is_file():
+            log(f"starting a new run in {run}: its previous files are replaced (--resume "
+                f"would have continued it)")
     metrics = _Metrics(run / "metrics.jsonl", fresh=checkpoint is None,
-                       keep_until_step=state.step)
+                       keep_until_step=state.step) if ranks.is_main else None
     dropped = f", {val_data.dropped + test_data.dropped} val/test pairs longer than " \
         f"model.max_len={eval_limit} left out" if val_data.dropped + test_data.dropped else ""
     log(f"{config.name}: {len(train_data)} training pairs ({train_data.dropped} longer than "
         f"{train_data_limit(config)} tokens dropped), {len(val_data)} val, {len(test_data)} "
         f"test{dropped}; vocabularies {src_tokenizer.get_vocab_size()} → "
         f"{tgt_tokenizer.get_vocab_size()}; {n_params / 1e6:.2f}M parameters on {device}")
+    if ranks.enabled:
+        log(f"{ranks.world_size} ranks ({torch.distributed.get_backend()}), {cfg.grad_accum_steps} "
+            f"accumulated batch(es) each: {batches_per_step} batches of ≤{cfg.batch_tokens} "
+            f"tokens per step")
     if checkpoint is not None:
         log(f"resuming from step {state.step} (epoch {state.epoch + 1})")
+        if previous_batches_per_step != batches_per_step:
+            log(f"note: the checkpoint took {previous_batches_per_step} batches per step, this "
+                f"run takes {batches_per_step} (ranks × train.grad_accum_steps): the global "
+                f"batch changes from here on")
 
-    def save(name: str) -> None:
+    def save(name: str, rng: list[dict[str, Any]]) -> None:
         if name == "checkpoint_last.pt":
             state.last_saved_step = state.step
         save_checkpoint(run / name, {
             "config": config.to_dict(), "model": model.state_dict(),
             "optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(),
-            "rng": _rng_state(device), "tokenizers": tokenizers,
+            "rng": rng[0], "rng_other_ranks": rng[1:], "tokenizers": tokenizers,
             "progress": dataclasses.asdict(state),
         })
 
-    def validate() -> None:
+    def save_last() -> None:  # on every rank: each one's random state goes in
+        rng = ranks.gather(_rng_state(device))
+        if ranks.is_main:
+            save("checkpoint_last.pt", rng)
+        ranks.barrier()
+
+    def validate() -> None:  # on every rank: rank 0 validates while the others wait
+        state.last_eval_step = state.step
+        rng = ranks.gather(_rng_state(device))
+        if ranks.is_main:
+            _validate(rng)
+        ranks.barrier()
+
+    def _validate(rng: list[dict[str, Any]]) -> None:
         result = evaluate(model, val_data, translator, label_smoothing=cfg.label_smoothing,
                           batch_tokens=cfg.batch_tokens, sentences=config.eval.val_sentences,
                           beam_size=1, lowercase=config.data.lowercase)
-        state.last_eval_step = state.step
         state.wall_seconds += time.perf_counter() - session_start[0]
         session_start[0] = time.perf_counter()
         improved = (result["bleu"], -result["loss"]) > (state.best_bleu, -state.best_loss)
@@ -382,15 +441,15 @@ def train(config: Config, *, resume: bool = False, progress_bar: bool | None = N
                        "elapsed_seconds": round(state.wall_seconds, 2)})
         log(f"step {state.step}: val loss {result['loss']:.3f}, BLEU {result['bleu']:.2f}, "
             f"exact match {result['exact_match']:.1%}" + (" (best)" if improved else ""))
-        save("checkpoint_last.pt")
+        save("checkpoint_last.pt", rng)
         if improved:
-            save("checkpoint_best.pt")
+            save("checkpoint_best.pt", rng)
         _plot_curves(run)
 
     # The loop. State is consistent between steps: that is where stops and saves happen.
     session_start = [time.perf_counter()]
     stop = _StopFlag()
-    show_bar = sys.stderr.isatty() if progress_bar is None else progress_bar
+    show_bar = ranks.is_main and (sys.stderr.isatty() if progress_bar is None else progress_bar)
     bar = tqdm(total=cfg.max_steps, initial=state.step, disable=not show_bar, unit="step",
                dynamic_ncols=True, file=sys.stderr)
     window_start = time.perf_counter()
@@ -400,40 +459,54 @@ def train(config: Config, *, resume: bool = False, progress_bar: bool | None = N
             while stop_reason is None:
                 batches = token_batches(train_data.lengths, cfg.batch_tokens, seed=cfg.seed,
                                         epoch=state.epoch)
-                for index in range(state.batch_in_epoch, len(batches)):
-                    stop_reason = _stop_reason(cfg, state, session_start[0], stop)
+                if len(batches) < batches_per_step:
+                    raise ConfigError(
+                        f"train.grad_accum_steps: a step takes {batches_per_step} batches "
+                        f"({ranks.world_size} ranks × {cfg.grad_accum_steps}), but an epoch "
+                        f"has {len(batches)} of train.batch_tokens={cfg.batch_tokens}; lower "
+                        f"them or start fewer processes")
+                # Each step takes the next batches_per_step batches of the epoch; the few
+                # left at its end (fewer than that) wait for the next epoch's shuffle.
+                while state.batch_in_epoch + batches_per_step <= len(batches):
+                    group = batches[state.batch_in_epoch:state.batch_in_epoch + batches_per_step]
+                    mine = [tuple(t.to(device, non_blocking=True)
+                                  for t in train_data.batch(indices))
+                            for indices in shard(group, ranks.rank, ranks.world_size)]
+                    # The step's target tokens on all ranks, and whether any rank must stop.
+                    tokens, interrupted, out_of_time = ranks.sum([
+                        sum(int((tgt_out != PAD_ID).sum()) for _, _, tgt_out in mine),
+                        stop.requested,
+                        ranks.is_main and _out_of_time(cfg, state, session_start[0])])
+                    stop_reason = _stop_reason(cfg, state, interrupted > 0, out_of_time > 0)
                     if stop_reason:
                         break
-                    src, tgt_in, tgt_out = (t.to(device, non_blocking=True)
-                                            for t in train_data.batch(batches[index]))
-                    with torch.autocast(device.type, dtype=torch.bfloat16,
-                                        enabled=device.type == "cuda"):
-                        logits = forward(src, tgt_in)
-                    loss_sum, n_tokens = sequence_loss(logits, tgt_out, cfg.label_smoothing)
-                    loss = loss_sum / n_tokens
-                    loss_value = float(loss.detach())
+                    optimizer.zero_grad(set_to_none=True)
+                    loss_here = _accumulate_gradients(forward, replica, mine, tokens, ranks,
+                                                      cfg.label_smoothing, device)
+                    loss_sum, = ranks.sum([loss_here])
+                    loss_value = loss_sum / tokens
                     if not math.isfinite(loss_value):
                         raise NonFiniteLossError(_non_finite("loss", loss_value, state, run))
-                    optimizer.zero_grad(set_to_none=True)
-                    loss.backward()
                     norm = float(nn.utils.clip_grad_norm_(model.parameters(), cfg.clip_norm))
                     if not math.isfinite(norm):  # checked before the step can spoil the weights
                         raise NonFiniteLossError(_non_finite("gradient norm", norm, state, run))
                     optimizer.step()
                     scheduler.step()
                     state.step += 1
-                    state.batch_in_epoch = index + 1
-                    state.window_loss += loss_value * int(n_tokens)
-                    state.window_tokens += int(n_tokens)
+                    state.batch_in_epoch += batches_per_step
+                    state.window_loss += loss_sum
+                    state.window_tokens += int(tokens)
                     bar.update(1)
                     if state.step % cfg.log_every == 0:
                         seconds = time.perf_counter() - window_start
                         record = {"kind": "train", "step": state.step, "epoch": state.epoch + 1,
                                   "loss": state.window_loss / state.window_tokens,
                                   "lr": scheduler.get_last_lr()[0],
+                                  "grad_norm": norm,  # this step's, before clipping
                                   "tokens_per_second": state.window_tokens / max(seconds,
                                                                                  1e-9)}
-                        metrics.write(record)
+                        if metrics is not None:
+                            metrics.write(record)
                         bar.set_postfix(loss=f"{record['loss']:.3f}",
                                         tok_s=f"{record['tokens_per_second']:.0f}",
                                         lr=f"{record['lr']:.2e}", refresh=False)
@@ -449,7 +522,7 @@ def train(config: Config, *, resume: bool = False, progress_bar: bool | None = N
             if stop_reason == "interrupted":
                 state.wall_seconds += time.perf_counter() - session_start[0]
                 session_start[0] = time.perf_counter()
-                save("checkpoint_last.pt")
+                save_last()
                 raise TrainingInterrupted(
                     f"interrupted at step {state.step}: saved {run / 'checkpoint_last.pt'}; "
                     f"continue with --resume")
@@ -457,24 +530,50 @@ def train(config: Config, *, resume: bool = False, progress_bar: bool | None = N
             if state.last_eval_step != state.step:
                 validate()
             else:
-                save("checkpoint_last.pt")
+                save_last()
     finally:
         bar.close()
-        metrics.close()
+        if metrics is not None:
+            metrics.close()
 
-    # Final evaluation: the best weights on the test split.
-    best = load_checkpoint(run / "checkpoint_best.pt")
-    model.load_state_dict(best["model"])
-    results = _test_results(config, model, val_data, test_data, translator)
-    results["wall_seconds"] = round(state.wall_seconds + time.perf_counter() - session_start[0],
-                                    1)
-    results.update(best_step=best["progress"]["step"], steps=state.step, parameters=n_params,
-                   device=str(device))
-    write_atomic(run / "results.json",
-                 lambda f: f.write((json.dumps(results, indent=2) + "\n").encode()))
-    _plot_test_attention(run, translator, test_data)
-    log(_summary(results, time.perf_counter() - started))
-    return results
+    # Final evaluation (rank 0): the best weights on the test split.
+    results = None
+    if ranks.is_main:
+        best = load_checkpoint(run / "checkpoint_best.pt")
+        model.load_state_dict(best["model"])
+        results = _test_results(config, model, val_data, test_data, translator)
+        results["wall_seconds"] = round(
+            state.wall_seconds + time.perf_counter() - session_start[0], 1)
+        results.update(best_step=best["progress"]["step"], steps=state.step,
+                       parameters=n_params, device=str(device), ranks=ranks.world_size)
+        write_atomic(run / "results.json",
+                     lambda f: f.write((json.dumps(results, indent=2) + "\n").encode()))
+        _plot_test_attention(run, translator, test_data)
+        log(_summary(results, time.perf_counter() - started))
+    return ranks.broadcast(results)
+
+
+def _accumulate_gradients(forward, replica: nn.Module, batches: list[tuple[Tensor, ...]],
+                          tokens: float, ranks: Distributed, label_smoothing: float,
+                          device: torch.device) -> float:
+    """Backpropagate this rank's batches of one step; return their summed loss.
+
+    Each loss is divided by the step's target tokens over all ranks, times the number of
+    ranks (which gradient averaging divides out): the step's gradient is that of the mean loss
+    per target token of the whole global batch, however it is split. Gradients are
+    all-reduced once, with the last batch's backward pass.
+    """
+    loss_here = torch.zeros((), device=device)
+    for i, (src, tgt_in, tgt_out) in enumerate(batches):
+        last = i == len(batches) - 1
+        with contextlib.nullcontext() if last or not ranks.enabled else replica.no_sync():
+            with torch.autocast(device.type, dtype=torch.bfloat16,
+                                enabled=device.type == "cuda"):
+                logits = forward(src, tgt_in)
+            loss_sum, _ = sequence_loss(logits, tgt_out, label_smoothing)
+            (loss_sum / (tokens / ranks.world_size)).backward()
+        loss_here += loss_sum.detach()
+    return float(loss_here)
 
 
 def train_data_limit(config: Config) -> int:
@@ -493,16 +592,20 @@ def _non_finite(what: str, value: float, state: Progress, run: Path) -> str:
             f"lower train.lr or a longer train.warmup_steps")
 
 
-def _stop_reason(cfg: TrainConfig, state: Progress, session_start: float,
-                 stop: _StopFlag) -> str | None:
-    if stop.requested:
+def _stop_reason(cfg: TrainConfig, state: Progress, interrupted: bool,
+                 out_of_time: bool) -> str | None:
+    if interrupted:
         return "interrupted"
     if cfg.max_steps is not None and state.step >= cfg.max_steps:
         return f"max_steps={cfg.max_steps}"
-    minutes = (state.wall_seconds + time.perf_counter() - session_start) / 60
-    if cfg.max_minutes is not None and minutes >= cfg.max_minutes:
+    if out_of_time:
         return f"max_minutes={cfg.max_minutes:g}"
     return None
+
+
+def _out_of_time(cfg: TrainConfig, state: Progress, session_start: float) -> bool:
+    minutes = (state.wall_seconds + time.perf_counter() - session_start) / 60
+    return cfg.max_minutes is not None and minutes >= cfg.max_minutes
 
 
 def _test_results(config: Config, model: Transformer, val_data: ParallelData,
