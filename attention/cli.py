@@ -31,10 +31,12 @@ def train_main(argv: list[str] | None = None) -> int:
                         help="continue from checkpoint_last.pt in the run's folder "
                              "(train.run_dir/NAME)")
     args = parser.parse_intermixed_args(argv)
-    # Under torchrun, an error that escapes is recorded for its summary of failed ranks.
-    from torch.distributed.elastic.multiprocessing.errors import record
+    if os.environ.get("WORLD_SIZE", "1") != "1":
+        # Under torchrun: an error that escapes a rank is recorded for torchrun's summary.
+        from torch.distributed.elastic.multiprocessing.errors import record
 
-    return record(_train)(args)
+        return record(_train)(args)
+    return _train(args)
 
 
 def _train(args: argparse.Namespace) -> int:
@@ -45,16 +47,27 @@ def _train(args: argparse.Namespace) -> int:
         config = load_config(args.config, args.overrides)
         train(config, resume=args.resume)
     except (ConfigError, FileNotFoundError) as error:
-        return _fail(str(error), 2)
+        return _fail_rank(error, str(error), 2)
     except (ValueError, UnicodeDecodeError) as error:  # bad data or settings found on the way
-        return _fail(f"{type(error).__name__}: {error}", 2)
+        return _fail_rank(error, f"{type(error).__name__}: {error}", 2)
     except NonFiniteLossError as error:
-        return _fail(str(error), 1)
+        return _fail_rank(error, str(error), 1)
     except TrainingInterrupted as error:
         if os.environ.get("RANK", "0") == "0":  # every rank stops; one says so
             print(str(error), file=sys.stderr)
         return 130
     return 0
+
+
+def _fail_rank(error: BaseException, message: str, status: int) -> int:
+    """One line, and under torchrun the rank's name in it and the error in torchrun's summary
+    of failed ranks (which otherwise shows only an exit code)."""
+    if os.environ.get("WORLD_SIZE", "1") == "1":
+        return _fail(message, status)
+    from torch.distributed.elastic.multiprocessing.errors import ErrorHandler
+
+    ErrorHandler().record_exception(error)
+    return _fail(f"[rank {os.environ.get('RANK', '?')}] {message}", status)
 
 
 def translate_main(argv: list[str] | None = None) -> int:

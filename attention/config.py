@@ -105,6 +105,8 @@ class TrainConfig:
     log_every: int = 50
     eval_every: int = 500
     threads: int | None = None  # CPU threads for torch; None keeps torch's default
+    # Under torchrun: the longest a rank waits for the others (rank 0's validation included).
+    dist_timeout_minutes: float = 60.0
 
 
 @dataclass
@@ -249,8 +251,8 @@ _POSITIVE = {
     "d_model", "n_heads", "n_encoder_layers", "n_decoder_layers", "d_ff", "max_len",
     "toy_train_size", "toy_val_size", "toy_test_size", "vocab_size", "max_tokens",
     "lr", "batch_tokens", "grad_accum_steps", "max_steps", "max_epochs", "max_minutes",
-    "log_every", "eval_every", "clip_norm", "threads", "beam_size", "max_len_a",
-    "val_sentences", "batch_size",
+    "log_every", "eval_every", "clip_norm", "threads", "dist_timeout_minutes", "beam_size",
+    "max_len_a", "val_sentences", "batch_size",
 }
 
 

@@ -28,13 +28,10 @@ import torch.distributed as dist
 from .config import ConfigError
 from .translator import resolve_device
 
-__all__ = ["Distributed", "distributed_session", "shard"]
+__all__ = ["Distributed", "distributed_session", "environment_rank", "environment_world_size",
+           "shard"]
 
 T = TypeVar("T")
-
-# Rank 0 alone validates and writes checkpoints while the others wait at a barrier: the
-# wait can be long (a validation with beam search), so the collectives' timeout is too.
-TIMEOUT = datetime.timedelta(minutes=60)
 
 
 def shard(group: Sequence[T], rank: int, world_size: int) -> list[T]:
@@ -78,7 +75,7 @@ class Distributed:
         if not self.enabled:
             return [float(v) for v in values]
         tensor = torch.tensor([float(v) for v in values], dtype=torch.float64,
-                              device=self.device)
+                              device=self._collective_device)
         dist.all_reduce(tensor)
         return tensor.tolist()
 
@@ -87,7 +84,7 @@ class Distributed:
         if not self.enabled:
             return value
         box = [value if self.is_main else None]
-        dist.broadcast_object_list(box, src=0, device=self._object_device)
+        dist.broadcast_object_list(box, src=0, device=self._collective_device)
         return box[0]
 
     def gather(self, value: Any) -> list[Any] | None:
@@ -99,8 +96,9 @@ class Distributed:
         return box
 
     @property
-    def _object_device(self) -> torch.device | None:
-        return self.device if self.device.type == "cuda" else None
+    def _collective_device(self) -> torch.device:
+        """Where collectives' tensors live: the GPU for nccl, the CPU for gloo."""
+        return self.device if self.device.type == "cuda" else torch.device("cpu")
 
 
 def environment_world_size() -> int:
@@ -108,14 +106,27 @@ def environment_world_size() -> int:
     return _env_int("WORLD_SIZE", 1)
 
 
+def environment_rank() -> int:
+    """``RANK`` as ``torchrun`` sets it (0 when it does not)."""
+    return _env_int("RANK", 0)
+
+
+def elastic_restart() -> bool:
+    """Whether ``torchrun --max-restarts`` has restarted the processes after a failure."""
+    return _env_int("TORCHELASTIC_RESTART_COUNT", 0) > 0
+
+
 @contextlib.contextmanager
-def distributed_session(device_name: str) -> Iterator[Distributed]:
+def distributed_session(device_name: str, timeout_minutes: float = 60.0
+                        ) -> Iterator[Distributed]:
     """Join the process group ``torchrun`` describes (if any) and pick this rank's device.
 
     ``device_name`` is the config's ``train.device``. Under ``torchrun``, ``auto`` and
     ``cuda`` mean ``cuda:LOCAL_RANK``; naming one GPU (``cuda:1``) for all ranks is an error.
-    A process group set up by the caller is used as it is and left open; one set up here is
-    destroyed on the way out, also when training fails (the other ranks then stop with it).
+    ``timeout_minutes`` bounds every wait in a collective, rank 0's validation and final
+    evaluation included. A process group set up by the caller is used as it is and left open;
+    one set up here is destroyed when training ends normally. A failing rank leaves it as it
+    is and exits: its peers' collectives then fail (``gloo``) or ``torchrun`` stops them.
     """
     world_size = dist.get_world_size() if dist.is_initialized() else environment_world_size()
     if world_size == 1:
@@ -126,13 +137,16 @@ def distributed_session(device_name: str) -> Iterator[Distributed]:
     device = _rank_device(device_name, local_rank)
     owned = not dist.is_initialized()
     if owned:
-        dist.init_process_group("nccl" if device.type == "cuda" else "gloo", timeout=TIMEOUT)
-    try:
-        yield Distributed(rank=rank, world_size=world_size, local_rank=local_rank,
-                          device=device)
-    finally:
-        if owned:
-            dist.destroy_process_group()
+        timeout = datetime.timedelta(minutes=timeout_minutes)
+        if device.type == "cuda":
+            dist.init_process_group("nccl", timeout=timeout, device_id=device)
+        else:
+            dist.init_process_group("gloo", timeout=timeout)
+    # Not in a ``finally``: tearing down a group with collectives its peers never matched can
+    # block (nccl), and the failing process must exit for the others to stop.
+    yield Distributed(rank=rank, world_size=world_size, local_rank=local_rank, device=device)
+    if owned:
+        dist.destroy_process_group()
 
 
 def _rank_device(device_name: str, local_rank: int) -> torch.device:

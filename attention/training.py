@@ -4,6 +4,10 @@
 optimizer, then the loop (length-bucketed token batches, label-smoothed loss, clipping,
 warmup), periodic validation with checkpoints, and a last evaluation of the best weights on
 the test split written to ``runs/NAME/results.json``.
+
+Under ``torchrun`` the same loop runs on every rank (see :mod:`attention.distributed`): a
+step's batches are shared out, gradients are averaged by ``DistributedDataParallel``, and
+rank 0 alone writes files while the others wait.
 """
 
 from __future__ import annotations
@@ -37,7 +41,7 @@ from .checkpoint import (
 )
 from .config import Config, ConfigError, TrainConfig
 from .data import PAD_ID, ParallelData, load_splits, token_batches, train_tokenizer
-from .distributed import Distributed, distributed_session, shard
+from .distributed import Distributed, distributed_session, elastic_restart, shard
 from .metrics import alignment_hits, best_alignment_head, bleu, exact_match
 from .models import Transformer
 from .translator import Translator
@@ -251,14 +255,14 @@ def _set_rng_state(state: dict[str, Any], device: torch.device) -> None:
         torch.cuda.set_rng_state(state["cuda"].cpu(), device)
 
 
-def _restore_rng(checkpoint: dict[str, Any], ranks: Distributed, fallback_seed: int) -> None:
+def _restore_rng(checkpoint: dict[str, Any], world: Distributed, fallback_seed: int) -> None:
     """Each rank continues its own random stream; a rank the checkpoint did not have (more
     ranks than wrote it) starts a new one from ``fallback_seed``."""
     saved = [checkpoint["rng"], *checkpoint.get("rng_other_ranks", [])]
-    if ranks.rank < len(saved):
-        _set_rng_state(saved[ranks.rank], ranks.device)
+    if world.rank < len(saved):
+        _set_rng_state(saved[world.rank], world.device)
     else:
-        torch.manual_seed(fallback_seed + ranks.rank)
+        torch.manual_seed(fallback_seed + world.rank)
 
 
 # What a resumed run may not change: what it trains, its data order and its optimizer's
@@ -299,19 +303,24 @@ def train(config: Config, *, resume: bool = False, progress_bar: bool | None = N
         NonFiniteLossError: the loss became NaN or infinite (checkpoints are left as they were).
         TrainingInterrupted: Ctrl-C; ``checkpoint_last.pt`` holds the last finished step.
     """
-    with distributed_session(config.train.device) as ranks:
+    with distributed_session(config.train.device, config.train.dist_timeout_minutes) as world:
         if log is None:
             log = lambda message: tqdm.write(message, file=sys.stderr)  # noqa: E731
-        return _train(config, ranks, resume=resume, progress_bar=progress_bar,
-                      log=log if ranks.is_main else lambda message: None)
+        log = log if world.is_main else lambda message: None
+        if not resume and elastic_restart():
+            # torchrun restarted the run after a failure (--max-restarts): continue it.
+            resume = world.broadcast((config.run_path / "checkpoint_last.pt").is_file())
+            if resume:
+                log("torchrun restarted the processes: resuming from checkpoint_last.pt")
+        return _train(config, world, resume=resume, progress_bar=progress_bar, log=log)
 
 
-def _train(config: Config, ranks: Distributed, *, resume: bool, progress_bar: bool | None,
+def _train(config: Config, world: Distributed, *, resume: bool, progress_bar: bool | None,
            log) -> dict[str, Any]:
     started = time.perf_counter()
     cfg = config.train
     run = config.run_path
-    device = ranks.device
+    device = world.device
     if cfg.threads:
         torch.set_num_threads(cfg.threads)
 
@@ -330,12 +339,12 @@ def _train(config: Config, ranks: Distributed, *, resume: bool, progress_bar: bo
         tokenizers = checkpoint["tokenizers"]
     else:
         tokenizers = None
-        if ranks.is_main:
+        if world.is_main:
             d = config.data
             tokenizers = {side: train_tokenizer((getattr(p, side) for p in splits["train"]),
                                                 d.tokenizer, d.vocab_size, d.lowercase).to_str()
                           for side in ("source", "target")}
-        tokenizers = ranks.broadcast(tokenizers)
+        tokenizers = world.broadcast(tokenizers)
     src_tokenizer = Tokenizer.from_str(tokenizers["source"])
     tgt_tokenizer = Tokenizer.from_str(tokenizers["target"])
     train_data = ParallelData(splits["train"], src_tokenizer, tgt_tokenizer,
@@ -360,22 +369,22 @@ def _train(config: Config, ranks: Distributed, *, resume: bool, progress_bar: bo
         optimizer.load_state_dict(checkpoint["optimizer"])
         scheduler.load_state_dict(checkpoint["scheduler"])
         state = Progress(**checkpoint["progress"])
-        _restore_rng(checkpoint, ranks, cfg.seed + state.step)
-    elif ranks.rank:  # dropout differs between ranks; rank 0 draws as one process would
-        torch.manual_seed(cfg.seed + ranks.rank)
-    batches_per_step = ranks.world_size * cfg.grad_accum_steps
+        _restore_rng(checkpoint, world, cfg.seed + state.step)
+    elif world.rank:  # dropout differs between ranks; rank 0 draws as one process would
+        torch.manual_seed(cfg.seed + world.rank)
+    batches_per_step = world.world_size * cfg.grad_accum_steps
     previous_batches_per_step = state.ranks * (
         config_from_checkpoint(checkpoint).train.grad_accum_steps if checkpoint else 1)
-    state.ranks = ranks.world_size
+    state.ranks = world.world_size
     # Gradients are averaged over the ranks, which all start from rank 0's weights.
     replica = nn.parallel.DistributedDataParallel(
         model, device_ids=[device] if device.type == "cuda" else None,
-        forward_sync_buffers=False) if ranks.enabled else model
+        forward_sync_buffers=False) if world.enabled else model
     forward = torch.compile(replica) if cfg.compile else replica
     translator = Translator(model, src_tokenizer, tgt_tokenizer, config.eval)
     n_params = sum(p.numel() for p in model.parameters())
 
-    if ranks.is_main:
+    if world.is_main:
         run.mkdir(parents=True, exist_ok=True)
         write_atomic(run / "config.yaml", lambda f: f.write(
             yaml.safe_dump(config.to_dict(), sort_keys=False).encode()))
@@ -383,15 +392,15 @@ def _train(config: Config, ranks: Distributed, *, resume: bool, progress_bar: bo
             log(f"starting a new run in {run}: its previous files are replaced (--resume "
                 f"would have continued it)")
     metrics = _Metrics(run / "metrics.jsonl", fresh=checkpoint is None,
-                       keep_until_step=state.step) if ranks.is_main else None
+                       keep_until_step=state.step) if world.is_main else None
     dropped = f", {val_data.dropped + test_data.dropped} val/test pairs longer than " \
         f"model.max_len={eval_limit} left out" if val_data.dropped + test_data.dropped else ""
     log(f"{config.name}: {len(train_data)} training pairs ({train_data.dropped} longer than "
         f"{train_data_limit(config)} tokens dropped), {len(val_data)} val, {len(test_data)} "
         f"test{dropped}; vocabularies {src_tokenizer.get_vocab_size()} → "
         f"{tgt_tokenizer.get_vocab_size()}; {n_params / 1e6:.2f}M parameters on {device}")
-    if ranks.enabled:
-        log(f"{ranks.world_size} ranks ({torch.distributed.get_backend()}), {cfg.grad_accum_steps} "
+    if world.enabled:
+        log(f"{world.world_size} ranks ({torch.distributed.get_backend()}), {cfg.grad_accum_steps} "
             f"accumulated batch(es) each: {batches_per_step} batches of ≤{cfg.batch_tokens} "
             f"tokens per step")
     if checkpoint is not None:
@@ -411,18 +420,20 @@ def _train(config: Config, ranks: Distributed, *, resume: bool, progress_bar: bo
             "progress": dataclasses.asdict(state),
         })
 
-    def save_last() -> None:  # on every rank: each one's random state goes in
-        rng = ranks.gather(_rng_state(device))
-        if ranks.is_main:
+    # Called on every rank: rank 0 writes (with each rank's random state) while the others
+    # wait for its progress, which they take, so that every rank's state stays the same.
+    def save_last() -> None:
+        rng = world.gather(_rng_state(device))
+        if world.is_main:
             save("checkpoint_last.pt", rng)
-        ranks.barrier()
+        _share_progress(world, state)
 
-    def validate() -> None:  # on every rank: rank 0 validates while the others wait
+    def validate() -> None:
         state.last_eval_step = state.step
-        rng = ranks.gather(_rng_state(device))
-        if ranks.is_main:
+        rng = world.gather(_rng_state(device))
+        if world.is_main:
             _validate(rng)
-        ranks.barrier()
+        _share_progress(world, state)
 
     def _validate(rng: list[dict[str, Any]]) -> None:
         result = evaluate(model, val_data, translator, label_smoothing=cfg.label_smoothing,
@@ -449,7 +460,7 @@ def _train(config: Config, ranks: Distributed, *, resume: bool, progress_bar: bo
     # The loop. State is consistent between steps: that is where stops and saves happen.
     session_start = [time.perf_counter()]
     stop = _StopFlag()
-    show_bar = ranks.is_main and (sys.stderr.isatty() if progress_bar is None else progress_bar)
+    show_bar = world.is_main and (sys.stderr.isatty() if progress_bar is None else progress_bar)
     bar = tqdm(total=cfg.max_steps, initial=state.step, disable=not show_bar, unit="step",
                dynamic_ncols=True, file=sys.stderr)
     window_start = time.perf_counter()
@@ -462,28 +473,28 @@ def _train(config: Config, ranks: Distributed, *, resume: bool, progress_bar: bo
                 if len(batches) < batches_per_step:
                     raise ConfigError(
                         f"train.grad_accum_steps: a step takes {batches_per_step} batches "
-                        f"({ranks.world_size} ranks × {cfg.grad_accum_steps}), but an epoch "
+                        f"({world.world_size} ranks × {cfg.grad_accum_steps}), but an epoch "
                         f"has {len(batches)} of train.batch_tokens={cfg.batch_tokens}; lower "
                         f"them or start fewer processes")
                 # Each step takes the next batches_per_step batches of the epoch; the few
-                # left at its end (fewer than that) wait for the next epoch's shuffle.
+                # left at its end (fewer than that) are skipped, and the next epoch's
+                # shuffle deals all the pairs again.
                 while state.batch_in_epoch + batches_per_step <= len(batches):
                     group = batches[state.batch_in_epoch:state.batch_in_epoch + batches_per_step]
-                    mine = [tuple(t.to(device, non_blocking=True)
-                                  for t in train_data.batch(indices))
-                            for indices in shard(group, ranks.rank, ranks.world_size)]
-                    # The step's target tokens on all ranks, and whether any rank must stop.
-                    tokens, interrupted, out_of_time = ranks.sum([
-                        sum(int((tgt_out != PAD_ID).sum()) for _, _, tgt_out in mine),
-                        stop.requested,
-                        ranks.is_main and _out_of_time(cfg, state, session_start[0])])
-                    stop_reason = _stop_reason(cfg, state, interrupted > 0, out_of_time > 0)
+                    mine = [train_data.batch(indices)
+                            for indices in shard(group, world.rank, world.world_size)]
+                    tokens, stop_reason = _agree_on_step(
+                        world, cfg, state, sum(int((tgt_out != PAD_ID).sum())
+                                               for _, _, tgt_out in mine),
+                        interrupted=stop.requested,
+                        out_of_time=_out_of_time(cfg, state, session_start[0]))
                     if stop_reason:
                         break
                     optimizer.zero_grad(set_to_none=True)
-                    loss_here = _accumulate_gradients(forward, replica, mine, tokens, ranks,
-                                                      cfg.label_smoothing, device)
-                    loss_sum, = ranks.sum([loss_here])
+                    loss_here = _accumulate_gradients(
+                        forward, mine, device, tokens / world.world_size, cfg.label_smoothing,
+                        replica.no_sync if world.enabled else contextlib.nullcontext)
+                    loss_sum, = world.sum([loss_here])
                     loss_value = loss_sum / tokens
                     if not math.isfinite(loss_value):
                         raise NonFiniteLossError(_non_finite("loss", loss_value, state, run))
@@ -538,42 +549,60 @@ def _train(config: Config, ranks: Distributed, *, resume: bool, progress_bar: bo
 
     # Final evaluation (rank 0): the best weights on the test split.
     results = None
-    if ranks.is_main:
+    if world.is_main:
         best = load_checkpoint(run / "checkpoint_best.pt")
         model.load_state_dict(best["model"])
         results = _test_results(config, model, val_data, test_data, translator)
         results["wall_seconds"] = round(
             state.wall_seconds + time.perf_counter() - session_start[0], 1)
         results.update(best_step=best["progress"]["step"], steps=state.step,
-                       parameters=n_params, device=str(device), ranks=ranks.world_size)
+                       parameters=n_params, device=str(device), ranks=world.world_size)
         write_atomic(run / "results.json",
                      lambda f: f.write((json.dumps(results, indent=2) + "\n").encode()))
         _plot_test_attention(run, translator, test_data)
         log(_summary(results, time.perf_counter() - started))
-    return ranks.broadcast(results)
+    return world.broadcast(results)
 
 
-def _accumulate_gradients(forward, replica: nn.Module, batches: list[tuple[Tensor, ...]],
-                          tokens: float, ranks: Distributed, label_smoothing: float,
-                          device: torch.device) -> float:
-    """Backpropagate this rank's batches of one step; return their summed loss.
+def _accumulate_gradients(forward, batches: list[tuple[Tensor, Tensor, Tensor]],
+                          device: torch.device, tokens_per_rank: float,
+                          label_smoothing: float, no_sync) -> float:
+    """Backpropagate this rank's ``batches`` of one step; return their summed loss.
 
-    Each loss is divided by the step's target tokens over all ranks, times the number of
-    ranks (which gradient averaging divides out): the step's gradient is that of the mean loss
-    per target token of the whole global batch, however it is split. Gradients are
-    all-reduced once, with the last batch's backward pass.
+    Each summed loss is divided by ``tokens_per_rank``, the step's target tokens over all
+    ranks divided by the number of ranks (which gradient averaging divides out again): the
+    step's gradient is that of the mean loss per target token of the whole global batch,
+    however it is split. Gradients are all-reduced once, with the last batch's backward pass;
+    ``no_sync()`` (``DistributedDataParallel.no_sync``) holds them back before that.
     """
     loss_here = torch.zeros((), device=device)
-    for i, (src, tgt_in, tgt_out) in enumerate(batches):
-        last = i == len(batches) - 1
-        with contextlib.nullcontext() if last or not ranks.enabled else replica.no_sync():
+    for i, batch in enumerate(batches):
+        src, tgt_in, tgt_out = (t.to(device, non_blocking=True) for t in batch)
+        with contextlib.nullcontext() if i == len(batches) - 1 else no_sync():
             with torch.autocast(device.type, dtype=torch.bfloat16,
                                 enabled=device.type == "cuda"):
                 logits = forward(src, tgt_in)
             loss_sum, _ = sequence_loss(logits, tgt_out, label_smoothing)
-            (loss_sum / (tokens / ranks.world_size)).backward()
+            (loss_sum / tokens_per_rank).backward()
         loss_here += loss_sum.detach()
     return float(loss_here)
+
+
+def _agree_on_step(world: Distributed, cfg: TrainConfig, state: Progress, tokens_here: int, *,
+                   interrupted: bool, out_of_time: bool) -> tuple[float, str | None]:
+    """The step's target tokens over all ranks, and whether to stop, the same on every rank.
+
+    Any rank's Ctrl-C stops them all; rank 0's clock alone decides ``max_minutes``.
+    """
+    tokens, interrupted_ranks, out_of_time_on_main = world.sum(
+        [tokens_here, interrupted, world.is_main and out_of_time])
+    return tokens, _stop_reason(cfg, state, interrupted_ranks > 0, out_of_time_on_main > 0)
+
+
+def _share_progress(world: Distributed, state: Progress) -> None:
+    """Rank 0's progress (best scores, saved steps, time) on every rank; the others wait."""
+    for key, value in world.broadcast(dataclasses.asdict(state)).items():
+        setattr(state, key, value)
 
 
 def train_data_limit(config: Config) -> int:

@@ -124,6 +124,17 @@ def test_resuming_with_another_global_batch_says_so(runs, tmp_path):
                for m in messages)
 
 
+def test_after_a_torchrun_restart_the_run_continues_from_its_checkpoint(runs, tmp_path,
+                                                                     monkeypatch):
+    shutil.copytree(runs / "one", tmp_path / "one")
+    monkeypatch.setenv("TORCHELASTIC_RESTART_COUNT", "1")  # torchrun --max-restarts did it
+    messages = []
+    one_process(tmp_path, "name=one", "train.max_steps=30", "train.grad_accum_steps=2",
+                log=messages.append)
+    assert any("resuming from step 20" in m for m in messages)
+    assert_same_weights(tmp_path / "one", runs / "straight")
+
+
 def test_a_failing_rank_ends_the_whole_run_with_its_error(tmp_path):
     # Rank 0 cannot write its checkpoint at the first validation while rank 1 waits for it.
     (tmp_path / "broken" / "checkpoint_last.pt").mkdir(parents=True)
@@ -174,3 +185,36 @@ def test_a_world_size_without_a_rank_is_a_clear_error(monkeypatch):
     with pytest.raises(ConfigError, match="RANK: WORLD_SIZE is set"):
         with distributed_session("cpu"):
             pass
+
+
+@pytest.fixture
+def two_gpus(monkeypatch):
+    """What the device choice sees on a machine with two GPUs (none is touched)."""
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 2)
+    chosen = []
+    monkeypatch.setattr(torch.cuda, "set_device", chosen.append)
+    return chosen
+
+
+@pytest.mark.parametrize("name", ["auto", "cuda"])
+def test_each_cuda_rank_takes_the_gpu_of_its_local_rank(two_gpus, name):
+    from attention.distributed import _rank_device
+
+    assert _rank_device(name, 1) == torch.device("cuda", 1)
+    assert two_gpus == [torch.device("cuda", 1)]
+    assert _rank_device("cpu", 1) == torch.device("cpu")
+
+
+def test_one_named_gpu_for_every_rank_is_refused(two_gpus):
+    from attention.distributed import _rank_device
+
+    with pytest.raises(ConfigError, match=r"train\.device: .*expected auto or cuda, got 'cuda:1'"):
+        _rank_device("cuda:1", 0)
+
+
+def test_more_processes_than_gpus_is_a_clear_error(two_gpus):
+    from attention.distributed import _rank_device
+
+    with pytest.raises(ConfigError, match=r"LOCAL_RANK=2 needs GPU 2, but this machine has 2"):
+        _rank_device("cuda", 2)
