@@ -115,6 +115,17 @@ def test_a_one_process_checkpoint_resumes_on_two_processes(runs, tmp_path):
     assert_same_weights(tmp_path / "one", runs / "straight")
 
 
+def test_with_dropout_two_ranks_resume_exactly_on_two_ranks(tmp_path):
+    # Each rank's own dropout stream must come back from the checkpoint (rank 1's included).
+    dropout = ["model.dropout=0.2", "train.eval_every=5"]
+    for name, steps in (("straight", 10), ("resumed", 5)):
+        done = torchrun(tmp_path, f"name={name}", f"train.max_steps={steps}", *dropout)
+        assert done.returncode == 0, done.stderr[-3000:]
+    done = torchrun(tmp_path, "name=resumed", "train.max_steps=10", *dropout, "--resume")
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert_same_weights(tmp_path / "resumed", tmp_path / "straight")
+
+
 def test_resuming_with_another_global_batch_says_so(runs, tmp_path):
     shutil.copytree(runs / "one", tmp_path / "one")
     messages = []
