@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import contextlib
 import datetime
+import gc
 import os
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
@@ -146,6 +147,12 @@ def distributed_session(device_name: str, timeout_minutes: float = 60.0
     # block (nccl), and the failing process must exit for the others to stop.
     yield Distributed(rank=rank, world_size=world_size, local_rank=local_rank, device=device)
     if owned:
+        # DistributedDataParallel sits in reference cycles and holds the group: left to the
+        # garbage collector, it could tear the group down during interpreter shutdown, which
+        # aborts the process (seen on gloo as "terminate called without an active exception"
+        # after a finished run). Collect it now, let every rank get here, then destroy.
+        gc.collect()
+        dist.barrier()
         dist.destroy_process_group()
 
 
