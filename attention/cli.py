@@ -8,7 +8,6 @@ line with the exit status 2 (bad arguments or config), 1 (the run failed) or 130
 from __future__ import annotations
 
 import argparse
-import os
 import sys
 from pathlib import Path
 
@@ -31,7 +30,9 @@ def train_main(argv: list[str] | None = None) -> int:
                         help="continue from checkpoint_last.pt in the run's folder "
                              "(train.run_dir/NAME)")
     args = parser.parse_intermixed_args(argv)
-    if os.environ.get("WORLD_SIZE", "1") != "1":
+    from .distributed import environment_world_size
+
+    if environment_world_size() > 1:
         # Under torchrun: an error that escapes a rank is recorded for torchrun's summary.
         from torch.distributed.elastic.multiprocessing.errors import record
 
@@ -41,6 +42,7 @@ def train_main(argv: list[str] | None = None) -> int:
 
 def _train(args: argparse.Namespace) -> int:
     from .config import ConfigError, load_config
+    from .distributed import environment_rank
     from .training import NonFiniteLossError, TrainingInterrupted, train
 
     try:
@@ -53,7 +55,7 @@ def _train(args: argparse.Namespace) -> int:
     except NonFiniteLossError as error:
         return _fail_rank(error, str(error), 1)
     except TrainingInterrupted as error:
-        if os.environ.get("RANK", "0") == "0":  # every rank stops; one says so
+        if environment_rank() == 0:  # every rank stops; one says so
             print(str(error), file=sys.stderr)
         return 130
     return 0
@@ -62,12 +64,14 @@ def _train(args: argparse.Namespace) -> int:
 def _fail_rank(error: BaseException, message: str, status: int) -> int:
     """One line, and under torchrun the rank's name in it and the error in torchrun's summary
     of failed ranks (which otherwise shows only an exit code)."""
-    if os.environ.get("WORLD_SIZE", "1") == "1":
+    from .distributed import environment_rank, environment_world_size
+
+    if environment_world_size() == 1:
         return _fail(message, status)
     from torch.distributed.elastic.multiprocessing.errors import ErrorHandler
 
     ErrorHandler().record_exception(error)
-    return _fail(f"[rank {os.environ.get('RANK', '?')}] {message}", status)
+    return _fail(f"[rank {environment_rank()}] {message}", status)
 
 
 def translate_main(argv: list[str] | None = None) -> int:

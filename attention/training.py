@@ -324,12 +324,13 @@ def _train(config: Config, world: Distributed, *, resume: bool, progress_bar: bo
     if cfg.threads:
         torch.set_num_threads(cfg.threads)
 
-    checkpoint = None
+    checkpoint = saved_config = None
     if resume:
         # On the CPU first: load_state_dict then moves each tensor where it belongs (and
         # keeps AdamW's step counters on the CPU, where they cost no synchronisation).
         checkpoint = load_checkpoint(run / "checkpoint_last.pt")
-        _check_resumable(config_from_checkpoint(checkpoint), config)
+        saved_config = config_from_checkpoint(checkpoint)
+        _check_resumable(saved_config, config)
     torch.manual_seed(cfg.seed)
 
     # Data and tokenizers: trained on the training split (by rank 0, for all), or restored
@@ -374,7 +375,7 @@ def _train(config: Config, world: Distributed, *, resume: bool, progress_bar: bo
         torch.manual_seed(cfg.seed + world.rank)
     batches_per_step = world.world_size * cfg.grad_accum_steps
     previous_batches_per_step = state.ranks * (
-        config_from_checkpoint(checkpoint).train.grad_accum_steps if checkpoint else 1)
+        saved_config.train.grad_accum_steps if saved_config else 1)
     state.ranks = world.world_size
     # Gradients are averaged over the ranks, which all start from rank 0's weights.
     replica = nn.parallel.DistributedDataParallel(
@@ -420,20 +421,21 @@ def _train(config: Config, world: Distributed, *, resume: bool, progress_bar: bo
             "progress": dataclasses.asdict(state),
         })
 
-    # Called on every rank: rank 0 writes (with each rank's random state) while the others
-    # wait for its progress, which they take, so that every rank's state stays the same.
-    def save_last() -> None:
+    def on_main(write) -> None:
+        """Called on every rank: rank 0 runs ``write(rng)`` with each rank's random state,
+        while the others wait for its progress, which they take (every rank's stays the
+        same)."""
         rng = world.gather(_rng_state(device))
         if world.is_main:
-            save("checkpoint_last.pt", rng)
+            write(rng)
         _share_progress(world, state)
+
+    def save_last() -> None:
+        on_main(lambda rng: save("checkpoint_last.pt", rng))
 
     def validate() -> None:
         state.last_eval_step = state.step
-        rng = world.gather(_rng_state(device))
-        if world.is_main:
-            _validate(rng)
-        _share_progress(world, state)
+        on_main(_validate)
 
     def _validate(rng: list[dict[str, Any]]) -> None:
         result = evaluate(model, val_data, translator, label_smoothing=cfg.label_smoothing,

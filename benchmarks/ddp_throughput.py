@@ -23,6 +23,8 @@ import sys
 import tempfile
 from pathlib import Path
 
+from attention.plotting import read_metrics
+
 ROOT = Path(__file__).resolve().parents[1]
 DEFAULT_SETTINGS = ["1 process x 2 threads=1:2:1", "1 process x 2 threads, accumulating 2=1:2:2",
                     "1 process x 1 thread=1:1:1", "2 processes x 1 thread=2:1:1"]
@@ -43,8 +45,7 @@ def run_once(config: str, processes: int, threads: int, accum: int, steps: int,
     done = subprocess.run(command, capture_output=True, text=True, env=env)
     if done.returncode:
         raise SystemExit(f"{' '.join(command)} failed:\n{done.stderr[-3000:]}")
-    records = [json.loads(line) for line in
-               (run_dir / name / "metrics.jsonl").read_text().splitlines()]
+    records = read_metrics(run_dir / name / "metrics.jsonl")
     rates = [r["tokens_per_second"] for r in records if r["kind"] == "train"][1:]
     return {"tokens_per_second": statistics.median(rates), "windows": len(rates)}
 
