@@ -10,19 +10,30 @@ from __future__ import annotations
 from collections.abc import Callable
 from functools import partial
 
+import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from ._checks import check_positive_int, check_probability, check_size, check_tensor
+from ._checks import check_mask, check_positive_int, check_probability, check_size, check_tensor
 from .multihead import KVCache, MultiHeadAttention
+from .packing import Packing
 
-__all__ = ["ACTIVATIONS", "DecoderLayer", "EncoderLayer", "FeedForward", "get_activation"]
+__all__ = ["ACTIVATIONS", "DecoderLayer", "EncoderLayer", "FeedForward", "get_activation",
+           "pack_padding"]
 
 ACTIVATIONS: dict[str, Callable[[Tensor], Tensor]] = {
     "relu": F.relu,
     "gelu": F.gelu,
     "gelu_tanh": partial(F.gelu, approximate="tanh"),
     "silu": F.silu,
+}
+
+# The same functions writing into their input, for hidden activations no autograd graph keeps.
+_IN_PLACE: dict[str, Callable[[Tensor], Tensor]] = {
+    "relu": torch.relu_,
+    "gelu": torch.ops.aten.gelu_,
+    "gelu_tanh": partial(torch.ops.aten.gelu_, approximate="tanh"),
+    "silu": partial(F.silu, inplace=True),
 }
 
 
@@ -56,12 +67,21 @@ class FeedForward(nn.Module):
         self.d_model = check_positive_int("d_model", d_model)
         self.d_ff = 4 * d_model if d_ff is None else check_positive_int("d_ff", d_ff)
         self.activation = get_activation(activation)
+        self._activation_in_place = _IN_PLACE.get(activation) if isinstance(activation, str) \
+            else None
         self.linear1 = nn.Linear(d_model, self.d_ff, bias=bias)
         self.dropout = nn.Dropout(check_probability("dropout", dropout))
         self.linear2 = nn.Linear(self.d_ff, d_model, bias=bias)
 
     def forward(self, x: Tensor) -> Tensor:
-        return self.linear2(self.dropout(self.activation(self.linear1(x))))
+        hidden = self.linear1(x)
+        if self._activation_in_place is not None and not hidden.requires_grad:
+            # Inference: write over the (tokens × d_ff) hidden layer instead of allocating
+            # another, which on the CPU costs page faults on every call.
+            hidden = self._activation_in_place(hidden)
+        else:
+            hidden = self.activation(hidden)
+        return self.linear2(self.dropout(hidden))
 
 
 def _check_layer_input(name: str, x: object, d_model: int) -> Tensor:
@@ -111,18 +131,43 @@ class EncoderLayer(nn.Module):
         attn_mask: Tensor | None = None,
         is_causal: bool = False,
         return_attention: bool = False,
+        packing: Packing | None = None,
     ) -> Tensor | tuple[Tensor, Tensor]:
         """Masks: boolean ``True`` = may not attend, float = added to the scores.
 
         key_padding_mask: ``(batch, length)``; attn_mask: ``(length, length)``,
         ``(batch * n_heads, length, length)`` or ``(batch, n_heads, length, length)``.
-        """
-        x = _check_layer_input("x", x, self.d_model)
 
+        A boolean ``key_padding_mask`` (without ``return_attention``) runs the layer on the
+        real tokens only (see :mod:`attention.packing`): equal results on real positions,
+        zeros at padded ones. ``packing`` passes ``x`` already packed, ``(tokens, d_model)``,
+        as :class:`attention.Encoder` does to gather and scatter once for the whole stack.
+        """
+        if packing is not None:
+            x = check_tensor("x", x, [2], f"(real tokens, d_model={self.d_model})")
+            check_size("x", x, -1, self.d_model, "d_model")
+            return self._forward(x, None, attn_mask, is_causal, False, packing)
+        x = _check_layer_input("x", x, self.d_model)
+        packing = pack_padding(key_padding_mask, x, return_attention)
+        if packing is not None:
+            return packing.unpack(
+                self._forward(packing.pack(x), None, attn_mask, is_causal, False, packing))
+        return self._forward(x, key_padding_mask, attn_mask, is_causal, return_attention, None)
+
+    def _forward(
+        self,
+        x: Tensor,
+        key_padding_mask: Tensor | None,
+        attn_mask: Tensor | None,
+        is_causal: bool,
+        return_attention: bool,
+        packing: Packing | None,
+    ) -> Tensor | tuple[Tensor, Tensor]:
         def self_attention(h: Tensor) -> tuple[Tensor, Tensor | None]:
             out, weights = self.self_attn(
                 h, key_padding_mask=key_padding_mask, attn_mask=attn_mask,
                 is_causal=is_causal, need_weights=return_attention, average_attn_weights=False,
+                packing=packing,
             )
             return self.dropout1(out), weights
 
@@ -135,6 +180,20 @@ class EncoderLayer(nn.Module):
             x = self.norm1(x + attended)
             x = self.norm2(x + self.dropout2(self.feed_forward(x)))
         return (x, weights) if return_attention else x
+
+
+def pack_padding(key_padding_mask: Tensor | None, x: Tensor,
+                 return_attention: bool = False) -> Packing | None:
+    """The :class:`Packing` of a ``(batch, length)`` boolean padding mask of ``x``, or
+    ``None`` when the batch runs padded (no mask, a float mask, or weights requested)."""
+    if key_padding_mask is None or return_attention:
+        return None
+    batch, length = x.shape[:2]
+    key_padding_mask = check_mask("key_padding_mask", key_padding_mask, [(batch, length)],
+                                  f"(batch, length) = ({batch}, {length})")
+    if key_padding_mask.dtype != torch.bool:
+        return None
+    return Packing.from_mask(key_padding_mask)
 
 
 class DecoderLayer(nn.Module):

@@ -8,9 +8,9 @@ from collections.abc import Callable
 import torch
 from torch import Tensor, nn
 
-from ._checks import check_positive_int, shape_of
+from ._checks import check_positive_int, check_size, check_tensor, shape_of
 from .decoding import beam_search, greedy_search
-from .layers import DecoderLayer, EncoderLayer
+from .layers import DecoderLayer, EncoderLayer, pack_padding
 from .multihead import KVCache
 from .positional import LearnedPositionalEncoding, build_positional_encoding
 
@@ -77,9 +77,26 @@ class Encoder(nn.Module):
         Masks: boolean ``True`` = may not attend, float = added to the scores.
         key_padding_mask: ``(B, L)``, ``True`` at padding; attn_mask: ``(L, L)``,
         ``(B * n_heads, L, L)`` or ``(B, n_heads, L, L)``.
+
+        With a boolean ``key_padding_mask`` (and no ``return_attention``) only the real
+        tokens are computed: projections, feed-forward and norms run on them alone and
+        attention sees real keys only (:mod:`attention.packing`). Real positions get the
+        values the padded computation gives; padded positions get zeros, as in torch.nn's
+        nested-tensor fast path.
         """
+        x = check_tensor("x", x, [3], f"(batch, length, d_model={self.d_model})")
+        check_size("x", x, -1, self.d_model, "d_model")
         if self.positional is not None:
             x = self.positional(x)
+        packing = pack_padding(key_padding_mask, x, return_attention)
+        if packing is not None:
+            # Gather the real tokens once, run the whole stack on them, scatter back once.
+            x = packing.pack(x)
+            for layer in self.layers:
+                x = layer(x, attn_mask=attn_mask, is_causal=is_causal, packing=packing)
+            if self.norm is not None:
+                x = self.norm(x)
+            return packing.unpack(x)
         attention: list[Tensor] = []
         for layer in self.layers:
             out = layer(x, key_padding_mask=key_padding_mask, attn_mask=attn_mask,

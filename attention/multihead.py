@@ -7,9 +7,11 @@ dimension (``d_head = d_model // n_heads``).
 from __future__ import annotations
 
 import torch
+import torch.nn.functional as F
 from einops import rearrange
 from torch import Tensor, nn
 
+from . import functional
 from ._checks import (
     check_divisible,
     check_positive_int,
@@ -19,9 +21,29 @@ from ._checks import (
     shape_of,
 )
 from .functional import attend
+from .packing import Packing
 from .positional import RotaryEmbedding
 
-__all__ = ["KVCache", "MultiHeadAttention"]
+try:  # the variable-length flash kernel (torch >= 2.10, CUDA only)
+    from torch.nn.attention.varlen import varlen_attn
+except ImportError:  # pragma: no cover - older torch
+    varlen_attn = None
+
+__all__ = ["KVCache", "MultiHeadAttention", "can_use_varlen"]
+
+
+def can_use_varlen(device: torch.device, dtype: torch.dtype, *, masked: bool, dropout_p: float,
+                   rotary: bool) -> bool:
+    """Whether packed self-attention runs on torch's variable-length flash kernel.
+
+    It needs CUDA and 16-bit floats, and has no attention mask, dropout or position offsets
+    (rotary); ``attention_backend`` other than ``"auto"`` also turns it off. Otherwise the
+    packed tokens attend on the padded layout.
+    """
+    return (varlen_attn is not None and device.type == "cuda"
+            and dtype in (torch.float16, torch.bfloat16)
+            and not masked and dropout_p == 0.0 and not rotary
+            and functional._backend == "auto")
 
 
 class KVCache:
@@ -113,6 +135,7 @@ class MultiHeadAttention(nn.Module):
         need_weights: bool = False,
         average_attn_weights: bool = True,
         cache: KVCache | None = None,
+        packing: Packing | None = None,
     ) -> tuple[Tensor, Tensor | None]:
         """Attend from ``query`` to ``key``/``value`` (to ``query`` itself when omitted).
 
@@ -123,6 +146,10 @@ class MultiHeadAttention(nn.Module):
         Masks: a boolean ``True`` means "may not attend"; a float mask is added to the
         scores. With a ``cache`` in self-attention, ``Lk`` counts the cached positions too.
 
+        With a ``packing`` (see :mod:`attention.packing`), ``query`` holds only the real
+        tokens ``(t, d_model)`` of the padded batch the packing describes, and so does the
+        output; the packing's mask is the key padding mask. Self-attention only.
+
         Shape:
             query: ``(B, Lq, d_model)``; key: ``(B, Lk, kdim)``; value: ``(B, Lk, vdim)``.
             key_padding_mask: ``(B, Lk)``, ``True`` at padding.
@@ -131,6 +158,9 @@ class MultiHeadAttention(nn.Module):
             weights: ``(B, Lq, Lk)`` averaged over heads, ``(B, n_heads, Lq, Lk)`` if not
             ``average_attn_weights``, ``None`` unless ``need_weights``.
         """
+        if packing is not None:
+            return self._packed_self_attention(query, packing, attn_mask, is_causal,
+                                               key, value, key_padding_mask, need_weights, cache)
         query = check_tensor("query", query, [3], f"(batch, Lq, d_model={self.d_model})")
         check_size("query", query, -1, self.d_model, "d_model")
         # Self-attention when key is omitted, or is query itself (torch.nn's mha(x, x, x)):
@@ -152,18 +182,23 @@ class MultiHeadAttention(nn.Module):
         check_size("value", value, 1, key.shape[1], "Lk (as in key)")
 
         offset = len(cache) if cache is not None and self_attention else 0
-        q = rearrange(self.q_proj(query), "b n (h d) -> b h n d", h=self.n_heads)
-        if cache is not None and not self_attention and cache.k is not None:
-            k, v = cache.k, cache.v  # the memory was projected on the first step
-        else:
-            k = rearrange(self.k_proj(key), "b n (h d) -> b h n d", h=self.n_heads)
-            v = rearrange(self.v_proj(value), "b n (h d) -> b h n d", h=self.n_heads)
-            if self.rotary is not None and self_attention:
-                k = self.rotary(k, offset)
+        if self_attention:
+            # One matmul for q, k and v; the heads are views of its output, not copies.
+            q, k, v = rearrange(self.project_qkv(query), "b n (three h d) -> three b h n d",
+                                three=3, h=self.n_heads)
+            if self.rotary is not None:
+                q, k = self.rotary(q, offset), self.rotary(k, offset)
             if cache is not None:
                 k, v = cache.append(k, v)
-        if self.rotary is not None and self_attention:
-            q = self.rotary(q, offset)
+        else:
+            q = rearrange(self.q_proj(query), "b n (h d) -> b h n d", h=self.n_heads)
+            if cache is not None and cache.k is not None:
+                k, v = cache.k, cache.v  # the memory was projected on the first step
+            else:
+                k = rearrange(self.k_proj(key), "b n (h d) -> b h n d", h=self.n_heads)
+                v = rearrange(self.v_proj(value), "b n (h d) -> b h n d", h=self.n_heads)
+                if cache is not None:
+                    k, v = cache.append(k, v)
 
         out, weights = attend(
             q, k, v,
@@ -177,6 +212,68 @@ class MultiHeadAttention(nn.Module):
         if weights is not None and average_attn_weights:
             weights = weights.mean(dim=1)  # (b h i j) -> (b i j)
         return out, weights
+
+    def project_qkv(self, x: Tensor) -> Tensor:
+        """``q_proj``, ``k_proj`` and ``v_proj`` of ``x`` in one matmul, ``(..., 3·d_model)``.
+
+        The three weights stay separate parameters (each trained, saved and loaded by its
+        own name); they are concatenated for the product, which costs a copy of the weights,
+        not of the activations.
+        """
+        weight = torch.cat((self.q_proj.weight, self.k_proj.weight, self.v_proj.weight))
+        bias = None
+        if self.q_proj.bias is not None:
+            bias = torch.cat((self.q_proj.bias, self.k_proj.bias, self.v_proj.bias))
+        return F.linear(x, weight, bias)
+
+    def _packed_self_attention(
+        self,
+        query: Tensor,
+        packing: Packing,
+        attn_mask: Tensor | None,
+        is_causal: bool,
+        key: Tensor | None,
+        value: Tensor | None,
+        key_padding_mask: Tensor | None,
+        need_weights: bool,
+        cache: KVCache | None,
+    ) -> tuple[Tensor, None]:
+        """Self-attention over the real tokens ``(t, d_model)`` of a packed batch."""
+        for name, given in (("key", key), ("value", value), ("key_padding_mask",
+                            key_padding_mask), ("cache", cache)):
+            if given is not None:
+                raise ValueError(f"{name}: expected None with packing= (packed self-attention "
+                                 f"takes its padding from the packing), got {type(given).__name__}")
+        if need_weights:
+            raise ValueError("need_weights: expected False with packing= (weights need the "
+                             "padded layout), got True")
+        if self.kdim != self.d_model or self.vdim != self.d_model:
+            raise ValueError(f"packing: expected kdim = vdim = d_model={self.d_model} for "
+                             f"self-attention, got kdim={self.kdim}, vdim={self.vdim}")
+        query = check_tensor("query", query, [2], f"(real tokens, d_model={self.d_model})")
+        check_size("query", query, -1, self.d_model, "d_model")
+        check_size("query", query, 0, packing.tokens, "real tokens (as in packing)")
+        dropout_p = self.dropout if self.training else 0.0
+        qkv = self.project_qkv(query)  # (t, 3·d_model)
+
+        if can_use_varlen(qkv.device, qkv.dtype, masked=attn_mask is not None,
+                          dropout_p=dropout_p, rotary=self.rotary is not None):
+            q, k, v = rearrange(qkv, "t (three h d) -> three t h d", three=3, h=self.n_heads)
+            max_len = packing.max_seqlen()
+            out = varlen_attn(q, k, v, packing.cu_seqlens, packing.cu_seqlens, max_len, max_len,
+                              window_size=(-1, 0) if is_causal else (-1, -1))
+            return self.out_proj(rearrange(out, "t h d -> t (h d)")), None
+
+        # Attention needs the sequences: scatter q, k, v to the padded layout, attend over
+        # the real keys, and gather the real queries' outputs back.
+        q, k, v = rearrange(packing.unpack(qkv), "b n (three h d) -> three b h n d",
+                            three=3, h=self.n_heads)
+        if self.rotary is not None:
+            q, k = self.rotary(q), self.rotary(k)
+        out, _ = attend(q, k, v, attn_mask=self._heads_mask(attn_mask, packing.batch),
+                        key_padding_mask=packing.key_padding_mask, is_causal=is_causal,
+                        dropout_p=dropout_p)
+        return self.out_proj(packing.pack(rearrange(out, "b h n d -> b n (h d)"))), None
 
     def _heads_mask(self, attn_mask: Tensor | None, batch: int) -> Tensor | None:
         """Accept torch.nn's ``(B * n_heads, Lq, Lk)`` mask layout as well as ``attend``'s."""

@@ -116,15 +116,18 @@ def grads_by_torch_name(module: nn.Module) -> dict[str, Tensor]:
     return dict(to_torch(shadow).state_dict())
 
 
-def run(module: nn.Module, inputs: list[Tensor], *args, **kwargs):
+def run(module: nn.Module, inputs: list[Tensor], *args, real: Tensor | None = None, **kwargs):
     """Forward fresh leaf copies of ``inputs``, backward a fixed cotangent through the output
-    (and the attention weights, when returned).
+    (and the attention weights, when returned); through the ``real`` positions of a
+    ``(N, L, E)`` output only, when given.
 
     Returns ``(output, weights or None, input grads, parameter grads by torch.nn name)``.
     """
     leaves = [x.detach().clone().requires_grad_() for x in inputs]
     result = module(*leaves, *args, **kwargs)
     out, weights = result if isinstance(result, tuple) else (result, None)
+    if real is not None:
+        out = out[real]
     loss = (out * cotangent(out)).sum()
     if weights is not None:
         loss = loss + (weights * cotangent(weights)).sum()
@@ -620,9 +623,11 @@ def test_core_batch_first_classes_convert_to_batch_first_torch(case):
             assert isinstance(theirs, nn.TransformerEncoder)
             assert all(layer.self_attn.batch_first for layer in theirs.layers)
             assert (theirs.norm is None) == (ours.norm is None)
+        # Ours computes the real tokens only (padded positions come out zero), so the loss
+        # and the comparison take the real positions only.
         inputs = [torch.randn(N, L, E)]
-        actual = run(ours, inputs, key_padding_mask=padding)
-        expected = run(theirs, inputs, src_key_padding_mask=padding)
+        actual = run(ours, inputs, key_padding_mask=padding, real=~padding)
+        expected = run(theirs, inputs, src_key_padding_mask=padding, real=~padding)
     assert_same_run(actual, expected)
 
 
