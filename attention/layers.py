@@ -84,6 +84,14 @@ class FeedForward(nn.Module):
         return self.linear2(self.dropout(hidden))
 
 
+def residual(x: Tensor, update: Tensor) -> Tensor:
+    """``x + update``, written into ``update`` (a sub-layer's fresh output) when no autograd
+    graph needs it: inference then allocates no tensor for the sum."""
+    if x.requires_grad or update.requires_grad or x.dtype != update.dtype:
+        return x + update
+    return update.add_(x)
+
+
 def _check_layer_input(name: str, x: object, d_model: int) -> Tensor:
     x = check_tensor(name, x, [3], f"(batch, length, d_model={d_model})")
     check_size(name, x, -1, d_model, "d_model")
@@ -173,12 +181,12 @@ class EncoderLayer(nn.Module):
 
         if self.norm_first:
             attended, weights = self_attention(self.norm1(x))
-            x = x + attended
-            x = x + self.dropout2(self.feed_forward(self.norm2(x)))
+            x = residual(x, attended)
+            x = residual(x, self.dropout2(self.feed_forward(self.norm2(x))))
         else:
             attended, weights = self_attention(x)
-            x = self.norm1(x + attended)
-            x = self.norm2(x + self.dropout2(self.feed_forward(x)))
+            x = self.norm1(residual(x, attended))
+            x = self.norm2(residual(x, self.dropout2(self.feed_forward(x))))
         return (x, weights) if return_attention else x
 
 
@@ -269,13 +277,13 @@ class DecoderLayer(nn.Module):
             return self.dropout2(out), weights
 
         if self.norm_first:
-            x = x + self_attention(self.norm1(x))
+            x = residual(x, self_attention(self.norm1(x)))
             attended, weights = cross_attention(self.norm2(x))
-            x = x + attended
-            x = x + self.dropout3(self.feed_forward(self.norm3(x)))
+            x = residual(x, attended)
+            x = residual(x, self.dropout3(self.feed_forward(self.norm3(x))))
         else:
-            x = self.norm1(x + self_attention(x))
+            x = self.norm1(residual(x, self_attention(x)))
             attended, weights = cross_attention(x)
-            x = self.norm2(x + attended)
-            x = self.norm3(x + self.dropout3(self.feed_forward(x)))
+            x = self.norm2(residual(x, attended))
+            x = self.norm3(residual(x, self.dropout3(self.feed_forward(x))))
         return (x, weights) if return_attention else x

@@ -1,5 +1,8 @@
-"""Padded batches run on their real tokens only: same results on real positions, zeros at
-padding, in the forward and the backward pass; and the attention backend switch."""
+"""The speed paths give the results of the plain computation.
+
+Padded batches run on their real tokens only (same results on real positions, zeros at
+padding, forward and backward); inference writes activations and residual sums in place
+without touching the caller's input; the attention backend switch and the kernel choice."""
 
 from __future__ import annotations
 
@@ -137,6 +140,20 @@ def test_feed_forward_in_inference_equals_training_and_leaves_its_input(activati
         in_place = ff(x)
     assert_close(in_place, ff(x.requires_grad_()))
     assert torch.equal(x.detach(), copy)
+
+
+@pytest.mark.parametrize("norm_first", [True, False], ids=["pre-norm", "post-norm"])
+def test_inference_in_place_equals_autograd_run_and_keeps_the_input(norm_first):
+    torch.manual_seed(0)
+    encoder = Encoder(D, H, 2, 32, dropout=0.0, norm_first=norm_first).eval()
+    x = torch.randn(4, 7, D)
+    copy = x.clone()
+    with torch.inference_mode():
+        dense, packed = encoder(x), encoder(x, key_padding_mask=ragged_mask())
+    assert torch.equal(x, copy)
+    x.requires_grad_()
+    assert_close(dense, encoder(x))
+    assert_close(packed, encoder(x, key_padding_mask=ragged_mask()))
 
 
 # ------------------------------------------------------------------ attention backends
