@@ -7,7 +7,7 @@ VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 
-.PHONY: install test lint train clean
+.PHONY: install test lint train bench clean
 
 $(STAMP): pyproject.toml constraints.txt
 	$(PYTHON) -m venv $(VENV)
@@ -25,6 +25,9 @@ test: lint
 
 train: $(STAMP)
 	$(BIN)/attention-train --config configs/toy_translation.yaml
+
+bench: $(STAMP)
+	$(BIN)/attention-bench --device cpu --config configs/bench/small.yaml
 
 clean:
 	rm -rf $(VENV) .pytest_cache .hypothesis .ruff_cache
