@@ -242,17 +242,21 @@ def attend(
         mask = mask & ~empty_rows if mask.dtype == torch.bool else mask.masked_fill(empty_rows, 0)
 
     if explicit:
-        scores = (q @ k.transpose(-2, -1)) * scale  # (b h i d) @ (b h d j) -> (b h i j)
+        # In place on the fresh (b h i j) scores: the product's backward needs q and k, not
+        # its output, and each out-of-place step would allocate and fill another copy.
+        scores = (q @ k.transpose(-2, -1)).mul_(scale)  # (b h i d) @ (b h d j) -> (b h i j)
         if mask is not None:
-            scores = scores.masked_fill(mask, float("-inf")) if mask.dtype == torch.bool \
-                else scores + mask
+            scores = scores.masked_fill_(mask, float("-inf")) if mask.dtype == torch.bool \
+                else scores.add_(mask)
         # Softmax in at least float32 (half-precision scores lose the small weights).
         weights = scores.softmax(dim=-1, dtype=torch.promote_types(q.dtype, torch.float32))
         weights = weights.to(q.dtype)
-        if empty_rows is not None:
-            weights = weights.masked_fill(empty_rows, 0.0)
         dropped = F.dropout(weights, p=dropout_p) if dropout_p > 0 else weights
         out = dropped @ v  # (b h i j) @ (b h j d) -> (b h i d)
+        if empty_rows is not None:  # zero rows with no key, on (b h i d), not (b h i j)
+            out = out.masked_fill(empty_rows, 0.0)
+            if need_weights:
+                weights = weights.masked_fill(empty_rows, 0.0)
         return out, weights if need_weights else None
 
     if mask is not None and mask.dtype == torch.bool:

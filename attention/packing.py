@@ -75,4 +75,5 @@ class Packing:
     def unpack(self, x: Tensor) -> Tensor:
         """``(t, ...)`` → ``(b, n, ...)``: the rows back in place, zeros at padding."""
         padded = x.new_zeros((self.batch * self.length, *x.shape[1:]))
-        return padded.index_copy(0, self.index, x).unflatten(0, (self.batch, self.length))
+        # In place into the fresh zeros: the out-of-place index_copy would copy them first.
+        return padded.index_copy_(0, self.index, x).unflatten(0, (self.batch, self.length))
