@@ -11,6 +11,9 @@ Contenders, all of the config's size, dropout 0, built by :func:`build_contender
 - ``ours-fused``: the same Encoder on its default path (fused SDPA);
 - ``ours-compiled``: ``torch.compile`` of the same Encoder (``dynamic=False``: a graph per
   shape, compiled during the warm-up);
+- ``ours-sdpa-math``, ``-flash``, ``-efficient``, ``-cudnn`` (only when asked for by name):
+  the same Encoder with ``F.scaled_dot_product_attention`` forced to that kernel, to compare
+  the kernels (a kernel the device lacks is recorded as an error);
 - ``torch-nobias``: ``nn.TransformerEncoder`` (pre-norm, batch first, ``bias=False``, a
   final LayerNorm as ours has), carrying our weights (``compat.to_torch``);
 - ``torch-bias``: the same with biases (torch's inference fast path needs them);
@@ -87,6 +90,7 @@ from .models import Encoder
 
 __all__ = [
     "CONTENDERS",
+    "DEFAULT_CONTENDERS",
     "BenchConfig",
     "Case",
     "Contender",
@@ -111,10 +115,14 @@ __all__ = [
 ]
 
 DEVICES = ("cpu", "cuda")
-OURS = ("ours-explicit", "ours-fused", "ours-compiled")
+# Our Encoder with F.scaled_dot_product_attention forced to one kernel (attention_backend):
+# opt-in contenders, to compare the kernels; one the device lacks is recorded as an error.
+SDPA_KERNELS = ("ours-sdpa-math", "ours-sdpa-flash", "ours-sdpa-efficient", "ours-sdpa-cudnn")
+OURS = ("ours-explicit", "ours-fused", "ours-compiled", *SDPA_KERNELS)
 TORCH_PEERS = ("torch-nobias", "torch-bias")
 PEERS = (*TORCH_PEERS, "x-transformers")
 CONTENDERS = (*OURS, *PEERS)
+DEFAULT_CONTENDERS = tuple(name for name in CONTENDERS if name not in SDPA_KERNELS)
 PASSES = ("inference", "training")
 CASES = ("dense", "padded")
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
@@ -304,9 +312,10 @@ def load_bench_config(path: str | os.PathLike, overrides: Sequence[str] = ()) ->
 
 
 def parse_contenders(text: str | None) -> list[str]:
-    """``"ours-fused,torch-bias"`` → the names in :data:`CONTENDERS` order; ``None``: all."""
+    """``"ours-fused,torch-bias"`` → the names in :data:`CONTENDERS` order; ``None``: the
+    :data:`DEFAULT_CONTENDERS` (all but the forced SDPA kernels)."""
     if text is None:
-        return list(CONTENDERS)
+        return list(DEFAULT_CONTENDERS)
     names = [name.strip() for name in text.split(",") if name.strip()]
     for name in names:
         if name not in CONTENDERS:
@@ -516,9 +525,13 @@ def build_contenders(config: BenchConfig, names: Sequence[str], device: torch.de
     contenders = {}
     for name in names:
         if name == "ours-explicit":
-            contenders[name] = Contender(name, built["ours"], _ours_forward(built["ours"], True))
+            contenders[name] = Contender(name, built["ours"],
+                                         _ours_forward(built["ours"], "explicit"))
         elif name == "ours-fused":
-            contenders[name] = Contender(name, built["ours"], _ours_forward(built["ours"], False))
+            contenders[name] = Contender(name, built["ours"], _ours_forward(built["ours"], "auto"))
+        elif name in SDPA_KERNELS:
+            contenders[name] = Contender(name, built["ours"], _ours_forward(
+                built["ours"], name.removeprefix("ours-sdpa-")))
         elif name == "ours-compiled":
             contenders[name] = Contender(name, built["ours"], _compiled_forward(
                 built["ours"], config.compile_backend))
@@ -532,12 +545,11 @@ def build_contenders(config: BenchConfig, names: Sequence[str], device: torch.de
     return contenders
 
 
-def _ours_forward(module: Encoder, explicit: bool) -> Callable[[Tensor, Case], Tensor]:
+def _ours_forward(module: Encoder, backend: str) -> Callable[[Tensor, Case], Tensor]:
+    """Our Encoder with :func:`attention_backend` ``backend`` (``"auto"``: the default)."""
     def forward(x: Tensor, case: Case) -> Tensor:
-        if explicit:
-            with attention_backend("explicit"):
-                return module(x, key_padding_mask=case.key_padding_mask)
-        return module(x, key_padding_mask=case.key_padding_mask)
+        with attention_backend(backend):
+            return module(x, key_padding_mask=case.key_padding_mask)
 
     return forward
 
@@ -930,7 +942,7 @@ def run_benchmark(config: BenchConfig, device: str = "cpu", *,
     """Measure every cell of ``config`` on ``device`` and return the report (see the module
     docstring; :func:`write_results` writes it). ``threads`` sets torch's CPU threads for
     the run; ``log`` receives progress lines and notices."""
-    names = list(CONTENDERS if contenders is None else contenders)
+    names = list(DEFAULT_CONTENDERS if contenders is None else contenders)
     for name in names:
         if name not in CONTENDERS:
             raise ConfigError(f"contenders: unknown {name!r}; expected some of "

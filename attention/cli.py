@@ -171,7 +171,9 @@ def bench_main(argv: list[str] | None = None) -> int:
                         help="alternated rounds (at least 5); overrides the config's")
     parser.add_argument("--contenders", default=None,
                         help="comma-separated subset of: ours-explicit, ours-fused, "
-                             "ours-compiled, torch-nobias, torch-bias, x-transformers")
+                             "ours-compiled, torch-nobias, torch-bias, x-transformers (the "
+                             "default), ours-sdpa-math, ours-sdpa-flash, ours-sdpa-efficient, "
+                             "ours-sdpa-cudnn (SDPA forced to one kernel)")
     args = parser.parse_intermixed_args(argv)
     if args.threads is not None and args.threads < 1:
         parser.error(f"--threads: expected a positive integer, got {args.threads}")

@@ -14,7 +14,7 @@ from torch import nn
 
 from attention import bench
 from attention.bench import (
-    CONTENDERS,
+    DEFAULT_CONTENDERS,
     OURS,
     PEERS,
     TORCH_PEERS,
@@ -54,7 +54,7 @@ def tiny_run(tmp_path_factory):
 
 def test_tiny_run_has_every_cell_well_formed(tiny_run):
     config, report, _, _ = tiny_run
-    contenders = [c for c in CONTENDERS if HAS_X_TRANSFORMERS or c != "x-transformers"]
+    contenders = [c for c in DEFAULT_CONTENDERS if HAS_X_TRANSFORMERS or c != "x-transformers"]
     assert report["contenders"] == contenders
     expected = set(itertools.product(contenders, config.passes, config.cases, [16, 32],
                                      ["float32"]))
@@ -201,6 +201,18 @@ def test_missing_x_transformers_is_skipped_with_a_notice(monkeypatch, tmp_path):
     assert report["cells"][0]["ratios"] == {}
     paths = write_results(report, tmp_path)
     assert all(p.is_file() for p in paths) and len(paths) == 2  # one length: no plot
+
+
+def test_forced_sdpa_kernels_run_where_the_device_has_them():
+    config = load_bench_config(TINY, one_cell())
+    names = ["ours-fused", "ours-sdpa-math", "ours-sdpa-flash", "ours-sdpa-cudnn", "torch-bias"]
+    report = run_benchmark(config, "cpu", contenders=names, log=lambda _: None)
+    cells = {c["contender"]: c for c in report["cells"]}
+    for name in ("ours-sdpa-math", "ours-sdpa-flash"):  # the CPU has these two
+        assert cells[name]["status"] == "ok" and "torch-bias" in cells[name]["ratios"]
+    assert cells["ours-sdpa-cudnn"]["status"] == "error"  # and not this one
+    assert "No viable backend" in cells["ours-sdpa-cudnn"]["error"]
+    assert "ours-sdpa-math" not in DEFAULT_CONTENDERS
 
 
 def test_a_failing_compile_is_recorded_not_raised():
