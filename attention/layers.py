@@ -28,14 +28,6 @@ ACTIVATIONS: dict[str, Callable[[Tensor], Tensor]] = {
     "silu": F.silu,
 }
 
-# The same functions writing into their input, for hidden activations no autograd graph keeps.
-_IN_PLACE: dict[str, Callable[[Tensor], Tensor]] = {
-    "relu": torch.relu_,
-    "gelu": torch.ops.aten.gelu_,
-    "gelu_tanh": partial(torch.ops.aten.gelu_, approximate="tanh"),
-    "silu": partial(F.silu, inplace=True),
-}
-
 
 def get_activation(activation: str | Callable[[Tensor], Tensor]) -> Callable[[Tensor], Tensor]:
     """The activation function named ``activation`` (or ``activation`` itself if callable)."""
@@ -67,29 +59,12 @@ class FeedForward(nn.Module):
         self.d_model = check_positive_int("d_model", d_model)
         self.d_ff = 4 * d_model if d_ff is None else check_positive_int("d_ff", d_ff)
         self.activation = get_activation(activation)
-        self._activation_in_place = _IN_PLACE.get(activation) if isinstance(activation, str) \
-            else None
         self.linear1 = nn.Linear(d_model, self.d_ff, bias=bias)
         self.dropout = nn.Dropout(check_probability("dropout", dropout))
         self.linear2 = nn.Linear(self.d_ff, d_model, bias=bias)
 
     def forward(self, x: Tensor) -> Tensor:
-        hidden = self.linear1(x)
-        if self._activation_in_place is not None and not hidden.requires_grad:
-            # Inference: write over the (tokens × d_ff) hidden layer instead of allocating
-            # another, which on the CPU costs page faults on every call.
-            hidden = self._activation_in_place(hidden)
-        else:
-            hidden = self.activation(hidden)
-        return self.linear2(self.dropout(hidden))
-
-
-def residual(x: Tensor, update: Tensor) -> Tensor:
-    """``x + update``, written into ``update`` (a sub-layer's fresh output) when no autograd
-    graph needs it: inference then allocates no tensor for the sum."""
-    if x.requires_grad or update.requires_grad or x.dtype != update.dtype:
-        return x + update
-    return update.add_(x)
+        return self.linear2(self.dropout(self.activation(self.linear1(x))))
 
 
 def _check_layer_input(name: str, x: object, d_model: int) -> Tensor:
@@ -152,6 +127,10 @@ class EncoderLayer(nn.Module):
         as :class:`attention.Encoder` does to gather and scatter once for the whole stack.
         """
         if packing is not None:
+            if key_padding_mask is not None or return_attention:
+                raise ValueError("packing: expected neither key_padding_mask nor "
+                                 "return_attention with packed input (the packing carries the "
+                                 "padding; weights need the padded layout)")
             x = check_tensor("x", x, [2], f"(real tokens, d_model={self.d_model})")
             check_size("x", x, -1, self.d_model, "d_model")
             return self._forward(x, None, attn_mask, is_causal, False, packing)
@@ -181,12 +160,12 @@ class EncoderLayer(nn.Module):
 
         if self.norm_first:
             attended, weights = self_attention(self.norm1(x))
-            x = residual(x, attended)
-            x = residual(x, self.dropout2(self.feed_forward(self.norm2(x))))
+            x = x + attended
+            x = x + self.dropout2(self.feed_forward(self.norm2(x)))
         else:
             attended, weights = self_attention(x)
-            x = self.norm1(residual(x, attended))
-            x = self.norm2(residual(x, self.dropout2(self.feed_forward(x))))
+            x = self.norm1(x + attended)
+            x = self.norm2(x + self.dropout2(self.feed_forward(x)))
         return (x, weights) if return_attention else x
 
 
@@ -277,13 +256,13 @@ class DecoderLayer(nn.Module):
             return self.dropout2(out), weights
 
         if self.norm_first:
-            x = residual(x, self_attention(self.norm1(x)))
+            x = x + self_attention(self.norm1(x))
             attended, weights = cross_attention(self.norm2(x))
-            x = residual(x, attended)
-            x = residual(x, self.dropout3(self.feed_forward(self.norm3(x))))
+            x = x + attended
+            x = x + self.dropout3(self.feed_forward(self.norm3(x)))
         else:
-            x = self.norm1(residual(x, self_attention(x)))
+            x = self.norm1(x + self_attention(x))
             attended, weights = cross_attention(x)
-            x = self.norm2(residual(x, attended))
-            x = self.norm3(residual(x, self.dropout3(self.feed_forward(x))))
+            x = self.norm2(x + attended)
+            x = self.norm3(x + self.dropout3(self.feed_forward(x)))
         return (x, weights) if return_attention else x

@@ -32,18 +32,21 @@ except ImportError:  # pragma: no cover - older torch
 __all__ = ["KVCache", "MultiHeadAttention", "can_use_varlen"]
 
 
-def can_use_varlen(device: torch.device, dtype: torch.dtype, *, masked: bool, dropout_p: float,
-                   rotary: bool) -> bool:
+def can_use_varlen(device: torch.device, dtype: torch.dtype, d_head: int, *, masked: bool,
+                   dropout_p: float, rotary: bool) -> bool:
     """Whether packed self-attention runs on torch's variable-length flash kernel.
 
-    It needs CUDA and 16-bit floats, and has no attention mask, dropout or position offsets
-    (rotary); ``attention_backend`` other than ``"auto"`` also turns it off. Otherwise the
-    packed tokens attend on the padded layout.
+    It needs a CUDA GPU of compute capability 8.0 or newer, 16-bit floats and a head size
+    that is a multiple of 8 up to 256 (the flash kernel's limits), and takes no attention
+    mask, dropout or position offsets (rotary); ``attention_backend`` other than ``"auto"``
+    also turns it off. Otherwise the packed tokens attend on the padded layout.
     """
     return (varlen_attn is not None and device.type == "cuda"
             and dtype in (torch.float16, torch.bfloat16)
+            and d_head % 8 == 0 and d_head <= 256
             and not masked and dropout_p == 0.0 and not rotary
-            and functional._backend == "auto")
+            and functional._backend == "auto"
+            and torch.cuda.get_device_capability(device)[0] >= 8)
 
 
 class KVCache:
@@ -72,6 +75,8 @@ class KVCache:
         if self.k is not None and self.v is not None:
             k = torch.cat((self.k, k), dim=-2)  # (b h n d) ++ (b h m d) -> (b h n+m d)
             v = torch.cat((self.v, v), dim=-2)
+        else:  # own copies: k and v may be views into a larger fused q/k/v output
+            k, v = k.contiguous(), v.contiguous()
         self.k, self.v = k, v
         return k, v
 
@@ -218,13 +223,25 @@ class MultiHeadAttention(nn.Module):
 
         The three weights stay separate parameters (each trained, saved and loaded by its
         own name); they are concatenated for the product, which costs a copy of the weights,
-        not of the activations.
+        not of the activations. A projection that is not a plain ``nn.Linear`` without hooks
+        (quantized, pruned, wrapped, hooked) runs its own forward instead, so what it adds
+        is kept.
         """
+        if not self._plain_projections():
+            return torch.cat((self.q_proj(x), self.k_proj(x), self.v_proj(x)), dim=-1)
         weight = torch.cat((self.q_proj.weight, self.k_proj.weight, self.v_proj.weight))
         bias = None
         if self.q_proj.bias is not None:
             bias = torch.cat((self.q_proj.bias, self.k_proj.bias, self.v_proj.bias))
         return F.linear(x, weight, bias)
+
+    def _plain_projections(self) -> bool:
+        """Whether q/k/v_proj may be read as bare weights: exactly ``nn.Linear``, no hooks."""
+        projections = (self.q_proj, self.k_proj, self.v_proj)
+        return (all(type(p) is nn.Linear and not p._forward_hooks and not p._forward_pre_hooks
+                    for p in projections)
+                and not nn.modules.module._global_forward_hooks
+                and not nn.modules.module._global_forward_pre_hooks)
 
     def _packed_self_attention(
         self,
@@ -256,8 +273,9 @@ class MultiHeadAttention(nn.Module):
         dropout_p = self.dropout if self.training else 0.0
         qkv = self.project_qkv(query)  # (t, 3·d_model)
 
-        if can_use_varlen(qkv.device, qkv.dtype, masked=attn_mask is not None,
-                          dropout_p=dropout_p, rotary=self.rotary is not None):
+        if can_use_varlen(qkv.device, qkv.dtype, self.d_head, masked=attn_mask is not None,
+                          dropout_p=dropout_p, rotary=self.rotary is not None) \
+                and packing.tokens:  # a batch of padding only has nothing to attend
             q, k, v = rearrange(qkv, "t (three h d) -> three t h d", three=3, h=self.n_heads)
             max_len = packing.max_seqlen()
             out = varlen_attn(q, k, v, packing.cu_seqlens, packing.cu_seqlens, max_len, max_len,

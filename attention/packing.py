@@ -41,6 +41,9 @@ class Packing:
     @classmethod
     def from_mask(cls, key_padding_mask: Tensor) -> Packing:
         """The packing of a ``(b, n)`` boolean mask, ``True`` at padding."""
+        if not isinstance(key_padding_mask, Tensor):
+            raise TypeError("key_padding_mask: expected a bool Tensor (batch, length), got "
+                            f"{type(key_padding_mask).__name__}")
         if key_padding_mask.dim() != 2:
             raise ValueError("key_padding_mask: expected a 2-D (batch, length) mask, got shape "
                              f"{shape_of(key_padding_mask)}")

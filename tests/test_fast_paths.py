@@ -1,8 +1,8 @@
 """The speed paths give the results of the plain computation.
 
 Padded batches run on their real tokens only (same results on real positions, zeros at
-padding, forward and backward); inference writes activations and residual sums in place
-without touching the caller's input; the attention backend switch and the kernel choice."""
+padding, forward and backward); the fused q/k/v product steps aside for hooked or replaced
+projections; the attention backend switch and the kernel choice."""
 
 from __future__ import annotations
 
@@ -13,7 +13,7 @@ import torch
 from torch.nn.attention import SDPBackend
 from torch.testing import assert_close
 
-from attention import Encoder, EncoderLayer, FeedForward, MultiHeadAttention
+from attention import Encoder, EncoderLayer, MultiHeadAttention
 from attention.functional import BACKENDS, attend, attention_backend, sdpa_priority
 from attention.multihead import can_use_varlen
 from attention.packing import Packing
@@ -130,30 +130,38 @@ def test_dropout_in_training_stays_on_the_packed_path():
     assert out.isfinite().all() and not out[ragged_mask()].any()
 
 
-@pytest.mark.parametrize("activation", ["relu", "gelu", "gelu_tanh", "silu"])
-def test_feed_forward_in_inference_equals_training_and_leaves_its_input(activation):
+def test_hooked_or_replaced_projections_run_their_own_forward():
+    """The fused q/k/v product reads bare weights only from plain, unhooked nn.Linear."""
     torch.manual_seed(0)
-    ff = FeedForward(D, 32, activation=activation)
-    x = torch.randn(3, D)
-    copy = x.clone()
-    with torch.inference_mode():
-        in_place = ff(x)
-    assert_close(in_place, ff(x.requires_grad_()))
-    assert torch.equal(x.detach(), copy)
+    mha = MultiHeadAttention(D, H).eval()
+    x = torch.randn(2, 5, D)
+    seen = []
+    handle = mha.q_proj.register_forward_hook(lambda module, args, out: seen.append(out))
+    assert_close(mha(x)[0], mha(x, x, x)[0])
+    assert len(seen) == 2
+    handle.remove()
+
+    class Doubled(torch.nn.Module):  # a wrapper, as LoRA or quantization put in place
+        def __init__(self, inner):
+            super().__init__()
+            self.inner = inner
+
+        def forward(self, x):
+            return 2 * self.inner(x)
+
+    plain = mha(x)[0]
+    mha.v_proj = Doubled(mha.v_proj)
+    assert_close(mha(x)[0], 2 * plain, atol=1e-5, rtol=1e-5)  # out_proj is linear in v
 
 
-@pytest.mark.parametrize("norm_first", [True, False], ids=["pre-norm", "post-norm"])
-def test_inference_in_place_equals_autograd_run_and_keeps_the_input(norm_first):
-    torch.manual_seed(0)
-    encoder = Encoder(D, H, 2, 32, dropout=0.0, norm_first=norm_first).eval()
-    x = torch.randn(4, 7, D)
-    copy = x.clone()
-    with torch.inference_mode():
-        dense, packed = encoder(x), encoder(x, key_padding_mask=ragged_mask())
-    assert torch.equal(x, copy)
-    x.requires_grad_()
-    assert_close(dense, encoder(x))
-    assert_close(packed, encoder(x, key_padding_mask=ragged_mask()))
+def test_packed_layer_refuses_a_second_mask():
+    layer = EncoderLayer(D, H)
+    packing = Packing.from_mask(ragged_mask())
+    tokens = torch.randn(packing.tokens, D)
+    with pytest.raises(ValueError, match="packing: expected neither key_padding_mask"):
+        layer(tokens, key_padding_mask=ragged_mask(), packing=packing)
+    with pytest.raises(TypeError, match="key_padding_mask: expected a bool Tensor"):
+        Packing.from_mask([[True]])
 
 
 # ------------------------------------------------------------------ attention backends
@@ -209,11 +217,16 @@ def test_auto_puts_cudnn_first_on_hopper_only():
 def test_varlen_kernel_only_where_it_applies():
     cuda, bf16 = torch.device("cuda"), torch.bfloat16
     plain = dict(masked=False, dropout_p=0.0, rotary=False)
-    assert can_use_varlen(cuda, bf16, **plain)
-    assert not can_use_varlen(torch.device("cpu"), bf16, **plain)
-    assert not can_use_varlen(cuda, torch.float32, **plain)
-    assert not can_use_varlen(cuda, bf16, **{**plain, "masked": True})
-    assert not can_use_varlen(cuda, bf16, **{**plain, "dropout_p": 0.1})
-    assert not can_use_varlen(cuda, bf16, **{**plain, "rotary": True})
-    with attention_backend("explicit"):
-        assert not can_use_varlen(cuda, bf16, **plain)
+    with mock.patch("torch.cuda.get_device_capability", return_value=(9, 0)):
+        assert can_use_varlen(cuda, bf16, 64, **plain)
+        assert not can_use_varlen(torch.device("cpu"), bf16, 64, **plain)
+        assert not can_use_varlen(cuda, torch.float32, 64, **plain)
+        assert not can_use_varlen(cuda, bf16, 12, **plain)  # not a multiple of 8
+        assert not can_use_varlen(cuda, bf16, 320, **plain)  # beyond the kernel's 256
+        assert not can_use_varlen(cuda, bf16, 64, **{**plain, "masked": True})
+        assert not can_use_varlen(cuda, bf16, 64, **{**plain, "dropout_p": 0.1})
+        assert not can_use_varlen(cuda, bf16, 64, **{**plain, "rotary": True})
+        with attention_backend("explicit"):
+            assert not can_use_varlen(cuda, bf16, 64, **plain)
+    with mock.patch("torch.cuda.get_device_capability", return_value=(7, 5)):  # T4
+        assert not can_use_varlen(cuda, bf16, 64, **plain)
