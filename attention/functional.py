@@ -62,8 +62,9 @@ def attention_backend(backend: str) -> Iterator[None]:
 def sdpa_priority(device: torch.device) -> list[SDPBackend] | None:
     """The kernels ``"auto"`` tries on ``device``, best first; ``None`` keeps torch's order.
 
-    On Hopper (compute capability 9.x) cuDNN's attention comes first: it has been measured
-    1.7–2.3× faster than the flash kernel there for training shapes, and slower on A100.
+    On Hopper (compute capability 9.x) cuDNN's attention comes first: it has been reported
+    1.7–2.3× faster than the flash kernel there for training shapes, and slower on A100
+    (a figure from the benchmark issue, not yet measured with this package).
     A kernel that cannot take the inputs (a mask, a dtype) is skipped, so the order only
     changes speed, never results.
     """
