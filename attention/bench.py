@@ -84,7 +84,7 @@ import torch
 from torch import Tensor, nn
 
 from ._files import write_atomic
-from .config import ConfigError, _check_value
+from .config import ConfigError, _check_value, read_yaml_mapping
 from .functional import attention_backend
 from .models import Encoder
 
@@ -296,18 +296,8 @@ def apply_bench_overrides(raw: dict[str, Any], assignments: Sequence[str]) -> di
 
 def load_bench_config(path: str | os.PathLike, overrides: Sequence[str] = ()) -> BenchConfig:
     """Read a bench YAML file (its stem names the config), apply overrides, check it all."""
-    import yaml
-
     path = Path(path)
-    if not path.is_file():
-        raise ConfigError(f"--config: file not found: {path}")
-    try:
-        raw = yaml.safe_load(path.read_text(encoding="utf-8")) or {}
-    except yaml.YAMLError as error:
-        raise ConfigError(f"--config: {path} is not valid YAML: {error}") from None
-    if not isinstance(raw, dict):
-        raise ConfigError(f"--config: expected {path} to hold a mapping of keys to values, "
-                          f"got a {type(raw).__name__}")
+    raw = read_yaml_mapping(path, "a mapping of keys to values")
     return BenchConfig.from_dict(apply_bench_overrides(raw, overrides), name=path.stem)
 
 

@@ -353,10 +353,9 @@ def apply_overrides(raw: dict[str, Any], assignments: list[str]) -> dict[str, An
     return raw
 
 
-def load_config(path: str | Path, overrides: list[str] | None = None) -> Config:
-    """Read a YAML config (the run's ``name`` defaults to the file's stem), apply the
-    overrides, then check the result."""
-    path = Path(path)
+def read_yaml_mapping(path: Path, what: str) -> dict[str, Any]:
+    """The mapping a ``--config`` YAML file holds (empty file: ``{}``); ``what`` describes
+    the mapping expected, for the error when the file holds something else."""
     if not path.is_file():
         raise ConfigError(f"--config: file not found: {path}")
     try:
@@ -364,7 +363,15 @@ def load_config(path: str | Path, overrides: list[str] | None = None) -> Config:
     except yaml.YAMLError as error:
         raise ConfigError(f"--config: {path} is not valid YAML: {error}") from None
     if not isinstance(raw, dict):
-        raise ConfigError(f"--config: expected {path} to hold a mapping with sections "
-                          f"{list(SECTIONS)}, got a {type(raw).__name__}")
+        raise ConfigError(f"--config: expected {path} to hold {what}, got a "
+                          f"{type(raw).__name__}")
+    return raw
+
+
+def load_config(path: str | Path, overrides: list[str] | None = None) -> Config:
+    """Read a YAML config (the run's ``name`` defaults to the file's stem), apply the
+    overrides, then check the result."""
+    path = Path(path)
+    raw = read_yaml_mapping(path, f"a mapping with sections {list(SECTIONS)}")
     raw.setdefault("name", path.stem)
     return Config.from_dict(apply_overrides(raw, overrides or []), base_dir=path.parent)
