@@ -23,7 +23,7 @@ import sys
 import tempfile
 from pathlib import Path
 
-from attention.plotting import read_metrics
+from attention.translation.plotting import read_metrics
 
 ROOT = Path(__file__).resolve().parents[1]
 DEFAULT_SETTINGS = ["1 process x 2 threads=1:2:1", "1 process x 2 threads, accumulating 2=1:2:2",

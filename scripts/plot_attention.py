@@ -1,11 +1,11 @@
-"""`python scripts/plot_attention.py --help`: the console command; see attention/cli.py."""
+"""`python scripts/plot_attention.py --help`: the console command (attention.translation.cli)."""
 
 import sys
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a clone, uninstalled
 
-from attention.cli import plot_attention_main  # noqa: E402
+from attention.translation.cli import plot_attention_main  # noqa: E402
 
 if __name__ == "__main__":
     sys.exit(plot_attention_main())

@@ -1,11 +1,11 @@
-"""`python scripts/train.py --help`: the same as the console command; see attention/cli.py."""
+"""`python scripts/train.py --help`: the console command (attention.translation.cli)."""
 
 import sys
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a clone, uninstalled
 
-from attention.cli import train_main  # noqa: E402
+from attention.translation.cli import train_main  # noqa: E402
 
 if __name__ == "__main__":
     sys.exit(train_main())

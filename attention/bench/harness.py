@@ -83,10 +83,10 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-from ._files import write_atomic
-from .config import ConfigError, _check_value, read_yaml_mapping
-from .functional import attention_backend
-from .models import Encoder
+from ..functional import attention_backend
+from ..models import Encoder
+from ..translation.config import ConfigError, _check_value, read_yaml_mapping
+from ..translation.files import write_atomic
 
 __all__ = [
     "CONTENDERS",
@@ -131,7 +131,7 @@ MATMUL_SIZE = {"cpu": 2048, "cuda": 8192}
 MATMUL_RUNS = 5  # the peak is the best of these, after one warm-up
 MEMORY_RUNS = 2  # runs after the warm-up in a CPU memory subprocess
 MIB = 2**20
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 
 
 # ----------------------------------------------------------------------------- config
@@ -458,7 +458,7 @@ def build_ours(config: BenchConfig) -> Encoder:
 
 def build_torch(config: BenchConfig, bias: bool) -> nn.TransformerEncoder:
     """torch.nn's pre-norm encoder of the config's size, with a final LayerNorm as ours."""
-    from .layers import ACTIVATIONS as FUNCTIONS
+    from ..layers import ACTIVATIONS as FUNCTIONS
 
     activation = config.activation if config.activation in ("relu", "gelu") else \
         FUNCTIONS[config.activation]
@@ -492,7 +492,7 @@ def build_contenders(config: BenchConfig, names: Sequence[str], device: torch.de
     """The named contenders on ``device`` in ``dtype``, seeded; ``ours-*`` share one Encoder,
     and ``torch-nobias`` carries its weights. x-transformers must import (see
     :func:`x_transformers_status`)."""
-    from .compat import to_torch
+    from ..compat import to_torch
 
     torch.manual_seed(config.seed)
     ours = build_ours(config)
@@ -734,7 +734,7 @@ def check_against_torch(ours: Encoder, theirs: nn.Module, x: Tensor,
 # ----------------------------------------------------------------------- CPU memory
 
 
-_CHILD = "import sys; from attention.bench import _rss_child; _rss_child(sys.argv[1])"
+_CHILD = "import sys; from attention.bench.harness import _rss_child; _rss_child(sys.argv[1])"
 
 
 def measure_cpu_peak_rss(config: BenchConfig, name: str, length: int, dtype: str,
@@ -1153,7 +1153,7 @@ def plot_scaling(report: dict[str, Any], path: str | os.PathLike) -> Path:
     from matplotlib.figure import Figure
     from matplotlib.ticker import LogFormatter, NullFormatter
 
-    from .plotting import _save_png
+    from ..translation.plotting import _save_png
 
     cases = report["config"]["cases"]
     case = "dense" if "dense" in cases else cases[0]

@@ -12,8 +12,9 @@ import pytest
 import torch
 from torch import nn
 
-from attention import bench
-from attention.bench import (
+from attention.bench import harness as bench
+from attention.bench.cli import main as bench_main
+from attention.bench.harness import (
     DEFAULT_CONTENDERS,
     OURS,
     PEERS,
@@ -30,10 +31,9 @@ from attention.bench import (
     run_group,
     write_results,
 )
-from attention.cli import bench_main
-from attention.config import ConfigError
+from attention.translation.config import ConfigError
 
-TINY = Path(__file__).resolve().parents[1] / "configs" / "bench" / "tiny.yaml"
+TINY = Path(__file__).resolve().parents[2] / "configs" / "bench" / "tiny.yaml"
 HAS_X_TRANSFORMERS = bench.x_transformers_status() is None
 
 

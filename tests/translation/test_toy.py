@@ -1,6 +1,7 @@
 """The toy language pair: reproducible, disjoint splits, and the grammar a model must learn.
 
-The grammar tests check the properties the toy pair exists for (see attention/data/toy.py):
+The grammar tests check the properties the toy pair exists for (see
+attention/translation/data/toy.py):
 agreement and tense markers aligned to the source word that decides them, and the verb moved
 after its object. The lexicon comes from the module; what each marker means is written here.
 """
@@ -9,7 +10,7 @@ from __future__ import annotations
 
 import pytest
 
-from attention.data.toy import (
+from attention.translation.data.toy import (
     ADVERBS,
     INTRANSITIVE,
     NOUNS,

@@ -16,12 +16,12 @@ import torch
 from hypothesis import given
 from hypothesis import strategies as st
 
-from attention.config import ConfigError, load_config
-from attention.distributed import Distributed, distributed_session, shard
-from attention.plotting import read_metrics
-from attention.training import train
+from attention.translation.config import ConfigError, load_config
+from attention.translation.distributed import Distributed, distributed_session, shard
+from attention.translation.plotting import read_metrics
+from attention.translation.training import train
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 TINY = ROOT / "configs" / "tiny.yaml"
 # Dropout off: ranks draw their own dropout masks, so only a deterministic model can match one
 # process bit for bit (up to the order of float additions).
@@ -210,7 +210,7 @@ def two_gpus(monkeypatch):
 
 @pytest.mark.parametrize("name", ["auto", "cuda"])
 def test_each_cuda_rank_takes_the_gpu_of_its_local_rank(two_gpus, name):
-    from attention.distributed import _rank_device
+    from attention.translation.distributed import _rank_device
 
     assert _rank_device(name, 1) == torch.device("cuda", 1)
     assert two_gpus == [torch.device("cuda", 1)]
@@ -218,14 +218,14 @@ def test_each_cuda_rank_takes_the_gpu_of_its_local_rank(two_gpus, name):
 
 
 def test_one_named_gpu_for_every_rank_is_refused(two_gpus):
-    from attention.distributed import _rank_device
+    from attention.translation.distributed import _rank_device
 
     with pytest.raises(ConfigError, match=r"train\.device: .*expected auto or cuda, got 'cuda:1'"):
         _rank_device("cuda:1", 0)
 
 
 def test_more_processes_than_gpus_is_a_clear_error(two_gpus):
-    from attention.distributed import _rank_device
+    from attention.translation.distributed import _rank_device
 
     with pytest.raises(ConfigError, match=r"LOCAL_RANK=2 needs GPU 2, but this machine has 2"):
         _rank_device("cuda", 2)

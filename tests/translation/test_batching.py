@@ -7,7 +7,7 @@ import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from attention.data.batching import collate, token_batches
+from attention.translation.data.batching import collate, token_batches
 
 SETTINGS = settings(max_examples=50, deadline=None)
 

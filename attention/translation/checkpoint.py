@@ -13,9 +13,9 @@ from typing import Any
 
 import torch
 
-from ._files import write_atomic
+from ..models import Transformer
 from .config import Config, ModelConfig
-from .models import Transformer
+from .files import write_atomic
 
 __all__ = [
     "FORMAT",

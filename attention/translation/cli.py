@@ -1,5 +1,5 @@
 """Command-line entry points: ``attention-train``, ``attention-translate``,
-``attention-plot-attention``, ``attention-bench`` (and the same as ``python scripts/NAME.py``).
+``attention-plot-attention`` (and the same as ``python scripts/NAME.py``).
 
 Each parses its arguments and calls the library; errors a user can fix are printed as one
 line with the exit status 2 (bad arguments or config), 1 (the run failed) or 130 (Ctrl-C).
@@ -8,11 +8,10 @@ line with the exit status 2 (bad arguments or config), 1 (the run failed) or 130
 from __future__ import annotations
 
 import argparse
-import shlex
 import sys
 from pathlib import Path
 
-__all__ = ["bench_main", "plot_attention_main", "train_main", "translate_main"]
+__all__ = ["plot_attention_main", "train_main", "translate_main"]
 
 
 def _fail(message: str, status: int) -> int:
@@ -147,71 +146,5 @@ def plot_attention_main(argv: list[str] | None = None) -> int:
     ]
     print(translation)
     for path in paths:
-        print(f"wrote {path}", file=sys.stderr)
-    return 0
-
-
-def bench_main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(
-        prog="attention-bench",
-        description="Time this package's Encoder (explicit, fused, compiled) against "
-                    "torch.nn.TransformerEncoder and x-transformers; print a table and write "
-                    "DEVICE-CONFIG-DATE.json and .md (and a .png for several lengths).",
-        epilog="Example: attention-bench --device cpu --config configs/bench/small.yaml "
-               "repeats=7")
-    parser.add_argument("--device", required=True, choices=["cpu", "cuda"])
-    parser.add_argument("--config", required=True, help="YAML file, e.g. configs/bench/small.yaml")
-    parser.add_argument("overrides", nargs="*", metavar="key=value",
-                        help="override config values, e.g. lengths=[256] cpu_peak_rss=false")
-    parser.add_argument("--threads", type=int, default=None,
-                        help="torch CPU threads (default: 2 on cpu, torch's own on cuda)")
-    parser.add_argument("--out", type=Path, default=Path("benchmarks/results"),
-                        help="folder for the result files")
-    parser.add_argument("--repeats", type=int, default=None,
-                        help="alternated rounds (at least 5); overrides the config's")
-    parser.add_argument("--contenders", default=None,
-                        help="comma-separated subset of: ours-explicit, ours-fused, "
-                             "ours-compiled, torch-nobias, torch-bias, x-transformers (the "
-                             "default), ours-sdpa-math, ours-sdpa-flash, ours-sdpa-efficient, "
-                             "ours-sdpa-cudnn (SDPA forced to one kernel)")
-    args = parser.parse_intermixed_args(argv)
-    if args.threads is not None and args.threads < 1:
-        parser.error(f"--threads: expected a positive integer, got {args.threads}")
-    # The command line, as the results record it: python scripts/bench.py or attention-bench.
-    program = sys.argv[0] if argv is None else "attention-bench"
-    program_words = ["python", program] if program.endswith(".py") else [Path(program).name]
-    command = shlex.join([*program_words, *(sys.argv[1:] if argv is None else argv)])
-
-    import torch
-
-    from .bench import (
-        format_table,
-        load_bench_config,
-        parse_contenders,
-        run_benchmark,
-        write_results,
-    )
-    from .config import ConfigError
-
-    if args.device == "cuda" and not torch.cuda.is_available():
-        return _fail(f"--device: cuda requested, but this machine has no CUDA device "
-                     f"(torch {torch.__version__}); use --device cpu", 2)
-    overrides = list(args.overrides)
-    if args.repeats is not None:
-        overrides.append(f"repeats={args.repeats}")
-    threads = args.threads if args.threads is not None else (
-        2 if args.device == "cpu" else None)
-    try:
-        config = load_bench_config(args.config, overrides)
-        contenders = parse_contenders(args.contenders)
-        report = run_benchmark(config, args.device, contenders=contenders, threads=threads,
-                               command=command)
-    except ConfigError as error:
-        return _fail(str(error), 2)
-    except KeyboardInterrupt:
-        print("interrupted: no results written", file=sys.stderr)
-        return 130
-    print(format_table(report))
-    for path in write_results(report, args.out):
         print(f"wrote {path}", file=sys.stderr)
     return 0

@@ -18,7 +18,7 @@ import torch
 from matplotlib.figure import Figure
 from matplotlib.ticker import FuncFormatter
 
-from ._files import write_atomic
+from .files import write_atomic
 
 __all__ = ["plot_attention_grid", "plot_curves", "read_metrics"]
 

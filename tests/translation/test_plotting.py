@@ -8,7 +8,7 @@ pytest.importorskip("matplotlib")
 from matplotlib.figure import Figure  # noqa: E402
 from matplotlib.image import imread  # noqa: E402
 
-from attention.plotting import plot_attention_grid, plot_curves, read_metrics  # noqa: E402
+from attention.translation.plotting import plot_attention_grid, plot_curves, read_metrics  # noqa: E402
 
 PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
 

@@ -32,6 +32,7 @@ from tokenizers import Tokenizer
 from torch import Tensor, nn
 from tqdm import tqdm
 
+from ..models import Transformer
 from .checkpoint import (
     config_from_checkpoint,
     load_checkpoint,
@@ -43,7 +44,6 @@ from .config import Config, ConfigError, TrainConfig
 from .data import PAD_ID, ParallelData, load_splits, token_batches, train_tokenizer
 from .distributed import Distributed, distributed_session, elastic_restart, shard
 from .metrics import alignment_hits, best_alignment_head, bleu, exact_match
-from .models import Transformer
 from .translator import Translator
 
 __all__ = ["NonFiniteLossError", "TrainingInterrupted", "evaluate", "train",

@@ -14,15 +14,15 @@ from pathlib import Path
 import pytest
 import torch
 
-from attention.checkpoint import load_checkpoint, save_checkpoint
-from attention.cli import plot_attention_main, translate_main
-from attention.config import load_config
 from attention.decoding import beam_search, greedy_search
-from attention.plotting import read_metrics
-from attention.training import NonFiniteLossError, train
-from attention.translator import Translator
+from attention.translation.checkpoint import load_checkpoint, save_checkpoint
+from attention.translation.cli import plot_attention_main, translate_main
+from attention.translation.config import load_config
+from attention.translation.plotting import read_metrics
+from attention.translation.training import NonFiniteLossError, train
+from attention.translation.translator import Translator
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 TINY = ROOT / "configs" / "tiny.yaml"
 
 
@@ -111,7 +111,7 @@ def test_a_non_finite_loss_stops_the_run_naming_the_step_and_keeps_the_best_chec
     best = config.run_path / "checkpoint_best.pt"
     before = digest(best)
 
-    import attention.training as training
+    import attention.translation.training as training
 
     real_loss, calls = training.sequence_loss, []
 
@@ -230,7 +230,7 @@ def test_plot_command_writes_both_heatmaps(tiny_run, tmp_path, capsys):
 
 
 def test_learning_rate_schedules_warm_up_then_decay():
-    from attention.training import cosine_schedule, inverse_sqrt_schedule
+    from attention.translation.training import cosine_schedule, inverse_sqrt_schedule
 
     cosine, inverse_sqrt = cosine_schedule(10, 100), inverse_sqrt_schedule(10)
     assert [round(cosine(s), 6) for s in (0, 4, 9)] == [0.1, 0.5, 1.0]
@@ -240,7 +240,7 @@ def test_learning_rate_schedules_warm_up_then_decay():
 
 
 def test_cosine_schedule_needs_max_steps(tmp_path):
-    from attention.config import ConfigError
+    from attention.translation.config import ConfigError
 
     with pytest.raises(ConfigError, match="train.max_steps"):
         tiny_config(tmp_path, "train.schedule=cosine", "train.max_steps=null",
@@ -248,7 +248,7 @@ def test_cosine_schedule_needs_max_steps(tmp_path):
 
 
 def test_a_training_set_emptied_by_the_length_limit_is_an_error_not_a_hang(tmp_path):
-    from attention.config import ConfigError
+    from attention.translation.config import ConfigError
 
     config = tiny_config(tmp_path, "model.max_len=3")
     with pytest.raises(ConfigError, match="model.max_len"):
@@ -256,7 +256,7 @@ def test_a_training_set_emptied_by_the_length_limit_is_an_error_not_a_hang(tmp_p
 
 
 def test_resume_refuses_a_changed_learning_rate(tmp_path):
-    from attention.config import ConfigError
+    from attention.translation.config import ConfigError
 
     train(tiny_config(tmp_path, "train.max_steps=2", "train.eval_every=2"),
           progress_bar=False, log=lambda message: None)
@@ -275,7 +275,7 @@ def test_written_files_are_readable_by_others(tiny_run):
 
 def test_a_user_corpus_trains_with_bpe_and_translates(tmp_path):
     """Two line-aligned files for training, tab-separated files for val and test."""
-    from attention.data import generate_pairs
+    from attention.translation.data import generate_pairs
 
     pairs = generate_pairs(260, seed=7)
     train_pairs, val_pairs, test_pairs = pairs[:200], pairs[200:230], pairs[230:]

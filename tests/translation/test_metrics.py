@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from attention.metrics import alignment_hits, bleu, exact_match
+from attention.translation.metrics import alignment_hits, bleu, exact_match
 
 REFERENCES = [
     "A man in a blue shirt is riding a bike down the street .",
@@ -97,7 +97,7 @@ def test_alignment_hits_checks_the_batch():
 
 
 def test_best_alignment_head_is_the_layer_and_head_with_most_hits():
-    from attention.metrics import best_alignment_head
+    from attention.translation.metrics import best_alignment_head
 
     hits = torch.tensor([[3, 9, 1], [9, 2, 10]])
     assert best_alignment_head(hits) == (1, 2)

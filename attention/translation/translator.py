@@ -14,12 +14,12 @@ import torch
 from tokenizers import Tokenizer
 from torch import Tensor
 
+from ..models import Transformer
+from ..positional import LearnedPositionalEncoding
 from .checkpoint import config_from_checkpoint, load_checkpoint, model_from_config
 from .config import EvalConfig
 from .data.batching import collate
 from .data.tokenizer import BOS_ID, EOS_ID, PAD_ID
-from .models import Transformer
-from .positional import LearnedPositionalEncoding
 
 __all__ = ["Translator", "resolve_device"]
 

@@ -9,8 +9,8 @@ from pathlib import Path
 import pytest
 import torch
 
-from attention.cli import train_main
-from attention.config import (
+from attention.translation.cli import train_main
+from attention.translation.config import (
     Config,
     ConfigError,
     DataConfig,
@@ -19,9 +19,9 @@ from attention.config import (
     TrainConfig,
     load_config,
 )
-from attention.data.corpus import multi30k_files
+from attention.translation.data.corpus import multi30k_files
 
-CONFIGS = Path(__file__).resolve().parents[1] / "configs"
+CONFIGS = Path(__file__).resolve().parents[2] / "configs"
 TINY = CONFIGS / "tiny.yaml"
 
 

@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 from tokenizers import Tokenizer
 
-from attention.data.tokenizer import (
+from attention.translation.data.tokenizer import (
     BOS_ID,
     EOS_ID,
     PAD_ID,
@@ -13,7 +13,7 @@ from attention.data.tokenizer import (
     UNK_ID,
     train_tokenizer,
 )
-from attention.data.toy import generate_pairs
+from attention.translation.data.toy import generate_pairs
 
 CORPUS = [
     "Der Bär läuft schnell über die Straße.",
