@@ -16,6 +16,7 @@ other way round (``True`` = may attend); the conversion happens once, in :func:`
 from __future__ import annotations
 
 import contextlib
+import contextvars
 from collections.abc import Iterator
 
 import torch
@@ -25,8 +26,8 @@ from torch.nn.attention import SDPBackend, sdpa_kernel
 
 from ._checks import check_choice, check_mask, check_probability, check_tensor, shape_of
 
-__all__ = ["BACKENDS", "attend", "attention_backend", "causal_mask", "merge_masks",
-           "sdpa_priority"]
+__all__ = ["BACKENDS", "attend", "attention_backend", "causal_mask", "current_backend",
+           "merge_masks", "sdpa_priority"]
 
 # "auto": the fused kernel in the order sdpa_priority() gives; "explicit": the textbook
 # computation even without weights; the rest force one F.scaled_dot_product_attention kernel.
@@ -37,7 +38,19 @@ _SDPA_BACKENDS = {
     "efficient": SDPBackend.EFFICIENT_ATTENTION,
     "cudnn": SDPBackend.CUDNN_ATTENTION,
 }
-_backend = "auto"
+# A context variable, not a module global: each thread and each asyncio task sees the
+# choice made in its own context.
+_backend: contextvars.ContextVar[str] = contextvars.ContextVar("attention_backend",
+                                                               default="auto")
+
+
+# torch.compile cannot trace ContextVar.get: it calls this once while compiling and keeps
+# the answer, so a compiled module runs on the backend chosen where it was compiled.
+@torch.compiler.assume_constant_result
+def current_backend() -> str:
+    """The backend :func:`attend` runs on here: the innermost :func:`attention_backend`
+    block's choice in this thread or task, ``"auto"`` outside any block."""
+    return _backend.get()
 
 
 @contextlib.contextmanager
@@ -51,12 +64,11 @@ def attention_backend(backend: str) -> Iterator[None]:
     for instance ``"cudnn"`` on the CPU). Blocks nest; the previous choice comes back on exit.
     """
     check_choice("backend", backend, BACKENDS)
-    global _backend
-    previous, _backend = _backend, backend
+    token = _backend.set(backend)
     try:
         yield
     finally:
-        _backend = previous
+        _backend.reset(token)
 
 
 def sdpa_priority(device: torch.device) -> list[SDPBackend] | None:
@@ -75,8 +87,9 @@ def sdpa_priority(device: torch.device) -> list[SDPBackend] | None:
 
 
 def _sdpa_context(device: torch.device) -> contextlib.AbstractContextManager:
-    if _backend in _SDPA_BACKENDS:
-        return sdpa_kernel(_SDPA_BACKENDS[_backend])
+    backend = current_backend()
+    if backend in _SDPA_BACKENDS:
+        return sdpa_kernel(_SDPA_BACKENDS[backend])
     priority = sdpa_priority(device)
     if priority is None:
         return contextlib.nullcontext()
@@ -224,7 +237,7 @@ def attend(
     k_len = k.shape[-2]
     scale = d_head**-0.5 if scale is None else scale
 
-    explicit = need_weights or _backend == "explicit"
+    explicit = need_weights or current_backend() == "explicit"
     # SDPA's own is_causal aligns to the first key; it is only the same thing for Lq == Lk.
     use_sdpa_causal = (is_causal and not explicit and attn_mask is None
                        and key_padding_mask is None and q_len == k_len)

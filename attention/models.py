@@ -63,6 +63,14 @@ class Encoder(nn.Module):
         )
         self.norm = nn.LayerNorm(d_model, eps=layer_norm_eps, bias=bias) if norm_first else None
 
+    @property
+    def max_positions(self) -> int | None:
+        """The most positions this stack takes: ``max_len`` with learned positions, ``None``
+        (no limit) with the others, which extend to any length."""
+        if isinstance(self.positional, LearnedPositionalEncoding):
+            return self.positional.max_len
+        return None
+
     def forward(
         self,
         x: Tensor,
@@ -161,6 +169,14 @@ class Decoder(nn.Module):
             for _ in range(check_positive_int("n_layers", n_layers))
         )
         self.norm = nn.LayerNorm(d_model, eps=layer_norm_eps, bias=bias) if norm_first else None
+
+    @property
+    def max_positions(self) -> int | None:
+        """The most positions this stack takes: ``max_len`` with learned positions, ``None``
+        (no limit) with the others, which extend to any length."""
+        if isinstance(self.positional, LearnedPositionalEncoding):
+            return self.positional.max_len
+        return None
 
     def new_cache(self) -> DecoderCache:
         return DecoderCache(len(self.layers))

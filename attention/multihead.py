@@ -45,7 +45,7 @@ def can_use_varlen(device: torch.device, dtype: torch.dtype, d_head: int, *, mas
             and dtype in (torch.float16, torch.bfloat16)
             and d_head % 8 == 0 and d_head <= 256
             and not masked and dropout_p == 0.0 and not rotary
-            and functional._backend == "auto"
+            and functional.current_backend() == "auto"
             and torch.cuda.get_device_capability(device)[0] >= 8)
 
 

@@ -8,6 +8,8 @@ padding. ``need_weights=True`` runs the explicit computation, ``need_weights=Fal
 
 from __future__ import annotations
 
+import threading
+
 import pytest
 import torch
 import torch.nn.functional as F
@@ -433,3 +435,31 @@ def test_bad_input_names_the_argument(case):
     overrides, error, message = BAD_INPUTS[case]
     with pytest.raises(error, match=message):
         bad_call(**overrides)()
+
+
+def test_backend_choice_is_per_thread():
+    """A block in one thread does not change what another thread runs on."""
+    from attention.functional import attention_backend, current_backend
+
+    inside = threading.Event()
+    release = threading.Event()
+    seen = {}
+
+    def chooser():
+        with attention_backend("explicit"):
+            seen["chooser"] = current_backend()
+            inside.set()
+            release.wait(5)
+
+    thread = threading.Thread(target=chooser)
+    thread.start()
+    assert inside.wait(5)
+    seen["other"] = current_backend()
+    release.set()
+    thread.join()
+    assert seen == {"chooser": "explicit", "other": "auto"}
+    with attention_backend("math"):
+        with attention_backend("explicit"):
+            assert current_backend() == "explicit"
+        assert current_backend() == "math"
+    assert current_backend() == "auto"

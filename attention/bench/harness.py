@@ -85,7 +85,7 @@ from torch import Tensor, nn
 
 from ..functional import attention_backend
 from ..models import Encoder
-from ..translation.config import ConfigError, _check_value, read_yaml_mapping
+from ..translation.config import ConfigError, check_value, read_yaml_mapping
 from ..translation.files import write_atomic
 
 __all__ = [
@@ -192,7 +192,7 @@ class BenchConfig:
                 item = int if key == "lengths" else str
                 values[key] = _check_per_device(key, value, item)
             else:
-                values[key] = _check_value(key, value, hints[key])
+                values[key] = check_value(key, value, hints[key])
         config = cls(name=name, **values)
         config.check()
         return config
@@ -250,12 +250,12 @@ def _check_per_device(key: str, value: Any, item: type) -> list | dict[str, list
             if device not in DEVICES:
                 raise ConfigError(f"{key}.{device}: unknown device; expected one of "
                                   f"{list(DEVICES)}")
-            checked[device] = _check_value(f"{key}.{device}", items, list[item])
+            checked[device] = check_value(f"{key}.{device}", items, list[item])
         return checked
     if not isinstance(value, list):
         raise ConfigError(f"{key}: expected a list of {item.__name__} or a mapping "
                           f"{{cpu: [...], cuda: [...]}}, got {type(value).__name__} {value!r}")
-    return _check_value(key, value, list[item])
+    return check_value(key, value, list[item])
 
 
 def _per_device_items(value: list | dict[str, list]) -> list[tuple[str | None, list]]:
@@ -1153,7 +1153,7 @@ def plot_scaling(report: dict[str, Any], path: str | os.PathLike) -> Path:
     from matplotlib.figure import Figure
     from matplotlib.ticker import LogFormatter, NullFormatter
 
-    from ..translation.plotting import _save_png
+    from ..translation.plotting import save_png
 
     cases = report["config"]["cases"]
     case = "dense" if "dense" in cases else cases[0]
@@ -1200,7 +1200,7 @@ def plot_scaling(report: dict[str, Any], path: str | os.PathLike) -> Path:
     if handles:
         fig.legend(handles, labels, loc="outside right upper", fontsize=8)
     fig.suptitle(f"{report['name']} on {report['environment']['device_name']}")
-    return _save_png(fig, path)
+    return save_png(fig, path)
 
 
 def write_results(report: dict[str, Any], out_dir: str | os.PathLike) -> list[Path]:

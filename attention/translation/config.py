@@ -25,6 +25,7 @@ __all__ = [
     "EvalConfig",
     "ModelConfig",
     "TrainConfig",
+    "check_value",
     "load_config",
 ]
 
@@ -163,7 +164,7 @@ class Config:
         if unknown:
             raise ConfigError(f"{sorted(unknown)[0]}: unknown section; expected one of "
                               f"{['name', *SECTIONS]}")
-        config = cls(name=_check_value("name", raw.get("name", "run"), str))
+        config = cls(name=check_value("name", raw.get("name", "run"), str))
         for section, section_cls in SECTIONS.items():
             values = raw.get(section) or {}
             if not isinstance(values, dict):
@@ -267,11 +268,11 @@ def _build_section(section: str, section_cls: type, values: dict[str, Any]) -> A
     for key, value in values.items():
         if key not in hints:
             raise ConfigError(f"{section}.{key}: unknown key; expected one of {known}")
-        kwargs[key] = _check_value(f"{section}.{key}", value, hints[key])
+        kwargs[key] = check_value(f"{section}.{key}", value, hints[key])
     return section_cls(**kwargs)
 
 
-def _check_value(name: str, value: Any, expected: Any) -> Any:
+def check_value(name: str, value: Any, expected: Any) -> Any:
     """Return ``value`` if it has type ``expected`` (ints accepted as floats), else raise."""
     origin = typing.get_origin(expected)
     if origin in (typing.Union, types.UnionType):
@@ -283,7 +284,7 @@ def _check_value(name: str, value: Any, expected: Any) -> Any:
             if option is type(None):
                 continue
             try:
-                return _check_value(name, value, option)
+                return check_value(name, value, option)
             except ConfigError as error:
                 errors.append(error)
         raise errors[0] if len(errors) == 1 else ConfigError(
@@ -293,7 +294,7 @@ def _check_value(name: str, value: Any, expected: Any) -> Any:
         if not isinstance(value, list):
             raise ConfigError(f"{name}: expected a list of {item_type.__name__}, got "
                               f"{type(value).__name__} {value!r}")
-        return [_check_value(f"{name}[{i}]", item, item_type) for i, item in enumerate(value)]
+        return [check_value(f"{name}[{i}]", item, item_type) for i, item in enumerate(value)]
     if expected is float and isinstance(value, int) and not isinstance(value, bool):
         return float(value)
     if expected is float and isinstance(value, str):

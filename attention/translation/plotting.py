@@ -20,7 +20,7 @@ from matplotlib.ticker import FuncFormatter
 
 from .files import write_atomic
 
-__all__ = ["plot_attention_grid", "plot_curves", "read_metrics"]
+__all__ = ["plot_attention_grid", "plot_curves", "read_metrics", "save_png"]
 
 INCH_PER_TOKEN = 0.28
 MIN_PANEL_INCHES = 2.5
@@ -30,7 +30,7 @@ TICK_FONTSIZE = 7
 DPI = 110
 
 
-def _save_png(fig: Figure, path: str | os.PathLike) -> Path:
+def save_png(fig: Figure, path: str | os.PathLike) -> Path:
     """Write ``fig`` to ``path`` as a PNG atomically, creating parent directories."""
     return write_atomic(path, lambda file: fig.savefig(file, format="png", dpi=DPI,
                                                        bbox_inches="tight"))
@@ -95,7 +95,7 @@ def plot_attention_grid(
     colorbar.set_label("attention weight", fontsize=8)
     if title:
         fig.suptitle(title)
-    return _save_png(fig, path)
+    return save_png(fig, path)
 
 
 def _series(records: list[dict], kind: str, key: str) -> tuple[list[float], list[float]]:
@@ -134,7 +134,7 @@ def plot_curves(records: Iterable[dict], path: str | os.PathLike, *, title: str 
         _say(fig.subplots(), "no metrics yet")
         if title:
             fig.suptitle(title)
-        return _save_png(fig, path)
+        return save_png(fig, path)
 
     fig = Figure(figsize=(11, 4), layout="constrained")
     loss_ax, bleu_ax = fig.subplots(1, 2)
@@ -162,7 +162,7 @@ def plot_curves(records: Iterable[dict], path: str | os.PathLike, *, title: str 
     bleu_ax.set(xlabel="step", ylabel="BLEU")
     if title:
         fig.suptitle(title)
-    return _save_png(fig, path)
+    return save_png(fig, path)
 
 
 def read_metrics(path: str | os.PathLike) -> list[dict]:
