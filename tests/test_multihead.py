@@ -43,12 +43,16 @@ def test_matches_per_head_reference(device, need_weights):
                                atol=1e-5, rtol=1e-5)
 
 
-def test_self_attention_is_cross_attention_to_itself():
+@pytest.mark.parametrize("bias", [False, True])
+def test_self_attention_is_cross_attention_to_itself(bias):
+    """``mha(x)``, ``mha(x, x)`` and ``mha(x, x, x)`` take the fused q/k/v projection; a key
+    and value that are other tensors (copies of ``x``) take the separate projections."""
     torch.manual_seed(0)
-    mha = MultiHeadAttention(16, 2)
+    mha = MultiHeadAttention(16, 2, bias=bias)
     x = torch.randn(2, 5, 16)
-    torch.testing.assert_close(mha(x)[0], mha(x, x, x)[0])
-    torch.testing.assert_close(mha(x, x)[0], mha(x, x, x)[0])  # value defaults to key
+    separate = mha(x, x.clone(), x.clone())[0]  # the path test_matches_per_head_reference pins
+    for fused in (mha(x), mha(x, x), mha(x, x, x)):  # value defaults to key
+        torch.testing.assert_close(fused[0], separate)
 
 
 @pytest.mark.parametrize("rotary", [False, True])
