@@ -2,6 +2,7 @@
 
 import math
 
+import pytest
 import torch
 
 from attention import LearnedPositionalEncoding, RotaryEmbedding, SinusoidalPositionalEncoding
@@ -63,3 +64,36 @@ def test_rotary_is_a_rotation():
     rotated = RotaryEmbedding(8)(x)
     torch.testing.assert_close(rotated.norm(dim=-1), x.norm(dim=-1))
     torch.testing.assert_close(rotated[:, :, 0], x[:, :, 0])  # position 0: no rotation
+
+
+def roformer_rotation(x, position, base):
+    """RoFormer's rotation in the GPT-NeoX layout, by hand: pair ``(k, k + d/2)`` turns by
+    ``position · θ_k``, ``θ_k = base^(-2k/d)``."""
+    d = len(x)
+    out = [0.0] * d
+    for k in range(d // 2):
+        angle = position * base ** (-2 * k / d)
+        out[k] = x[k] * math.cos(angle) - x[k + d // 2] * math.sin(angle)
+        out[k + d // 2] = x[k + d // 2] * math.cos(angle) + x[k] * math.sin(angle)
+    return out
+
+
+@pytest.mark.parametrize("base", [None, 100.0, 7.5])
+def test_rotary_is_the_roformer_rotation_at_explicit_positions(base):
+    rotary = RotaryEmbedding(4) if base is None else RotaryEmbedding(4, base)
+    base = 10000.0 if base is None else base
+    x = torch.tensor([1.0, 2.0, 3.0, 4.0]).expand(1, 1, 6, 4)  # positions 0 … 5
+    rotated = rotary(x)
+    for position in (0, 1, 5):
+        expected = torch.tensor(roformer_rotation([1.0, 2.0, 3.0, 4.0], position, base))
+        torch.testing.assert_close(rotated[0, 0, position], expected)
+        # the same position given as an offset (a decoding step on a cache)
+        torch.testing.assert_close(rotary(x[:, :, :1], position)[0, 0, 0], expected)
+
+
+def test_rotary_with_base_100_written_out():
+    """d_head=4, base 100: θ = (1, 0.1); pairs (x0, x2) and (x1, x3); position 5."""
+    x = torch.tensor([1.0, 2.0, 3.0, 4.0]).reshape(1, 1, 1, 4)
+    c1, s1, c2, s2 = math.cos(5), math.sin(5), math.cos(0.5), math.sin(0.5)
+    expected = torch.tensor([1 * c1 - 3 * s1, 2 * c2 - 4 * s2, 3 * c1 + 1 * s1, 4 * c2 + 2 * s2])
+    torch.testing.assert_close(RotaryEmbedding(4, base=100.0)(x, 5)[0, 0, 0], expected)
