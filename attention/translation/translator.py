@@ -15,11 +15,11 @@ from tokenizers import Tokenizer
 from torch import Tensor
 
 from ..models import Transformer
-from ..positional import LearnedPositionalEncoding
 from .checkpoint import config_from_checkpoint, load_checkpoint, model_from_config
 from .config import EvalConfig
 from .data.batching import collate
 from .data.tokenizer import BOS_ID, EOS_ID, PAD_ID
+from .precision import autocast
 
 __all__ = ["Translator", "resolve_device"]
 
@@ -65,10 +65,9 @@ class Translator:
     def encode(self, sentences: Sequence[str]) -> list[list[int]]:
         """Source token ids, each ending in ``eos`` (cut to fit learned positions)."""
         ids = [e.ids + [EOS_ID] for e in self.src_tokenizer.encode_batch(list(sentences))]
-        positional = self.model.encoder.positional
-        if isinstance(positional, LearnedPositionalEncoding):
-            ids = [row if len(row) <= positional.max_len else
-                   row[:positional.max_len - 1] + [EOS_ID] for row in ids]
+        limit = self.model.encoder.max_positions
+        if limit is not None:
+            ids = [row if len(row) <= limit else row[:limit - 1] + [EOS_ID] for row in ids]
         return ids
 
     def decode(self, ids: Sequence[Sequence[int]]) -> list[str]:
@@ -91,10 +90,9 @@ class Translator:
             chunk = order[start:start + cfg.batch_size]
             src = collate([list(sources[i]) for i in chunk], PAD_ID).to(device)
             max_new = math.ceil(cfg.max_len_a * src.shape[1] + cfg.max_len_b)
-            if isinstance(self.model.decoder.positional, LearnedPositionalEncoding):
-                max_new = min(max_new, self.model.decoder.positional.max_len)
-            with torch.autocast(device.type, dtype=torch.bfloat16,
-                                enabled=device.type == "cuda"):
+            if self.model.decoder.max_positions is not None:
+                max_new = min(max_new, self.model.decoder.max_positions)
+            with autocast(device):
                 out = self.model.generate(src, max_new, BOS_ID, EOS_ID, beam_size=beam_size,
                                           length_penalty=length_penalty)
             for row, index in zip(out.tolist(), chunk, strict=True):
