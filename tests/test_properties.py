@@ -133,6 +133,17 @@ def mha(rotary):
     return MultiHeadAttention(8, 2, rotary=rotary).eval()
 
 
+LAYOUTS = ("packed", "padded")
+
+
+def padding_as(padding, layout):
+    """The padding mask the way the Encoder is given it: boolean (it packs the real tokens
+    and computes them alone) or float, 0 / -inf (it runs the padded layout, masks added)."""
+    if layout == "packed":
+        return padding
+    return torch.zeros(padding.shape).masked_fill(padding, float("-inf"))
+
+
 @SETTINGS
 @given(st.integers(1, 3), st.integers(1, 6), seeds, densities, st.data())
 def test_encoder_without_positions_is_permutation_equivariant(batch, length, seed, p, data):
@@ -140,10 +151,12 @@ def test_encoder_without_positions_is_permutation_equivariant(batch, length, see
     x = torch.randn(batch, length, 8)
     padding = bernoulli((batch, length), p)
     perm = torch.tensor(data.draw(st.permutations(range(length))), dtype=torch.long)
-    with torch.no_grad():
-        out = encoder()(x, key_padding_mask=padding)
-        permuted = encoder()(x[:, perm], key_padding_mask=padding[:, perm])
-    torch.testing.assert_close(permuted, out[:, perm], atol=1e-5, rtol=1e-5)
+    for layout in LAYOUTS:
+        mask = padding_as(padding, layout)
+        with torch.no_grad():
+            out = encoder()(x, key_padding_mask=mask)
+            permuted = encoder()(x[:, perm], key_padding_mask=mask[:, perm])
+        torch.testing.assert_close(permuted, out[:, perm], atol=1e-5, rtol=1e-5)
 
 
 @SETTINGS
@@ -154,11 +167,17 @@ def test_encoder_padded_tokens_do_not_affect_real_positions(batch, length, seed,
     x = torch.randn(batch, length, 8)
     padding = bernoulli((batch, length), p)
     changed = torch.where(padding[..., None], torch.randn(batch, length, 8), x)
-    with torch.no_grad():
-        out = encoder(positional)(x, key_padding_mask=padding)
-        out_changed = encoder(positional)(changed, key_padding_mask=padding)
-    assert torch.isfinite(out).all()
-    torch.testing.assert_close(out_changed[~padding], out[~padding])
+    real = {}
+    for layout in LAYOUTS:
+        mask = padding_as(padding, layout)
+        with torch.no_grad():
+            out = encoder(positional)(x, key_padding_mask=mask)
+            out_changed = encoder(positional)(changed, key_padding_mask=mask)
+        assert torch.isfinite(out).all()
+        torch.testing.assert_close(out_changed[~padding], out[~padding])
+        real[layout] = out[~padding]
+    # and both layouts give real positions the same values
+    torch.testing.assert_close(real["packed"], real["padded"], atol=1e-5, rtol=1e-5)
 
 
 @SETTINGS
