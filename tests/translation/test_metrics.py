@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from attention.translation.metrics import alignment_hits, bleu, exact_match
+from attention.translation.metrics import alignment_hits, best_alignment_head, bleu, exact_match
 
 REFERENCES = [
     "A man in a blue shirt is riding a bike down the street .",
@@ -102,3 +102,36 @@ def test_best_alignment_head_is_the_layer_and_head_with_most_hits():
     hits = torch.tensor([[3, 9, 1], [9, 2, 10]])
     assert best_alignment_head(hits) == (1, 2)
     assert best_alignment_head(hits[:1]) == (0, 1)
+
+
+def test_alignment_accuracy_of_hand_built_heads_on_two_different_sentences():
+    """Two sentences, each head attending its own way, so every count is known.
+
+    Sentence 0: 3 target words aligned to source words (2, 0, 1); 4 source positions (3
+    words and eos), 4 target rows (3 words and eos). Sentence 1: 2 words aligned to (0, 1),
+    padded to the same sizes. Hits per head (layer, head), sentence 0 + sentence 1:
+    (0, 0) diagonal, row i on source i            0 + 2
+    (0, 1) each sentence's gold alignment         3 + 2
+    (1, 0) always source 0                        1 + 1
+    (1, 1) sentence 0's alignment for both        3 + 0
+    """
+    diagonal = peaked([0, 1, 2, 3], 0.9, 4)
+    gold0 = peaked([2, 0, 1, 3], 0.6, 4)
+    gold1 = peaked([0, 1, 3, 3], 0.6, 4)  # rows 2 and 3 (eos, padding) are not scored
+    first = peaked([0, 0, 0, 0], 0.6, 4)
+    strong0 = peaked([2, 0, 1, 3], 0.9, 4)
+    # (B, H, Lt, Ls) per layer
+    layer0 = torch.stack([torch.stack([diagonal, gold0]), torch.stack([diagonal, gold1])])
+    layer1 = torch.stack([torch.stack([first, strong0]), torch.stack([first, strong0])])
+    gold = [[2, 0, 1], [0, 1]]
+
+    hits, head_mean_hits, words = alignment_hits([layer0, layer1], gold)
+
+    assert words == 5
+    assert hits.tolist() == [[2, 5], [2, 3]]
+    assert best_alignment_head(hits) == (0, 1)
+    accuracy = hits.float() / words  # what training reports, at the best head
+    torch.testing.assert_close(accuracy, torch.tensor([[0.4, 1.0], [0.4, 0.6]]))
+    # averaged over heads, each layer follows its 0.9 head: the diagonal (0 + 2), then
+    # sentence 0's alignment (3 + 0)
+    assert head_mean_hits.tolist() == [2, 3]
