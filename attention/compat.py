@@ -290,19 +290,11 @@ class TransformerEncoderLayer(EncoderLayer):
         check_size("src", src, -1, self.d_model, "d_model")
 
         def self_attention(x: Tensor) -> Tensor:
-            out, _ = self.self_attn(x, x, x, key_padding_mask=src_key_padding_mask,
-                                    need_weights=False, attn_mask=src_mask, is_causal=is_causal)
-            return self.dropout1(out)
+            return self.self_attn(x, x, x, key_padding_mask=src_key_padding_mask,
+                                  need_weights=False, attn_mask=src_mask, is_causal=is_causal)[0]
 
-        # The same residual wiring as EncoderLayer, in the caller's layout.
-        x = src
-        if self.norm_first:
-            x = x + self_attention(self.norm1(x))
-            x = x + self.dropout2(self.feed_forward(self.norm2(x)))
-        else:
-            x = self.norm1(x + self_attention(x))
-            x = self.norm2(x + self.dropout2(self.feed_forward(x)))
-        return x
+        # EncoderLayer's residual blocks, around torch.nn's attention call in its layout.
+        return self.residual_blocks(src, self_attention)
 
 
 class TransformerEncoder(nn.Module):

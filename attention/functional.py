@@ -44,13 +44,21 @@ _backend: contextvars.ContextVar[str] = contextvars.ContextVar("attention_backen
                                                                default="auto")
 
 
-# torch.compile cannot trace ContextVar.get: it calls this once while compiling and keeps
-# the answer, so a compiled module runs on the backend chosen where it was compiled.
-@torch.compiler.assume_constant_result
 def current_backend() -> str:
     """The backend :func:`attend` runs on here: the innermost :func:`attention_backend`
-    block's choice in this thread or task, ``"auto"`` outside any block."""
+    block's choice in this thread or task, ``"auto"`` outside any block.
+
+    Under ``torch.compile`` it is called once while compiling and its answer kept: a compiled
+    module runs on the backend chosen where it was compiled.
+    """
     return _backend.get()
+
+
+# torch.compile cannot trace ContextVar.get. This is what torch.compiler.assume_constant_result
+# does (compile calls the getter and keeps the result), written out because the decorator
+# imports torch._dynamo, which would double the time of `import attention`; the compile tests
+# fail if a torch release reads another mark.
+current_backend._dynamo_marked_constant = True  # type: ignore[attr-defined]
 
 
 @contextlib.contextmanager

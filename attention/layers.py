@@ -19,7 +19,7 @@ from .multihead import KVCache, MultiHeadAttention
 from .packing import Packing
 
 __all__ = ["ACTIVATIONS", "DecoderLayer", "EncoderLayer", "FeedForward", "get_activation",
-           "pack_padding"]
+           "pack_padding", "residual"]
 
 ACTIVATIONS: dict[str, Callable[[Tensor], Tensor]] = {
     "relu": F.relu,
@@ -65,6 +65,15 @@ class FeedForward(nn.Module):
 
     def forward(self, x: Tensor) -> Tensor:
         return self.linear2(self.dropout(self.activation(self.linear1(x))))
+
+
+def residual(x: Tensor, sublayer: Callable[[Tensor], Tensor], norm: nn.Module,
+             dropout: nn.Module, norm_first: bool) -> Tensor:
+    """One residual block: ``x + dropout(sublayer(norm(x)))`` pre-norm, or
+    ``norm(x + dropout(sublayer(x)))`` post-norm."""
+    if norm_first:
+        return x + dropout(sublayer(norm(x)))
+    return norm(x + dropout(sublayer(x)))
 
 
 def _check_layer_input(name: str, x: object, d_model: int) -> Tensor:
@@ -115,6 +124,7 @@ class EncoderLayer(nn.Module):
         is_causal: bool = False,
         return_attention: bool = False,
         packing: Packing | None = None,
+        rotary_cos_sin: tuple[Tensor, Tensor] | None = None,
     ) -> Tensor | tuple[Tensor, Tensor]:
         """Masks: boolean ``True`` = may not attend, float = added to the scores.
 
@@ -124,7 +134,9 @@ class EncoderLayer(nn.Module):
         A boolean ``key_padding_mask`` (without ``return_attention``) runs the layer on the
         real tokens only (see :mod:`attention.packing`): equal results on real positions,
         zeros at padded ones. ``packing`` passes ``x`` already packed, ``(tokens, d_model)``,
-        as :class:`attention.Encoder` does to gather and scatter once for the whole stack.
+        as :class:`attention.Encoder` does to gather and scatter once for the whole stack;
+        ``rotary_cos_sin`` passes the rotary angles it computed once (see
+        :class:`MultiHeadAttention`).
         """
         if packing is not None:
             if key_padding_mask is not None or return_attention:
@@ -133,13 +145,14 @@ class EncoderLayer(nn.Module):
                                  "padding; weights need the padded layout)")
             x = check_tensor("x", x, [2], f"(real tokens, d_model={self.d_model})")
             check_size("x", x, -1, self.d_model, "d_model")
-            return self._forward(x, None, attn_mask, is_causal, False, packing)
+            return self._forward(x, None, attn_mask, is_causal, False, packing, rotary_cos_sin)
         x = _check_layer_input("x", x, self.d_model)
         packing = pack_padding(key_padding_mask, x, return_attention)
         if packing is not None:
-            return packing.unpack(
-                self._forward(packing.pack(x), None, attn_mask, is_causal, False, packing))
-        return self._forward(x, key_padding_mask, attn_mask, is_causal, return_attention, None)
+            return packing.unpack(self._forward(packing.pack(x), None, attn_mask, is_causal,
+                                                False, packing, rotary_cos_sin))
+        return self._forward(x, key_padding_mask, attn_mask, is_causal, return_attention, None,
+                             rotary_cos_sin)
 
     def _forward(
         self,
@@ -149,24 +162,29 @@ class EncoderLayer(nn.Module):
         is_causal: bool,
         return_attention: bool,
         packing: Packing | None,
+        rotary_cos_sin: tuple[Tensor, Tensor] | None,
     ) -> Tensor | tuple[Tensor, Tensor]:
-        def self_attention(h: Tensor) -> tuple[Tensor, Tensor | None]:
+        weights = None
+
+        def self_attention(h: Tensor) -> Tensor:
+            nonlocal weights
             out, weights = self.self_attn(
                 h, key_padding_mask=key_padding_mask, attn_mask=attn_mask,
                 is_causal=is_causal, need_weights=return_attention, average_attn_weights=False,
-                packing=packing,
+                packing=packing, rotary_cos_sin=rotary_cos_sin,
             )
-            return self.dropout1(out), weights
+            return out
 
-        if self.norm_first:
-            attended, weights = self_attention(self.norm1(x))
-            x = x + attended
-            x = x + self.dropout2(self.feed_forward(self.norm2(x)))
-        else:
-            attended, weights = self_attention(x)
-            x = self.norm1(x + attended)
-            x = self.norm2(x + self.dropout2(self.feed_forward(x)))
+        x = self.residual_blocks(x, self_attention)
         return (x, weights) if return_attention else x
+
+    def residual_blocks(self, x: Tensor, self_attention: Callable[[Tensor], Tensor]) -> Tensor:
+        """The layer's wiring around its two sub-layers: ``self_attention`` (called on the
+        normalised or raw ``x``), then the feed-forward, each with dropout, a residual and
+        a LayerNorm. :class:`attention.compat.TransformerEncoderLayer` runs the same blocks
+        with torch.nn's attention call."""
+        x = residual(x, self_attention, self.norm1, self.dropout1, self.norm_first)
+        return residual(x, self.feed_forward, self.norm2, self.dropout2, self.norm_first)
 
 
 def pack_padding(key_padding_mask: Tensor | None, x: Tensor,
@@ -230,39 +248,35 @@ class DecoderLayer(nn.Module):
         is_causal: bool = True,
         cache: tuple[KVCache, KVCache] | None = None,
         return_attention: bool = False,
+        rotary_cos_sin: tuple[Tensor, Tensor] | None = None,
     ) -> Tensor | tuple[Tensor, Tensor]:
         """Masks: boolean ``True`` = may not attend, float = added to the scores.
 
         tgt_key_padding_mask: ``(batch, Lt)`` (``Lt`` counting cached positions);
         memory_key_padding_mask: ``(batch, Ls)``; tgt_mask: ``(Lt, Lt)`` or per head.
         cache: ``(self-attention cache, cross-attention cache)`` for incremental decoding.
+        rotary_cos_sin: the self-attention's rotary angles, computed once by the caller.
         """
         x = _check_layer_input("x", x, self.d_model)
         memory = _check_layer_input("memory", memory, self.d_model)
         self_cache, cross_cache = cache if cache is not None else (None, None)
+        weights = None
 
         def self_attention(h: Tensor) -> Tensor:
-            out, _ = self.self_attn(
+            return self.self_attn(
                 h, key_padding_mask=tgt_key_padding_mask, attn_mask=tgt_mask,
-                is_causal=is_causal, cache=self_cache,
-            )
-            return self.dropout1(out)
+                is_causal=is_causal, cache=self_cache, rotary_cos_sin=rotary_cos_sin,
+            )[0]
 
-        def cross_attention(h: Tensor) -> tuple[Tensor, Tensor | None]:
+        def cross_attention(h: Tensor) -> Tensor:
+            nonlocal weights
             out, weights = self.cross_attn(
                 h, memory, key_padding_mask=memory_key_padding_mask, cache=cross_cache,
                 need_weights=return_attention, average_attn_weights=False,
             )
-            return self.dropout2(out), weights
+            return out
 
-        if self.norm_first:
-            x = x + self_attention(self.norm1(x))
-            attended, weights = cross_attention(self.norm2(x))
-            x = x + attended
-            x = x + self.dropout3(self.feed_forward(self.norm3(x)))
-        else:
-            x = self.norm1(x + self_attention(x))
-            attended, weights = cross_attention(x)
-            x = self.norm2(x + attended)
-            x = self.norm3(x + self.dropout3(self.feed_forward(x)))
+        x = residual(x, self_attention, self.norm1, self.dropout1, self.norm_first)
+        x = residual(x, cross_attention, self.norm2, self.dropout2, self.norm_first)
+        x = residual(x, self.feed_forward, self.norm3, self.dropout3, self.norm_first)
         return (x, weights) if return_attention else x

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Callable
+from typing import Any
 
 import torch
 from torch import Tensor, nn
@@ -19,25 +20,12 @@ __all__ = ["Decoder", "DecoderCache", "Encoder", "Transformer"]
 Activation = str | Callable[[Tensor], Tensor]
 
 
-class Encoder(nn.Module):
-    """A stack of ``n_layers`` :class:`EncoderLayer` blocks, batch first.
+class _LayerStack(nn.Module):
+    """What :class:`Encoder` and :class:`Decoder` share: the positional encoding, ``n_layers``
+    layers of ``layer_type``, the final LayerNorm of a pre-norm stack, and the rotary angles,
+    computed once per forward for all the layers."""
 
-    Adds the positional encoding to the input, runs the layers, and ends with a LayerNorm
-    when the layers are pre-norm (their output is otherwise un-normalised).
-
-    Args:
-        d_model, n_heads, n_layers: width, heads per layer, depth.
-        d_ff: feed-forward width, ``4 * d_model`` when ``None``.
-        dropout: on attention weights, sub-layer outputs and the positional encoding.
-        positional: ``"sinusoidal"``, ``"learned"``, ``"rotary"`` or ``None``.
-        max_len: positions the learned encoding has (the sinusoid table extends itself).
-        norm_first: pre-norm (default) or post-norm.
-        activation: ``"relu"``, ``"gelu"``, ``"gelu_tanh"``, ``"silu"`` or a callable.
-        bias: biases in linear layers and LayerNorms.
-
-    Shape:
-        x: ``(batch, length, d_model)`` → same shape.
-    """
+    layer_type: type[nn.Module]
 
     def __init__(
         self,
@@ -57,8 +45,8 @@ class Encoder(nn.Module):
         self.d_model = d_model
         self.positional = build_positional_encoding(positional, d_model, max_len, dropout)
         self.layers = nn.ModuleList(
-            EncoderLayer(d_model, n_heads, d_ff, dropout, activation, norm_first, bias,
-                         layer_norm_eps, rotary=positional == "rotary")
+            self.layer_type(d_model, n_heads, d_ff, dropout, activation, norm_first, bias,
+                            layer_norm_eps, rotary=positional == "rotary")
             for _ in range(check_positive_int("n_layers", n_layers))
         )
         self.norm = nn.LayerNorm(d_model, eps=layer_norm_eps, bias=bias) if norm_first else None
@@ -70,6 +58,50 @@ class Encoder(nn.Module):
         if isinstance(self.positional, LearnedPositionalEncoding):
             return self.positional.max_len
         return None
+
+    def _rotary_cos_sin(self, length: int, offset: int = 0) -> tuple[Tensor, Tensor] | None:
+        rotary = self.layers[0].self_attn.rotary
+        return None if rotary is None else rotary.cos_sin(length, offset)
+
+    def _run_layers(self, x: Tensor, call: Callable[[nn.Module, Tensor], Any],
+                    return_attention: bool) -> Tensor | tuple[Tensor, list[Tensor]]:
+        """``x`` through every layer as ``call(layer, x)``, then the final norm; with
+        ``return_attention`` each call returns ``(x, weights)`` and the weights are kept."""
+        attention: list[Tensor] = []
+        for layer in self.layers:
+            out = call(layer, x)
+            if return_attention:
+                x, weights = out
+                attention.append(weights)
+            else:
+                x = out
+        if self.norm is not None:
+            x = self.norm(x)
+        return (x, attention) if return_attention else x
+
+
+class Encoder(_LayerStack):
+    """A stack of ``n_layers`` :class:`EncoderLayer` blocks, batch first.
+
+    Adds the positional encoding to the input, runs the layers, and ends with a LayerNorm
+    when the layers are pre-norm (their output is otherwise un-normalised).
+
+    Args:
+        d_model, n_heads, n_layers: width, heads per layer, depth.
+        d_ff: feed-forward width, ``4 * d_model`` when ``None``.
+        dropout: on attention weights, sub-layer outputs and the positional encoding.
+        positional: one of :data:`attention.positional.POSITIONAL_ENCODINGS`
+            (``"sinusoidal"``, ``"learned"``, ``"rotary"``, ``None``).
+        max_len: positions the learned encoding has (the sinusoid table extends itself).
+        norm_first: pre-norm (default) or post-norm.
+        activation: a name in :data:`attention.layers.ACTIVATIONS` or a callable.
+        bias: biases in linear layers and LayerNorms.
+
+    Shape:
+        x: ``(batch, length, d_model)`` → same shape.
+    """
+
+    layer_type = EncoderLayer
 
     def forward(
         self,
@@ -96,27 +128,17 @@ class Encoder(nn.Module):
         check_size("x", x, -1, self.d_model, "d_model")
         if self.positional is not None:
             x = self.positional(x)
+        cos_sin = self._rotary_cos_sin(x.shape[1])
         packing = pack_padding(key_padding_mask, x, return_attention)
         if packing is not None:
             # Gather the real tokens once, run the whole stack on them, scatter back once.
-            x = packing.pack(x)
-            for layer in self.layers:
-                x = layer(x, attn_mask=attn_mask, is_causal=is_causal, packing=packing)
-            if self.norm is not None:
-                x = self.norm(x)
+            x = self._run_layers(packing.pack(x), lambda layer, h: layer(
+                h, attn_mask=attn_mask, is_causal=is_causal, packing=packing,
+                rotary_cos_sin=cos_sin), return_attention=False)
             return packing.unpack(x)
-        attention: list[Tensor] = []
-        for layer in self.layers:
-            out = layer(x, key_padding_mask=key_padding_mask, attn_mask=attn_mask,
-                        is_causal=is_causal, return_attention=return_attention)
-            if return_attention:
-                x, weights = out
-                attention.append(weights)
-            else:
-                x = out
-        if self.norm is not None:
-            x = self.norm(x)
-        return (x, attention) if return_attention else x
+        return self._run_layers(x, lambda layer, h: layer(
+            h, key_padding_mask=key_padding_mask, attn_mask=attn_mask, is_causal=is_causal,
+            return_attention=return_attention, rotary_cos_sin=cos_sin), return_attention)
 
 
 class DecoderCache:
@@ -136,7 +158,7 @@ class DecoderCache:
             cross_cache.reorder(index)
 
 
-class Decoder(nn.Module):
+class Decoder(_LayerStack):
     """A stack of ``n_layers`` :class:`DecoderLayer` blocks, batch first.
 
     Arguments as for :class:`Encoder`. ``forward`` is causal by default.
@@ -146,37 +168,7 @@ class Decoder(nn.Module):
         d_model)``.
     """
 
-    def __init__(
-        self,
-        d_model: int,
-        n_heads: int,
-        n_layers: int,
-        d_ff: int | None = None,
-        dropout: float = 0.1,
-        positional: str | None = "sinusoidal",
-        max_len: int = 1024,
-        norm_first: bool = True,
-        activation: Activation = "gelu",
-        bias: bool = False,
-        layer_norm_eps: float = 1e-5,
-    ) -> None:
-        super().__init__()
-        self.d_model = d_model
-        self.positional = build_positional_encoding(positional, d_model, max_len, dropout)
-        self.layers = nn.ModuleList(
-            DecoderLayer(d_model, n_heads, d_ff, dropout, activation, norm_first, bias,
-                         layer_norm_eps, rotary=positional == "rotary")
-            for _ in range(check_positive_int("n_layers", n_layers))
-        )
-        self.norm = nn.LayerNorm(d_model, eps=layer_norm_eps, bias=bias) if norm_first else None
-
-    @property
-    def max_positions(self) -> int | None:
-        """The most positions this stack takes: ``max_len`` with learned positions, ``None``
-        (no limit) with the others, which extend to any length."""
-        if isinstance(self.positional, LearnedPositionalEncoding):
-            return self.positional.max_len
-        return None
+    layer_type = DecoderLayer
 
     def new_cache(self) -> DecoderCache:
         return DecoderCache(len(self.layers))
@@ -199,25 +191,17 @@ class Decoder(nn.Module):
         With a ``cache``, ``x`` holds only the new positions; they are placed after the
         cached ones and attend to them. Masks: boolean ``True`` = may not attend.
         """
+        x = check_tensor("x", x, [3], f"(batch, Lt, d_model={self.d_model})")
         offset = len(cache) if cache is not None else 0
         if self.positional is not None:
             x = self.positional(x, offset)
-        attention: list[Tensor] = []
-        for i, layer in enumerate(self.layers):
-            out = layer(
-                x, memory, tgt_key_padding_mask=tgt_key_padding_mask,
-                memory_key_padding_mask=memory_key_padding_mask, tgt_mask=tgt_mask,
-                is_causal=is_causal, cache=cache.layers[i] if cache is not None else None,
-                return_attention=return_attention,
-            )
-            if return_attention:
-                x, weights = out
-                attention.append(weights)
-            else:
-                x = out
-        if self.norm is not None:
-            x = self.norm(x)
-        return (x, attention) if return_attention else x
+        cos_sin = self._rotary_cos_sin(x.shape[1], offset)
+        caches = iter(cache.layers) if cache is not None else None
+        return self._run_layers(x, lambda layer, h: layer(
+            h, memory, tgt_key_padding_mask=tgt_key_padding_mask,
+            memory_key_padding_mask=memory_key_padding_mask, tgt_mask=tgt_mask,
+            is_causal=is_causal, cache=next(caches) if caches is not None else None,
+            return_attention=return_attention, rotary_cos_sin=cos_sin), return_attention)
 
 
 def _check_ids(name: str, ids: object, vocab_size: int) -> Tensor:
@@ -229,11 +213,21 @@ def _check_ids(name: str, ids: object, vocab_size: int) -> Tensor:
     if ids.dtype not in (torch.int64, torch.int32):
         raise TypeError(f"{name}: expected dtype torch.int64 token ids, got {ids.dtype}")
     if ids.numel() and not torch.compiler.is_compiling():
-        low, high = int(ids.min()), int(ids.max())
-        if low < 0 or high >= vocab_size:
-            raise ValueError(f"{name}: expected ids in [0, {vocab_size}) (the vocabulary "
-                             f"size), got ids from {low} to {high}")
+        _check_id_range(name, ids, vocab_size)
     return ids
+
+
+def _check_id_range(name: str, ids: Tensor, vocab_size: int) -> None:
+    """Ids outside the vocabulary raise. Reading ``ids.min()`` on the host costs nothing on
+    the CPU but waits for the whole queue of work on an accelerator: there the check is a
+    device-side assert that fails asynchronously, as an out-of-range embedding lookup would."""
+    expected = f"{name}: expected ids in [0, {vocab_size}) (the vocabulary size)"
+    if ids.device.type != "cpu":
+        torch._assert_async(((ids >= 0) & (ids < vocab_size)).all(), expected)
+        return
+    low, high = int(ids.min()), int(ids.max())
+    if low < 0 or high >= vocab_size:
+        raise ValueError(f"{expected}, got ids from {low} to {high}")
 
 
 class Transformer(nn.Module):
@@ -296,9 +290,12 @@ class Transformer(nn.Module):
                ) -> Tensor | tuple[Tensor, list[Tensor]]:
         """``(B, Ls)`` ids → memory ``(B, Ls, d_model)`` (and encoder self-attention)."""
         src_ids = _check_ids("src_ids", src_ids, self.src_vocab_size)
+        return self._encode(src_ids, self.padding_mask(src_ids), return_attention)
+
+    def _encode(self, src_ids: Tensor, src_padding: Tensor, return_attention: bool
+                ) -> Tensor | tuple[Tensor, list[Tensor]]:
         x = self.src_embed(src_ids) * math.sqrt(self.d_model)
-        return self.encoder(x, key_padding_mask=self.padding_mask(src_ids),
-                            return_attention=return_attention)
+        return self.encoder(x, key_padding_mask=src_padding, return_attention=return_attention)
 
     def decode(
         self,
@@ -316,6 +313,12 @@ class Transformer(nn.Module):
         positions (target padding is then not masked: decoding has none).
         """
         tgt_ids = _check_ids("tgt_ids", tgt_ids, self.tgt_vocab_size)
+        return self._decode(tgt_ids, memory, memory_key_padding_mask, cache=cache,
+                            return_attention=return_attention)
+
+    def _decode(self, tgt_ids: Tensor, memory: Tensor, memory_key_padding_mask: Tensor | None,
+                *, cache: DecoderCache | None, return_attention: bool
+                ) -> Tensor | tuple[Tensor, list[Tensor]]:
         x = self.tgt_embed(tgt_ids) * math.sqrt(self.d_model)
         out = self.decoder(
             x, memory,
@@ -335,8 +338,9 @@ class Transformer(nn.Module):
         if src_ids.shape[0] != tgt_ids.shape[0]:
             raise ValueError(f"tgt_ids: expected batch={src_ids.shape[0]} (as in src_ids), "
                              f"got shape {shape_of(tgt_ids)}")
-        memory = self.encode(src_ids)
-        return self.decode(tgt_ids, memory, self.padding_mask(src_ids))
+        src_padding = self.padding_mask(src_ids)
+        memory = self._encode(src_ids, src_padding, return_attention=False)
+        return self._decode(tgt_ids, memory, src_padding, cache=None, return_attention=False)
 
     @torch.no_grad()
     def generate(
@@ -392,12 +396,14 @@ class Transformer(nn.Module):
         memory = self.encode(src_ids)
         memory_mask = self.padding_mask(src_ids)
         if beam_size > 1:  # one row per hypothesis
-            memory = memory.repeat_interleave(beam_size, dim=0)
-            memory_mask = memory_mask.repeat_interleave(beam_size, dim=0)
+            memory = memory.repeat(beam_size, 1, 1)
+            memory_mask = memory_mask.repeat(beam_size, 1)
         cache = self.decoder.new_cache()
 
         def step(last_ids: Tensor) -> Tensor:  # (N, 1) -> (N, V) log-probabilities
-            logits = self.decode(last_ids, memory, memory_mask, cache=cache)[:, -1].float()
+            # The ids are the search's own picks: no range check needed.
+            logits = self._decode(last_ids, memory, memory_mask, cache=cache,
+                                  return_attention=False)[:, -1].float()
             # Padding and BOS are never outputs; padding also fills rows after their EOS.
             logits[:, [self.pad_id, bos_id]] = float("-inf")
             return logits.log_softmax(dim=-1)

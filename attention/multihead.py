@@ -22,7 +22,7 @@ from ._checks import (
 )
 from .functional import attend
 from .packing import Packing
-from .positional import RotaryEmbedding
+from .positional import RotaryEmbedding, apply_rotary
 
 try:  # the variable-length flash kernel (torch >= 2.10, CUDA only)
     from torch.nn.attention.varlen import varlen_attn
@@ -141,6 +141,7 @@ class MultiHeadAttention(nn.Module):
         average_attn_weights: bool = True,
         cache: KVCache | None = None,
         packing: Packing | None = None,
+        rotary_cos_sin: tuple[Tensor, Tensor] | None = None,
     ) -> tuple[Tensor, Tensor | None]:
         """Attend from ``query`` to ``key``/``value`` (to ``query`` itself when omitted).
 
@@ -155,6 +156,10 @@ class MultiHeadAttention(nn.Module):
         tokens ``(t, d_model)`` of the padded batch the packing describes, and so does the
         output; the packing's mask is the key padding mask. Self-attention only.
 
+        ``rotary_cos_sin``: the ``(cos, sin)`` of :meth:`RotaryEmbedding.cos_sin` for these
+        positions, ``(Lq, d_head)`` each, when the caller computed them once for a stack of
+        layers; the module computes them itself when omitted.
+
         Shape:
             query: ``(B, Lq, d_model)``; key: ``(B, Lk, kdim)``; value: ``(B, Lk, vdim)``.
             key_padding_mask: ``(B, Lk)``, ``True`` at padding.
@@ -164,8 +169,9 @@ class MultiHeadAttention(nn.Module):
             ``average_attn_weights``, ``None`` unless ``need_weights``.
         """
         if packing is not None:
-            return self._packed_self_attention(query, packing, attn_mask, is_causal,
-                                               key, value, key_padding_mask, need_weights, cache)
+            return self._packed_self_attention(query, packing, attn_mask, is_causal, key, value,
+                                               key_padding_mask, need_weights, cache,
+                                               rotary_cos_sin)
         query = check_tensor("query", query, [3], f"(batch, Lq, d_model={self.d_model})")
         check_size("query", query, -1, self.d_model, "d_model")
         # Self-attention when key is omitted, or is query itself (torch.nn's mha(x, x, x)):
@@ -192,7 +198,7 @@ class MultiHeadAttention(nn.Module):
             q, k, v = rearrange(self.project_qkv(query), "b n (three h d) -> three b h n d",
                                 three=3, h=self.n_heads)
             if self.rotary is not None:
-                q, k = self.rotary(q, offset), self.rotary(k, offset)
+                q, k = self._rotate(q, k, offset, rotary_cos_sin)
             if cache is not None:
                 k, v = cache.append(k, v)
         else:
@@ -254,6 +260,7 @@ class MultiHeadAttention(nn.Module):
         key_padding_mask: Tensor | None,
         need_weights: bool,
         cache: KVCache | None,
+        rotary_cos_sin: tuple[Tensor, Tensor] | None,
     ) -> tuple[Tensor, None]:
         """Self-attention over the real tokens ``(t, d_model)`` of a packed batch."""
         for name, given in (("key", key), ("value", value), ("key_padding_mask",
@@ -287,11 +294,22 @@ class MultiHeadAttention(nn.Module):
         q, k, v = rearrange(packing.unpack(qkv), "b n (three h d) -> three b h n d",
                             three=3, h=self.n_heads)
         if self.rotary is not None:
-            q, k = self.rotary(q), self.rotary(k)
+            q, k = self._rotate(q, k, 0, rotary_cos_sin)
         out, _ = attend(q, k, v, attn_mask=self._heads_mask(attn_mask, packing.batch),
                         key_padding_mask=packing.key_padding_mask, is_causal=is_causal,
                         dropout_p=dropout_p)
         return self.out_proj(packing.pack(rearrange(out, "b h n d -> b n (h d)"))), None
+
+    def _rotate(self, q: Tensor, k: Tensor, offset: int,
+                cos_sin: tuple[Tensor, Tensor] | None) -> tuple[Tensor, Tensor]:
+        """Queries and keys ``(b, h, n, d)`` rotated by their positions from ``offset``."""
+        length = q.shape[-2]
+        if cos_sin is None:
+            cos_sin = self.rotary.cos_sin(length, offset)
+        elif tuple(cos_sin[0].shape) != (length, self.d_head):
+            raise ValueError(f"rotary_cos_sin: expected (cos, sin) of shape (Lq={length}, "
+                             f"d_head={self.d_head}), got {shape_of(cos_sin[0])}")
+        return apply_rotary(q, *cos_sin), apply_rotary(k, *cos_sin)
 
     def _heads_mask(self, attn_mask: Tensor | None, batch: int) -> Tensor | None:
         """Accept torch.nn's ``(B * n_heads, Lq, Lk)`` mask layout as well as ``attend``'s."""

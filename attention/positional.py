@@ -155,14 +155,20 @@ class RotaryEmbedding(nn.Module):
         inv_freq = base ** (-torch.arange(0, d_head, 2, dtype=torch.float32) / d_head)
         self.register_buffer("inv_freq", inv_freq, persistent=False)
 
+    def cos_sin(self, length: int, offset: int = 0) -> tuple[Tensor, Tensor]:
+        """The cos and sin of the rotation angles of positions ``offset … offset + length -
+        1``, each ``(length, d_head)``: computed once, they serve queries and keys of every
+        layer (see :func:`apply_rotary`)."""
+        position = torch.arange(offset, offset + length, device=self.inv_freq.device)
+        angles = position.float().unsqueeze(-1) * self.inv_freq  # (n, d/2)
+        angles = torch.cat((angles, angles), dim=-1)  # (n, d)
+        return angles.cos(), angles.sin()
+
     def forward(self, x: Tensor, offset: int = 0) -> Tensor:
         """Rotate ``x`` as if its positions were ``offset … offset + length - 1``."""
         check_tensor("x", x, [4], f"(batch, heads, length, d_head={self.d_head})")
         check_size("x", x, -1, self.d_head, "d_head")
-        position = torch.arange(offset, offset + x.shape[-2], device=x.device)
-        angles = position.float().unsqueeze(-1) * self.inv_freq  # (n, d/2)
-        angles = torch.cat((angles, angles), dim=-1)  # (n, d)
-        return apply_rotary(x, angles.cos(), angles.sin())
+        return apply_rotary(x, *self.cos_sin(x.shape[-2], offset))
 
     def extra_repr(self) -> str:
         return f"d_head={self.d_head}"

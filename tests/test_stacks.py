@@ -1,0 +1,108 @@
+"""What the Encoder and Decoder stacks share, and what they keep off the hot path: rotary
+angles computed once per forward, the id-range check without a host read on accelerators,
+one residual wiring for every layer (compat's included), where learned positions end."""
+
+from __future__ import annotations
+
+from unittest import mock
+
+import pytest
+import torch
+from torch.testing import assert_close
+
+from attention import Decoder, Encoder, EncoderLayer, Transformer, compat
+from attention.layers import residual
+from attention.models import _check_ids
+from attention.positional import RotaryEmbedding
+
+D, H = 16, 2
+
+
+def count_cos_sin():
+    return mock.patch.object(RotaryEmbedding, "cos_sin", autospec=True,
+                             side_effect=RotaryEmbedding.cos_sin)
+
+
+@pytest.mark.parametrize("padded", [False, True], ids=["dense", "packed"])
+def test_rotary_angles_are_computed_once_per_encoder_forward(padded):
+    torch.manual_seed(0)
+    encoder = Encoder(D, H, n_layers=3, positional="rotary", dropout=0.0).eval()
+    x = torch.randn(2, 5, D)
+    padding = torch.tensor([[False] * 5, [False] * 3 + [True] * 2]) if padded else None
+    with count_cos_sin() as cos_sin:
+        out = encoder(x, key_padding_mask=padding)
+    assert cos_sin.call_count == 1
+    # and the angles shared by the stack are those each layer would compute for itself
+    expected = x
+    for layer in encoder.layers:
+        expected = layer(expected, key_padding_mask=padding)
+    expected = encoder.norm(expected)
+    if padded:
+        expected = expected.masked_fill(padding.unsqueeze(-1), 0.0)
+    assert_close(out, expected)
+
+
+def test_rotary_angles_once_per_decoder_step_with_a_cache():
+    torch.manual_seed(0)
+    decoder = Decoder(D, H, n_layers=3, positional="rotary", dropout=0.0).eval()
+    x, memory = torch.randn(2, 4, D), torch.randn(2, 6, D)
+    full = decoder(x, memory)
+    cache = decoder.new_cache()
+    with count_cos_sin() as cos_sin:
+        steps = [decoder(x[:, i:i + 1], memory, cache=cache) for i in range(4)]
+    assert cos_sin.call_count == 4
+    assert_close(torch.cat(steps, dim=1), full, atol=1e-5, rtol=1e-5)
+
+
+def test_rotary_cos_sin_of_the_wrong_length_is_refused():
+    layer = EncoderLayer(D, H, rotary=True)
+    cos_sin = layer.self_attn.rotary.cos_sin(3)
+    with pytest.raises(ValueError, match=r"rotary_cos_sin: expected .*Lq=5"):
+        layer(torch.randn(1, 5, D), rotary_cos_sin=cos_sin)
+
+
+def test_id_range_is_checked_on_the_host_only_on_the_cpu():
+    with pytest.raises(ValueError, match=r"src_ids: expected ids in \[0, 10\).*from 0 to 12"):
+        _check_ids("src_ids", torch.tensor([[0, 12]]), 10)
+    # Elsewhere no value is read back: a meta tensor has none to read, and the check is
+    # handed to the device as an asynchronous assert.
+    ids = torch.zeros(2, 3, dtype=torch.long, device="meta")
+    with mock.patch.object(torch, "_assert_async") as device_assert:
+        assert _check_ids("src_ids", ids, 10) is ids
+    (condition, message), _ = device_assert.call_args
+    assert condition.device.type == "meta" and condition.dtype == torch.bool
+    assert message.startswith("src_ids: expected ids in [0, 10)")
+
+
+def test_a_training_forward_checks_each_id_tensor_once():
+    model = Transformer(20, 20, d_model=D, n_heads=H, n_encoder_layers=1, n_decoder_layers=1)
+    src, tgt = torch.randint(1, 20, (2, 5)), torch.randint(1, 20, (2, 4))
+    with mock.patch("attention.models._check_id_range") as check:
+        model(src, tgt)
+    assert [call.args[0] for call in check.call_args_list] == ["src_ids", "tgt_ids"]
+
+
+@pytest.mark.parametrize("norm_first", [True, False])
+def test_residual_is_the_pre_or_post_norm_block(norm_first):
+    torch.manual_seed(0)
+    x = torch.randn(2, 3, D)
+    norm, dropout = torch.nn.LayerNorm(D), torch.nn.Identity()
+    sublayer = torch.nn.Linear(D, D)
+    expected = x + sublayer(norm(x)) if norm_first else norm(x + sublayer(x))
+    assert_close(residual(x, sublayer, norm, dropout, norm_first), expected)
+
+
+def test_compat_layer_runs_the_encoder_layers_residual_blocks():
+    layer = compat.TransformerEncoderLayer(D, H, dim_feedforward=32, dropout=0.0,
+                                           batch_first=True)
+    with mock.patch.object(EncoderLayer, "residual_blocks", autospec=True,
+                           side_effect=EncoderLayer.residual_blocks) as blocks:
+        layer(torch.randn(2, 3, D))
+    assert blocks.call_count == 1
+
+
+@pytest.mark.parametrize("positional, expected", [("learned", 12), ("sinusoidal", None),
+                                                  ("rotary", None), (None, None)])
+def test_max_positions(positional, expected):
+    assert Encoder(D, H, 1, positional=positional, max_len=12).max_positions == expected
+    assert Decoder(D, H, 1, positional=positional, max_len=12).max_positions == expected
