@@ -396,8 +396,8 @@ class Transformer(nn.Module):
         memory = self.encode(src_ids)
         memory_mask = self.padding_mask(src_ids)
         if beam_size > 1:  # one row per hypothesis
-            memory = memory.repeat(beam_size, 1, 1)
-            memory_mask = memory_mask.repeat(beam_size, 1)
+            memory = memory.repeat_interleave(beam_size, dim=0)
+            memory_mask = memory_mask.repeat_interleave(beam_size, dim=0)
         cache = self.decoder.new_cache()
 
         def step(last_ids: Tensor) -> Tensor:  # (N, 1) -> (N, V) log-probabilities
