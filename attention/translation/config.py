@@ -18,6 +18,9 @@ from typing import Any
 import torch
 import yaml
 
+from ..layers import ACTIVATIONS
+from ..positional import POSITIONAL_ENCODINGS
+
 __all__ = [
     "Config",
     "ConfigError",
@@ -27,7 +30,20 @@ __all__ = [
     "TrainConfig",
     "check_value",
     "load_config",
+    "multi30k_files",
 ]
+
+
+MULTI30K_SPLITS = {"train": "train", "val": "val", "test": "test_2016_flickr"}
+
+
+def multi30k_files(root: str | Path, split: str, src_lang: str, tgt_lang: str
+                   ) -> tuple[Path, Path]:
+    """The source and target files of a Multi30k split (``train``, ``val`` or ``test``)."""
+    if split not in MULTI30K_SPLITS:
+        raise ValueError(f"split: expected one of {list(MULTI30K_SPLITS)}, got {split!r}")
+    stem = Path(root) / MULTI30K_SPLITS[split]
+    return Path(f"{stem}.{src_lang}.gz"), Path(f"{stem}.{tgt_lang}.gz")
 
 
 class ConfigError(ValueError):
@@ -55,7 +71,7 @@ class ModelConfig:
 class DataConfig:
     """Where the sentence pairs come from and how they are tokenized.
 
-    ``corpus`` is ``toy`` (generated, see :mod:`attention.data.toy`), ``multi30k`` (the
+    ``corpus`` is ``toy`` (generated, see :mod:`attention.translation.data.toy`), ``multi30k`` (the
     gzip files under ``root``, languages ``src_lang`` → ``tgt_lang``) or ``parallel`` (the
     user's files: ``train``, ``val`` and ``test`` each a list of two line-aligned text files,
     source then target, or of one tab-separated file).
@@ -76,6 +92,15 @@ class DataConfig:
     vocab_size: int = 8000  # the most tokens in each side's vocabulary
     lowercase: bool = False
     max_tokens: int = 100  # training pairs longer than this on either side are dropped
+
+    def split_files(self, split: str) -> list[Path]:
+        """The files of ``split`` (``train``, ``val`` or ``test``): Multi30k's source and
+        target under ``root``, the user's files for ``parallel``, none for ``toy``."""
+        if self.corpus == "multi30k":
+            return list(multi30k_files(self.root, split, self.src_lang, self.tgt_lang))
+        if self.corpus == "parallel":
+            return [Path(path) for path in getattr(self, split)]
+        return []
 
 
 @dataclass
@@ -123,9 +148,10 @@ class EvalConfig:
 
 
 SECTIONS = {"model": ModelConfig, "data": DataConfig, "train": TrainConfig, "eval": EvalConfig}
+# The model's choices are the library's own lists (a run names one, so not None).
 CHOICES = {
-    ("model", "positional"): ("sinusoidal", "learned", "rotary"),
-    ("model", "activation"): ("relu", "gelu", "gelu_tanh", "silu"),
+    ("model", "positional"): tuple(p for p in POSITIONAL_ENCODINGS if p is not None),
+    ("model", "activation"): tuple(ACTIVATIONS),
     ("data", "corpus"): ("toy", "multi30k", "parallel"),
     ("data", "tokenizer"): ("word", "bpe"),
     ("train", "schedule"): ("inverse_sqrt", "cosine"),
@@ -229,23 +255,17 @@ class Config:
 
     def _check_data_files(self) -> None:
         d = self.data
-        if d.corpus == "multi30k":
-            from .data.corpus import multi30k_files
-
-            for split in ("train", "val", "test"):
-                for path in multi30k_files(d.root, split, d.src_lang, d.tgt_lang):
-                    if not path.is_file():
-                        raise ConfigError(f"data.root: missing file {path} (Multi30k "
-                                          f"{split}, {d.src_lang}-{d.tgt_lang})")
-        elif d.corpus == "parallel":
-            for split in ("train", "val", "test"):
-                paths = getattr(d, split)
-                if len(paths) not in (1, 2):
-                    raise ConfigError(f"data.{split}: expected [source_file, target_file] "
-                                      f"or [tsv_file], got {paths!r}")
-                for path in paths:
-                    if not Path(path).is_file():
-                        raise ConfigError(f"data.{split}: file not found: {path}")
+        for split in ("train", "val", "test"):
+            if d.corpus == "parallel" and len(getattr(d, split)) not in (1, 2):
+                raise ConfigError(f"data.{split}: expected [source_file, target_file] "
+                                  f"or [tsv_file], got {getattr(d, split)!r}")
+            for path in d.split_files(split):
+                if path.is_file():
+                    continue
+                if d.corpus == "multi30k":
+                    raise ConfigError(f"data.root: missing file {path} (Multi30k "
+                                      f"{split}, {d.src_lang}-{d.tgt_lang})")
+                raise ConfigError(f"data.{split}: file not found: {path}")
 
 
 _POSITIVE = {

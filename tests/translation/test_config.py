@@ -18,8 +18,8 @@ from attention.translation.config import (
     ModelConfig,
     TrainConfig,
     load_config,
+    multi30k_files,
 )
-from attention.translation.data.corpus import multi30k_files
 
 CONFIGS = Path(__file__).resolve().parents[2] / "configs"
 TINY = CONFIGS / "tiny.yaml"

@@ -7,7 +7,8 @@ from pathlib import Path
 
 import pytest
 
-from attention.translation.data.corpus import multi30k_files, read_lines, read_parallel
+from attention.translation.config import multi30k_files
+from attention.translation.data.corpus import read_lines, read_parallel
 
 SOURCE = ["Ein Mann fährt Fahrrad.", "Zwei Hunde spielen im Schnee.", "Die Straße ist nass."]
 TARGET = ["A man rides a bike.", "Two dogs play in the snow.", "The street is wet."]

@@ -1,4 +1,4 @@
-"""Parallel corpora: Multi30k's gzip files and any user corpus of line-aligned text.
+"""Parallel corpora: line-aligned text files (Multi30k's gzip files among them).
 
 A corpus is a list of ``(source, target)`` sentence pairs. Files may be gzip-compressed
 (``.gz``); lines are stripped of surrounding whitespace and pairs with an empty side are
@@ -10,18 +10,7 @@ from __future__ import annotations
 import gzip
 from pathlib import Path
 
-__all__ = ["MULTI30K_SPLITS", "multi30k_files", "read_lines", "read_parallel"]
-
-MULTI30K_SPLITS = {"train": "train", "val": "val", "test": "test_2016_flickr"}
-
-
-def multi30k_files(root: str | Path, split: str, src_lang: str, tgt_lang: str
-                   ) -> tuple[Path, Path]:
-    """The source and target files of a Multi30k split (``train``, ``val`` or ``test``)."""
-    if split not in MULTI30K_SPLITS:
-        raise ValueError(f"split: expected one of {list(MULTI30K_SPLITS)}, got {split!r}")
-    stem = Path(root) / MULTI30K_SPLITS[split]
-    return Path(f"{stem}.{src_lang}.gz"), Path(f"{stem}.{tgt_lang}.gz")
+__all__ = ["read_lines", "read_parallel"]
 
 
 def read_lines(path: str | Path) -> list[str]:

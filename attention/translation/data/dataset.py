@@ -7,7 +7,7 @@ from torch import Tensor
 
 from ..config import DataConfig
 from .batching import collate
-from .corpus import multi30k_files, read_parallel
+from .corpus import read_parallel
 from .tokenizer import BOS_ID, EOS_ID, PAD_ID
 from .toy import Pair, toy_splits
 
@@ -23,11 +23,7 @@ def load_splits(data: DataConfig) -> dict[str, list[Pair]]:
                           data.toy_seed)
     splits = {}
     for split in SPLITS:
-        if data.corpus == "multi30k":
-            src_path, tgt_path = multi30k_files(data.root, split, data.src_lang, data.tgt_lang)
-            rows = read_parallel([src_path, tgt_path])
-        else:
-            rows = read_parallel(getattr(data, split))
+        rows = read_parallel(data.split_files(split))
         if not rows:
             raise ValueError(f"data.{split}: no sentence pairs found")
         splits[split] = [Pair(source, target) for source, target in rows]
