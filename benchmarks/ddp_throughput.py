@@ -50,6 +50,12 @@ def run_once(config: str, processes: int, threads: int, accum: int, steps: int,
     return {"tokens_per_second": statistics.median(rates), "windows": len(rates)}
 
 
+def _as_recorded(path: str) -> str:
+    """A path inside the clone relative to it: results carry no path of the machine."""
+    resolved = Path(path).resolve()
+    return str(resolved.relative_to(ROOT)) if resolved.is_relative_to(ROOT) else path
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--config", default=str(ROOT / "configs" / "toy_translation.yaml"))
@@ -86,7 +92,7 @@ def main(argv: list[str] | None = None) -> int:
                      "grad_accum_steps": accum, "tokens_per_second": rates[name],
                      "median_tokens_per_second": statistics.median(rates[name]),
                      "median_ratio": statistics.median(ratios)})
-    report = {"config": args.config, "steps": args.steps, "rounds": args.rounds,
+    report = {"config": _as_recorded(args.config), "steps": args.steps, "rounds": args.rounds,
               "machine": f"{platform.machine()}, {os.cpu_count()} CPUs",
               "command": " ".join(["python", "benchmarks/ddp_throughput.py",
                                    *(argv if argv is not None else sys.argv[1:])]),
