@@ -21,3 +21,10 @@ def test_readme_has_an_example_for_each_way_to_use_the_package():
 @pytest.mark.parametrize("index", range(len(EXAMPLES)))
 def test_readme_example_runs(index):
     exec(compile(EXAMPLES[index], f"README.md example {index}", "exec"), {})
+
+
+@pytest.mark.parametrize("index", range(len(EXAMPLES)))
+def test_readme_example_checks_its_result(index):
+    """An example that only runs proves little: each states what it gives."""
+    assert re.search(r"\bassert", EXAMPLES[index]), (
+        f"README.md example {index}: expected at least one assert or assert_close, got none")
