@@ -85,8 +85,7 @@ def beam_search(
     # Identical beams at the start: only the first may be extended, or they'd repeat.
     scores = torch.full((batch, k), float("-inf"), device=device)
     scores[:, 0] = 0.0
-    finished: list[list[tuple[float, list[int]]]] = [[] for _ in range(batch)]
-    done = [False] * batch
+    hypotheses = _Finished(batch, k, length_penalty)
 
     for t in range(max_new_tokens):
         log_probs = step(last).float()  # (b*k, V)
@@ -94,43 +93,73 @@ def beam_search(
         candidates = (scores.reshape(-1, 1) + log_probs).reshape(batch, k * vocab)
         top_scores, top_index = candidates.topk(min(2 * k, k * vocab), dim=-1)  # (b, 2k)
         top_beam, top_token = top_index // vocab, top_index % vocab
-
-        top_scores_list, top_beam_list = top_scores.tolist(), top_beam.tolist()
-        top_token_list, is_eos = top_token.tolist(), (top_token == eos_id).tolist()
         # Continue with the best k extensions that do not end the sentence.
         continuing = top_scores.masked_fill(top_token == eos_id, float("-inf"))
         keep = continuing.topk(k, dim=-1).indices  # (b, k) positions among the 2k
         scores = continuing.gather(-1, keep)
-        best_alive = scores.max(dim=-1).values.tolist()
-
-        for b in range(batch):
-            if done[b]:
-                continue
-            for rank in range(k):
-                if is_eos[b][rank] and top_scores_list[b][rank] > float("-inf"):
-                    prefix = history[b * k + top_beam_list[b][rank]].tolist()
-                    score = sequence_score(top_scores_list[b][rank], t + 1, length_penalty)
-                    finished[b].append((score, prefix + [top_token_list[b][rank]]))
-            finished[b] = sorted(finished[b], key=lambda h: h[0], reverse=True)[:k]
-            done[b] = len(finished[b]) == k and finished[b][-1][0] >= sequence_score(
-                best_alive[b], t + 1, length_penalty)
-        if all(done):
+        hypotheses.add_ended(history, top_scores, top_beam, top_token, eos_id, t + 1)
+        hypotheses.update_done(scores, t + 1)
+        if all(hypotheses.done):
             break
         source_rows = (rows + top_beam.gather(-1, keep)).reshape(-1)  # (b*k,)
         last = top_token.gather(-1, keep).reshape(-1, 1)
         history = torch.cat((history.index_select(0, source_rows), last), dim=1)
         reorder(source_rows)
     else:
-        for b in range(batch):
-            if not done[b]:
-                for beam in range(k):
-                    if scores[b, beam] > float("-inf"):
-                        score = sequence_score(float(scores[b, beam]), max_new_tokens,
-                                               length_penalty)
-                        finished[b].append((score, history[b * k + beam].tolist()))
+        hypotheses.add_live(history, scores, max_new_tokens)
+    return hypotheses.best(pad_id, device)
 
-    best = [max(hypotheses, key=lambda h: h[0])[1] for hypotheses in finished]
-    out = torch.full((batch, max(len(h) for h in best)), pad_id, dtype=torch.long, device=device)
-    for b, tokens in enumerate(best):
-        out[b, : len(tokens)] = torch.tensor(tokens, dtype=torch.long, device=device)
-    return out
+
+class _Finished:
+    """Beam search's finished hypotheses: the ``k`` best ``(score, tokens)`` per sentence,
+    and which sentences are done."""
+
+    def __init__(self, batch: int, k: int, length_penalty: float) -> None:
+        self.k = k
+        self.length_penalty = length_penalty
+        self.hypotheses: list[list[tuple[float, list[int]]]] = [[] for _ in range(batch)]
+        self.done = [False] * batch
+
+    def add_ended(self, history: Tensor, top_scores: Tensor, top_beam: Tensor,
+                  top_token: Tensor, eos_id: int, length: int) -> None:
+        """Extensions ending in ``eos_id`` among each sentence's first ``k`` finish."""
+        k = self.k
+        top_scores_list, top_beam_list = top_scores.tolist(), top_beam.tolist()
+        top_token_list, is_eos = top_token.tolist(), (top_token == eos_id).tolist()
+        for b, hypotheses in enumerate(self.hypotheses):
+            if self.done[b]:
+                continue
+            for rank in range(k):
+                if is_eos[b][rank] and top_scores_list[b][rank] > float("-inf"):
+                    prefix = history[b * k + top_beam_list[b][rank]].tolist()
+                    score = sequence_score(top_scores_list[b][rank], length, self.length_penalty)
+                    hypotheses.append((score, prefix + [top_token_list[b][rank]]))
+            self.hypotheses[b] = sorted(hypotheses, key=lambda h: h[0], reverse=True)[:k]
+
+    def update_done(self, live_scores: Tensor, length: int) -> None:
+        """A sentence is done with ``k`` finished hypotheses none of its live ones beats."""
+        best_alive = live_scores.max(dim=-1).values.tolist()
+        for b, hypotheses in enumerate(self.hypotheses):
+            if not self.done[b]:
+                self.done[b] = len(hypotheses) == self.k and hypotheses[-1][0] >= \
+                    sequence_score(best_alive[b], length, self.length_penalty)
+
+    def add_live(self, history: Tensor, live_scores: Tensor, length: int) -> None:
+        """At the length limit, the live hypotheses of unfinished sentences finish as they are."""
+        for b, hypotheses in enumerate(self.hypotheses):
+            if self.done[b]:
+                continue
+            for beam in range(self.k):
+                if live_scores[b, beam] > float("-inf"):
+                    score = sequence_score(float(live_scores[b, beam]), length,
+                                           self.length_penalty)
+                    hypotheses.append((score, history[b * self.k + beam].tolist()))
+
+    def best(self, pad_id: int, device: torch.device | str) -> Tensor:
+        """``(batch, T)``: each sentence's best hypothesis, padded with ``pad_id``."""
+        best = [max(hypotheses, key=lambda h: h[0])[1] for hypotheses in self.hypotheses]
+        out = torch.full((len(best), max(len(h) for h in best)), pad_id, dtype=torch.long,
+                         device=device)
+        for b, tokens in enumerate(best):
+            out[b, : len(tokens)] = torch.tensor(tokens, dtype=torch.long, device=device)
+        return out

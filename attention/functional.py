@@ -255,38 +255,56 @@ def attend(
         is_causal=is_causal and not use_sdpa_causal, dtype=q.dtype, device=q.device,
     )
 
-    # Rows whose keys are all masked: let softmax see an unmasked row (finite, no NaN in
-    # either pass) and zero the row afterwards, which also zeroes its gradient.
-    empty_rows = None
-    if mask is not None:
-        blocked = mask if mask.dtype == torch.bool else mask == float("-inf")
-        empty_rows = blocked.all(dim=-1, keepdim=True)  # (b|1, h|1, i|1, 1)
-        mask = mask & ~empty_rows if mask.dtype == torch.bool else mask.masked_fill(empty_rows, 0)
-
+    mask, empty_rows = _open_empty_rows(mask)
     if explicit:
-        # In place on the fresh (b h i j) scores: the product's backward needs q and k, not
-        # its output, and each out-of-place step would allocate and fill another copy.
-        scores = (q @ k.transpose(-2, -1)).mul_(scale)  # (b h i d) @ (b h d j) -> (b h i j)
-        if mask is not None:
-            scores = scores.masked_fill_(mask, float("-inf")) if mask.dtype == torch.bool \
-                else scores.add_(mask)
-        # Softmax in at least float32 (half-precision scores lose the small weights).
-        weights = scores.softmax(dim=-1, dtype=torch.promote_types(q.dtype, torch.float32))
-        weights = weights.to(q.dtype)
-        dropped = F.dropout(weights, p=dropout_p) if dropout_p > 0 else weights
-        out = dropped @ v  # (b h i j) @ (b h j d) -> (b h i d)
-        if empty_rows is not None:  # zero rows with no key, on (b h i d), not (b h i j)
-            out = out.masked_fill(empty_rows, 0.0)
-            if need_weights:
-                weights = weights.masked_fill(empty_rows, 0.0)
-        return out, weights if need_weights else None
+        return _explicit_attention(q, k, v, mask, empty_rows, scale, dropout_p, need_weights)
+    return _fused_attention(q, k, v, mask, empty_rows, scale, dropout_p, use_sdpa_causal), None
 
+
+def _open_empty_rows(mask: Tensor | None) -> tuple[Tensor | None, Tensor | None]:
+    """Rows whose keys are all masked, ``(b|1, h|1, i|1, 1)``, and the mask with those rows
+    opened: softmax then sees a finite row (no NaN in either pass), and the caller zeroes
+    the row afterwards, which also zeroes its gradient."""
+    if mask is None:
+        return None, None
+    blocked = mask if mask.dtype == torch.bool else mask == float("-inf")
+    empty_rows = blocked.all(dim=-1, keepdim=True)
+    mask = mask & ~empty_rows if mask.dtype == torch.bool else mask.masked_fill(empty_rows, 0)
+    return mask, empty_rows
+
+
+def _explicit_attention(q: Tensor, k: Tensor, v: Tensor, mask: Tensor | None,
+                        empty_rows: Tensor | None, scale: float, dropout_p: float,
+                        need_weights: bool) -> tuple[Tensor, Tensor | None]:
+    """The textbook computation, with the weights (before dropout) when asked."""
+    # In place on the fresh (b h i j) scores: the product's backward needs q and k, not
+    # its output, and each out-of-place step would allocate and fill another copy.
+    scores = (q @ k.transpose(-2, -1)).mul_(scale)  # (b h i d) @ (b h d j) -> (b h i j)
+    if mask is not None:
+        scores = scores.masked_fill_(mask, float("-inf")) if mask.dtype == torch.bool \
+            else scores.add_(mask)
+    # Softmax in at least float32 (half-precision scores lose the small weights).
+    weights = scores.softmax(dim=-1, dtype=torch.promote_types(q.dtype, torch.float32))
+    weights = weights.to(q.dtype)
+    dropped = F.dropout(weights, p=dropout_p) if dropout_p > 0 else weights
+    out = dropped @ v  # (b h i j) @ (b h j d) -> (b h i d)
+    if empty_rows is not None:  # zero rows with no key, on (b h i d), not (b h i j)
+        out = out.masked_fill(empty_rows, 0.0)
+        if need_weights:
+            weights = weights.masked_fill(empty_rows, 0.0)
+    return out, weights if need_weights else None
+
+
+def _fused_attention(q: Tensor, k: Tensor, v: Tensor, mask: Tensor | None,
+                     empty_rows: Tensor | None, scale: float, dropout_p: float,
+                     is_causal: bool) -> Tensor:
+    """``F.scaled_dot_product_attention`` on the kernel chosen for the device."""
     if mask is not None and mask.dtype == torch.bool:
         mask = ~mask  # the SDPA boundary: True now means "may attend"
     with _sdpa_context(q.device):
         out = F.scaled_dot_product_attention(
-            q, k, v, attn_mask=mask, dropout_p=dropout_p, is_causal=use_sdpa_causal, scale=scale
+            q, k, v, attn_mask=mask, dropout_p=dropout_p, is_causal=is_causal, scale=scale
         )
     if empty_rows is not None:
         out = out.masked_fill(empty_rows, 0.0)
-    return out, None
+    return out

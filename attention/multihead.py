@@ -172,6 +172,25 @@ class MultiHeadAttention(nn.Module):
             return self._packed_self_attention(query, packing, attn_mask, is_causal, key, value,
                                                key_padding_mask, need_weights, cache,
                                                rotary_cos_sin)
+        query, key, value, self_attention = self._check_inputs(query, key, value)
+        q, k, v = self._project(query, key, value, self_attention, cache, rotary_cos_sin)
+        out, weights = attend(
+            q, k, v,
+            attn_mask=self._heads_mask(attn_mask, q.shape[0]),
+            key_padding_mask=key_padding_mask,
+            is_causal=is_causal,
+            dropout_p=self.dropout if self.training else 0.0,
+            need_weights=need_weights,
+        )
+        out = self.out_proj(rearrange(out, "b h n d -> b n (h d)"))
+        if weights is not None and average_attn_weights:
+            weights = weights.mean(dim=1)  # (b h i j) -> (b i j)
+        return out, weights
+
+    def _check_inputs(self, query: Tensor, key: Tensor | None, value: Tensor | None
+                      ) -> tuple[Tensor, Tensor, Tensor, bool]:
+        """``query``, ``key``, ``value`` checked (key and value filled in for
+        self-attention), and whether this is self-attention."""
         query = check_tensor("query", query, [3], f"(batch, Lq, d_model={self.d_model})")
         check_size("query", query, -1, self.d_model, "d_model")
         # Self-attention when key is omitted, or is query itself (torch.nn's mha(x, x, x)):
@@ -191,9 +210,14 @@ class MultiHeadAttention(nn.Module):
         for name, x in (("key", key), ("value", value)):
             check_size(name, x, 0, query.shape[0], "batch (as in query)")
         check_size("value", value, 1, key.shape[1], "Lk (as in key)")
+        return query, key, value, self_attention
 
-        offset = len(cache) if cache is not None and self_attention else 0
+    def _project(self, query: Tensor, key: Tensor, value: Tensor, self_attention: bool,
+                 cache: KVCache | None, rotary_cos_sin: tuple[Tensor, Tensor] | None
+                 ) -> tuple[Tensor, Tensor, Tensor]:
+        """q ``(b, h, Lq, d)``, and k, v ``(b, h, Lk, d)`` with the cache's positions."""
         if self_attention:
+            offset = len(cache) if cache is not None else 0
             # One matmul for q, k and v; the heads are views of its output, not copies.
             q, k, v = rearrange(self.project_qkv(query), "b n (three h d) -> three b h n d",
                                 three=3, h=self.n_heads)
@@ -201,28 +225,15 @@ class MultiHeadAttention(nn.Module):
                 q, k = self._rotate(q, k, offset, rotary_cos_sin)
             if cache is not None:
                 k, v = cache.append(k, v)
-        else:
-            q = rearrange(self.q_proj(query), "b n (h d) -> b h n d", h=self.n_heads)
-            if cache is not None and cache.k is not None:
-                k, v = cache.k, cache.v  # the memory was projected on the first step
-            else:
-                k = rearrange(self.k_proj(key), "b n (h d) -> b h n d", h=self.n_heads)
-                v = rearrange(self.v_proj(value), "b n (h d) -> b h n d", h=self.n_heads)
-                if cache is not None:
-                    k, v = cache.append(k, v)
-
-        out, weights = attend(
-            q, k, v,
-            attn_mask=self._heads_mask(attn_mask, q.shape[0]),
-            key_padding_mask=key_padding_mask,
-            is_causal=is_causal,
-            dropout_p=self.dropout if self.training else 0.0,
-            need_weights=need_weights,
-        )
-        out = self.out_proj(rearrange(out, "b h n d -> b n (h d)"))
-        if weights is not None and average_attn_weights:
-            weights = weights.mean(dim=1)  # (b h i j) -> (b i j)
-        return out, weights
+            return q, k, v
+        q = rearrange(self.q_proj(query), "b n (h d) -> b h n d", h=self.n_heads)
+        if cache is not None and cache.k is not None:
+            return q, cache.k, cache.v  # the memory was projected on the first step
+        k = rearrange(self.k_proj(key), "b n (h d) -> b h n d", h=self.n_heads)
+        v = rearrange(self.v_proj(value), "b n (h d) -> b h n d", h=self.n_heads)
+        if cache is not None:
+            k, v = cache.append(k, v)
+        return q, k, v
 
     def project_qkv(self, x: Tensor) -> Tensor:
         """``q_proj``, ``k_proj`` and ``v_proj`` of ``x`` in one matmul, ``(..., 3·d_model)``.
