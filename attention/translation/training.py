@@ -1,13 +1,18 @@
-"""Train a translation Transformer from a :class:`~attention.config.Config`, end to end.
+"""Train a translation Transformer from a :class:`~attention.translation.config.Config`.
 
-:func:`train` reads top to bottom: config and device, data and tokenizers, model and
-optimizer, then the loop (length-bucketed token batches, label-smoothed loss, clipping,
-warmup), periodic validation with checkpoints, and a last evaluation of the best weights on
-the test split written to ``runs/NAME/results.json``.
+:func:`train` builds a :class:`Trainer` and runs it. The Trainer holds the run's state as
+attributes (data and tokenizers, model, optimizer and scheduler, :class:`Progress`, this
+process's place among the ranks, the metrics file, the clock) and does each stage in a method
+of its own: :meth:`~Trainer.run` loops over epochs of length-bucketed token batches,
+:meth:`~Trainer.train_step` makes one optimizer step (gradient accumulation, label-smoothed
+loss, clipping, warmup), :meth:`~Trainer.validate` scores the validation split and writes the
+checkpoints, :meth:`~Trainer.save` and :meth:`~Trainer.restore` write and read them, and
+:meth:`~Trainer.final_evaluation` scores the best weights on the test split and writes
+``runs/NAME/results.json``.
 
-Under ``torchrun`` the same loop runs on every rank (see :mod:`attention.distributed`): a
-step's batches are shared out, gradients are averaged by ``DistributedDataParallel``, and
-rank 0 alone writes files while the others wait.
+Under ``torchrun`` the same loop runs on every rank (see
+:mod:`attention.translation.distributed`): a step's batches are shared out, gradients are
+averaged by ``DistributedDataParallel``, and rank 0 alone writes files while the others wait.
 """
 
 from __future__ import annotations
@@ -20,8 +25,9 @@ import signal
 import sys
 import threading
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
+from functools import partial
 from pathlib import Path
 from typing import Any
 
@@ -40,14 +46,18 @@ from .checkpoint import (
     save_checkpoint,
     write_atomic,
 )
-from .config import Config, ConfigError, TrainConfig
-from .data import PAD_ID, ParallelData, load_splits, token_batches, train_tokenizer
+from .config import Config, ConfigError, DataConfig, TrainConfig
+from .data import PAD_ID, Pair, ParallelData, load_splits, token_batches, train_tokenizer
 from .distributed import Distributed, distributed_session, elastic_restart, shard
 from .metrics import alignment_hits, best_alignment_head, bleu, exact_match
-from .translator import Translator
+from .precision import autocast
+from .translator import Translator, resolve_device
 
-__all__ = ["NonFiniteLossError", "TrainingInterrupted", "evaluate", "train",
-           "train_data_limit"]
+__all__ = ["NonFiniteLossError", "Progress", "Trainer", "TrainingInterrupted", "evaluate",
+           "make_optimizer", "sequence_loss", "target_tokens", "train", "train_data_limit"]
+
+Batch = tuple[Tensor, Tensor, Tensor]  # src (B, Ls), tgt_in (B, Lt), tgt_out (B, Lt)
+RngStates = list[dict[str, Any]]  # each rank's random-number states, in rank order
 
 
 class NonFiniteLossError(RuntimeError):
@@ -98,8 +108,24 @@ def cosine_schedule(warmup_steps: int, total_steps: int):
     return factor
 
 
+def learning_rate_schedule(cfg: TrainConfig) -> Callable[[int], float]:
+    """The factor of ``cfg.lr`` at each step, as ``cfg.schedule`` names it."""
+    if cfg.schedule == "cosine":
+        return cosine_schedule(cfg.warmup_steps, cfg.max_steps)
+    return inverse_sqrt_schedule(cfg.warmup_steps)
+
+
 def make_optimizer(model: nn.Module, cfg: TrainConfig) -> torch.optim.AdamW:
-    """AdamW with weight decay on matrices only (not on norms or biases)."""
+    """AdamW (betas 0.9, 0.98; eps 1e-9) with ``cfg.weight_decay`` on the matrices only.
+
+    Group 0 (decayed) holds every trainable parameter with two or more dimensions: the
+    attention projections, the feed-forward weights, both embeddings (a tied output head *is*
+    the target embedding, one parameter, listed once) and learned positions. Group 1 (no
+    decay) holds the rest: LayerNorm weights, biases, any 1-D parameter. Embeddings are decayed
+    with the other matrices because, tied, the target embedding is the output projection whose
+    logit scale decay is there to hold down (nanoGPT draws the same line, and moving it would
+    leave existing checkpoints' optimizer states unloadable).
+    """
     params = [p for p in model.parameters() if p.requires_grad]
     decay = [p for p in params if p.dim() >= 2]
     no_decay = [p for p in params if p.dim() < 2]
@@ -111,6 +137,8 @@ def make_optimizer(model: nn.Module, cfg: TrainConfig) -> torch.optim.AdamW:
 def sequence_loss(logits: Tensor, labels: Tensor, label_smoothing: float) -> tuple[Tensor, Tensor]:
     """Summed cross-entropy over non-pad labels, and their count.
 
+    With smoothing ``ε`` over ``V`` classes, a label ``y`` costs
+    ``(1 - ε) · (-log p_y) + ε · mean_k(-log p_k)``; pad labels cost nothing.
     logits ``(B, L, V)``, labels ``(B, L)`` → ``(loss_sum, n_tokens)``, both scalars.
     """
     loss = F.cross_entropy(logits.float().flatten(0, 1), labels.flatten(), ignore_index=PAD_ID,
@@ -118,32 +146,46 @@ def sequence_loss(logits: Tensor, labels: Tensor, label_smoothing: float) -> tup
     return loss, (labels != PAD_ID).sum()
 
 
+def target_tokens(batches: Sequence[Batch]) -> int:
+    """The non-pad target tokens of ``batches``: what a step's loss is normalised by.
+
+    Counted while the batches are still on the CPU, so that it needs no device synchronisation.
+    """
+    return sum(int((tgt_out != PAD_ID).sum()) for _, _, tgt_out in batches)
+
+
+def train_data_limit(config: Config) -> int:
+    """The longest training pair kept, in tokens."""
+    return min(config.data.max_tokens, config.model.max_len)
+
+
 class _StopFlag:
     """Turns the first Ctrl-C (or SIGTERM, as a job scheduler sends) into a request to stop
-    after the current step."""
+    after the current step; a second signal acts at once."""
+
+    SIGNALS = (signal.SIGINT, signal.SIGTERM)
 
     def __init__(self) -> None:
         self.requested = False
+        self.previous: dict[int, Any] = {}
 
     @contextlib.contextmanager
     def installed(self) -> Iterator[None]:
         if threading.current_thread() is not threading.main_thread():
             yield
             return
-        signals = (signal.SIGINT, signal.SIGTERM)
-        previous = {number: signal.getsignal(number) for number in signals}
-
-        def handler(signum, frame):  # a second signal acts at once
-            self.requested = True
-            signal.signal(signum, previous[signum])
-
-        for number in signals:
-            signal.signal(number, handler)
+        self.previous = {number: signal.getsignal(number) for number in self.SIGNALS}
+        for number in self.SIGNALS:
+            signal.signal(number, self._handle)
         try:
             yield
         finally:
-            for number in signals:
-                signal.signal(number, previous[number])
+            for number, handler in self.previous.items():
+                signal.signal(number, handler)
+
+    def _handle(self, signum: int, frame: Any) -> None:
+        self.requested = True
+        signal.signal(signum, self.previous[signum])
 
 
 class _Metrics:
@@ -182,8 +224,8 @@ def evaluate(model: Transformer, data: ParallelData, translator: Translator, *,
     translations of the first ``sentences`` pairs (all when ``None``).
 
     With ``alignment`` (and gold alignments in ``data``), also the cross-attention
-    alignment counts of :func:`attention.metrics.alignment_hits`, summed over the data.
-    ``lowercase`` compares with lowercased references (for a lowercasing tokenizer).
+    alignment counts of :func:`attention.translation.metrics.alignment_hits`, summed over the
+    data. ``lowercase`` compares with lowercased references (for a lowercasing tokenizer).
     """
     was_training = model.training
     model.eval()
@@ -196,8 +238,7 @@ def evaluate(model: Transformer, data: ParallelData, translator: Translator, *,
         for indices in token_batches(data.lengths, batch_tokens, seed=0, epoch=0,
                                      shuffle=False):
             src, tgt_in, tgt_out = (t.to(device) for t in data.batch(indices))
-            with torch.autocast(device.type, dtype=torch.bfloat16,
-                                enabled=device.type == "cuda"):
+            with autocast(device):
                 memory = model.encode(src)
                 logits, cross = model.decode(tgt_in, memory, model.padding_mask(src),
                                              return_attention=True) if alignment else \
@@ -287,372 +328,510 @@ def _check_resumable(saved: Config, config: Config) -> None:
 
 
 def train(config: Config, *, resume: bool = False, progress_bar: bool | None = None,
-          log=None) -> dict[str, Any]:
+          log: Callable[[str], None] | None = None) -> dict[str, Any]:
     """Run the training that ``config`` describes; return the test results.
 
     Writes under ``config.run_path``: ``config.yaml``, ``metrics.jsonl``,
     ``checkpoint_last.pt``, ``checkpoint_best.pt`` (best validation BLEU), ``curves.png``,
-    attention heatmaps of one test sentence and ``results.json``.
+    attention heatmaps of one test sentence and ``results.json``. ``log`` takes the progress
+    messages (default: stderr); ``progress_bar`` defaults to whether stderr is a terminal.
 
-    Started by ``torchrun`` (see :mod:`attention.distributed`), each process trains a
-    :class:`~torch.nn.parallel.DistributedDataParallel` replica on its share of every step's
-    batches; rank 0 alone logs, validates and writes the files, and every rank returns the
-    same results.
+    Started by ``torchrun`` (see :mod:`attention.translation.distributed`), each process
+    trains a :class:`~torch.nn.parallel.DistributedDataParallel` replica on its share of every
+    step's batches; rank 0 alone logs, validates and writes the files, and every rank returns
+    the same results.
 
     Raises:
         NonFiniteLossError: the loss became NaN or infinite (checkpoints are left as they were).
         TrainingInterrupted: Ctrl-C; ``checkpoint_last.pt`` holds the last finished step.
     """
     with distributed_session(config.train.device, config.train.dist_timeout_minutes) as world:
-        if log is None:
-            log = lambda message: tqdm.write(message, file=sys.stderr)  # noqa: E731
-        log = log if world.is_main else lambda message: None
+        log = (log or _write_to_stderr) if world.is_main else _quiet
         if not resume and elastic_restart():
             # torchrun restarted the run after a failure (--max-restarts): continue it.
             resume = world.broadcast((config.run_path / "checkpoint_last.pt").is_file())
             if resume:
                 log("torchrun restarted the processes: resuming from checkpoint_last.pt")
-        return _train(config, world, resume=resume, progress_bar=progress_bar, log=log)
+        trainer = Trainer(config, world, resume=resume, progress_bar=progress_bar, log=log)
+        return trainer.run()
 
 
-def _train(config: Config, world: Distributed, *, resume: bool, progress_bar: bool | None,
-           log) -> dict[str, Any]:
-    started = time.perf_counter()
-    cfg = config.train
-    run = config.run_path
-    device = world.device
-    if cfg.threads:
-        torch.set_num_threads(cfg.threads)
+def _write_to_stderr(message: str) -> None:
+    tqdm.write(message, file=sys.stderr)
 
-    checkpoint = saved_config = None
-    if resume:
-        # On the CPU first: load_state_dict then moves each tensor where it belongs (and
-        # keeps AdamW's step counters on the CPU, where they cost no synchronisation).
-        checkpoint = load_checkpoint(run / "checkpoint_last.pt")
-        saved_config = config_from_checkpoint(checkpoint)
-        _check_resumable(saved_config, config)
-    torch.manual_seed(cfg.seed)
 
-    # Data and tokenizers: trained on the training split (by rank 0, for all), or restored
-    # with the checkpoint.
-    splits = load_splits(config.data)
-    if checkpoint is not None:
-        tokenizers = checkpoint["tokenizers"]
-    else:
-        tokenizers = None
-        if world.is_main:
-            d = config.data
-            tokenizers = {side: train_tokenizer((getattr(p, side) for p in splits["train"]),
-                                                d.tokenizer, d.vocab_size, d.lowercase).to_str()
-                          for side in ("source", "target")}
-        tokenizers = world.broadcast(tokenizers)
-    src_tokenizer = Tokenizer.from_str(tokenizers["source"])
-    tgt_tokenizer = Tokenizer.from_str(tokenizers["target"])
-    train_data = ParallelData(splits["train"], src_tokenizer, tgt_tokenizer,
-                              max_tokens=train_data_limit(config))
-    if not len(train_data):
-        raise ConfigError(f"data.max_tokens, model.max_len: all {train_data.dropped} training "
-                          f"pairs are longer than {train_data_limit(config)} tokens; raise them")
-    # Learned positions end at max_len; other encodings extend to any length.
-    eval_limit = config.model.max_len if config.model.positional == "learned" else None
-    val_data = ParallelData(splits["val"], src_tokenizer, tgt_tokenizer, max_tokens=eval_limit)
-    test_data = ParallelData(splits["test"], src_tokenizer, tgt_tokenizer, max_tokens=eval_limit)
+def _quiet(message: str) -> None:
+    """The log of a rank other than 0, and of a Trainer given none."""
 
-    model = model_from_config(config.model, src_tokenizer.get_vocab_size(),
-                              tgt_tokenizer.get_vocab_size(), PAD_ID).to(device)
-    optimizer = make_optimizer(model, cfg)
-    schedule = cosine_schedule(cfg.warmup_steps, cfg.max_steps) if cfg.schedule == "cosine" \
-        else inverse_sqrt_schedule(cfg.warmup_steps)
-    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, schedule)
-    state = Progress()
-    if checkpoint is not None:
-        model.load_state_dict(checkpoint["model"])
-        optimizer.load_state_dict(checkpoint["optimizer"])
-        scheduler.load_state_dict(checkpoint["scheduler"])
-        state = Progress(**checkpoint["progress"])
-        _restore_rng(checkpoint, world, cfg.seed + state.step)
-    elif world.rank:  # dropout differs between ranks; rank 0 draws as one process would
-        torch.manual_seed(cfg.seed + world.rank)
-    batches_per_step = world.world_size * cfg.grad_accum_steps
-    previous_batches_per_step = state.ranks * (
-        saved_config.train.grad_accum_steps if saved_config else 1)
-    state.ranks = world.world_size
-    # Gradients are averaged over the ranks, which all start from rank 0's weights.
-    replica = nn.parallel.DistributedDataParallel(
-        model, device_ids=[device] if device.type == "cuda" else None,
-        forward_sync_buffers=False) if world.enabled else model
-    forward = torch.compile(replica) if cfg.compile else replica
-    translator = Translator(model, src_tokenizer, tgt_tokenizer, config.eval)
-    n_params = sum(p.numel() for p in model.parameters())
 
-    if world.is_main:
-        run.mkdir(parents=True, exist_ok=True)
-        write_atomic(run / "config.yaml", lambda f: f.write(
-            yaml.safe_dump(config.to_dict(), sort_keys=False).encode()))
-        if checkpoint is None and (run / "checkpoint_last.pt").is_file():
-            log(f"starting a new run in {run}: its previous files are replaced (--resume "
-                f"would have continued it)")
-    metrics = _Metrics(run / "metrics.jsonl", fresh=checkpoint is None,
-                       keep_until_step=state.step) if world.is_main else None
-    dropped = f", {val_data.dropped + test_data.dropped} val/test pairs longer than " \
-        f"model.max_len={eval_limit} left out" if val_data.dropped + test_data.dropped else ""
-    log(f"{config.name}: {len(train_data)} training pairs ({train_data.dropped} longer than "
-        f"{train_data_limit(config)} tokens dropped), {len(val_data)} val, {len(test_data)} "
-        f"test{dropped}; vocabularies {src_tokenizer.get_vocab_size()} → "
-        f"{tgt_tokenizer.get_vocab_size()}; {n_params / 1e6:.2f}M parameters on {device}")
-    if world.enabled:
-        log(f"{world.world_size} ranks ({torch.distributed.get_backend()}), {cfg.grad_accum_steps} "
-            f"accumulated batch(es) each: {batches_per_step} batches of ≤{cfg.batch_tokens} "
-            f"tokens per step")
-    if checkpoint is not None:
-        log(f"resuming from step {state.step} (epoch {state.epoch + 1})")
-        if previous_batches_per_step != batches_per_step:
-            log(f"note: the checkpoint took {previous_batches_per_step} batches per step, this "
-                f"run takes {batches_per_step} (ranks × train.grad_accum_steps): the global "
-                f"batch changes from here on")
+class Trainer:
+    """One training run: its state on the object, each stage of it a method.
 
-    def save(name: str, rng: list[dict[str, Any]]) -> None:
+    Built from ``config`` for this process's place among the ranks (``world``; one process on
+    ``train.device`` when ``None``) and, with ``resume``, from the run's
+    ``checkpoint_last.pt``. Its attributes: ``train_data``, ``val_data``, ``test_data``,
+    ``tokenizers``; ``model``, ``train_model`` (what the steps call: the model, wrapped in
+    ``DistributedDataParallel`` under torchrun, compiled with ``train.compile``),
+    ``optimizer``, ``scheduler``, ``translator``; ``progress``; ``metrics`` (rank 0's
+    ``metrics.jsonl``, else ``None``); the clock (``session_start``, ``window_start``) and
+    ``stop`` (Ctrl-C).
+
+    :meth:`run` trains and then evaluates, once: it closes the metrics file and the progress
+    bar, as :meth:`close` does for a Trainer whose methods are called one by one.
+    """
+
+    def __init__(self, config: Config, world: Distributed | None = None, *,
+                 resume: bool = False, progress_bar: bool | None = None,
+                 log: Callable[[str], None] | None = None) -> None:
+        self.started = time.perf_counter()
+        self.config, self.cfg, self.run_dir = config, config.train, config.run_path
+        self.world = world or Distributed(device=resolve_device(config.train.device))
+        self.device = self.world.device
+        self.log = log or _quiet
+        self.batches_per_step = self.world.world_size * self.cfg.grad_accum_steps
+        if self.cfg.threads:
+            torch.set_num_threads(self.cfg.threads)
+        checkpoint = saved = None
+        if resume:
+            # On the CPU first: load_state_dict then moves each tensor where it belongs (and
+            # keeps AdamW's step counters on the CPU, where they cost no synchronisation).
+            checkpoint = load_checkpoint(self.run_dir / "checkpoint_last.pt")
+            saved = config_from_checkpoint(checkpoint)
+            _check_resumable(saved, config)
+        torch.manual_seed(self.cfg.seed)
+        self._build_data_and_model(checkpoint)
+        self.progress = Progress()
+        if checkpoint is not None:
+            self.restore(checkpoint)
+        elif self.world.rank:  # dropout differs between ranks; rank 0 draws as one process would
+            torch.manual_seed(self.cfg.seed + self.world.rank)
+        saved_batches_per_step = self.progress.ranks * saved.train.grad_accum_steps \
+            if saved else None
+        self.progress.ranks = self.world.world_size
+        self._wrap_model()
+        self.metrics = self._open_run_dir(fresh=checkpoint is None)
+        self._log_start(saved_batches_per_step)
+        self.stop = _StopFlag()
+        show_bar = self.world.is_main and (sys.stderr.isatty() if progress_bar is None
+                                           else progress_bar)
+        self.bar = tqdm(total=self.cfg.max_steps, initial=self.progress.step,
+                        disable=not show_bar, unit="step", dynamic_ncols=True, file=sys.stderr)
+        self.session_start = self.window_start = time.perf_counter()
+
+    # Building ------------------------------------------------------------------------------
+
+    def _build_data_and_model(self, checkpoint: dict[str, Any] | None) -> None:
+        """Tokenizers (the checkpoint's, or trained on the training split by rank 0 for all),
+        the encoded splits and the model, whose position limit bounds validation and test."""
+        splits = load_splits(self.config.data)
+        if checkpoint is not None:
+            self.tokenizers = checkpoint["tokenizers"]
+        else:
+            self.tokenizers = self.world.broadcast(_new_tokenizers(
+                splits["train"], self.config.data) if self.world.is_main else None)
+        self.src_tokenizer = Tokenizer.from_str(self.tokenizers["source"])
+        self.tgt_tokenizer = Tokenizer.from_str(self.tokenizers["target"])
+        limit = train_data_limit(self.config)
+        self.train_data = self._encode(splits["train"], limit)
+        if not len(self.train_data):
+            raise ConfigError(f"data.max_tokens, model.max_len: all {self.train_data.dropped} "
+                              f"training pairs are longer than {limit} tokens; raise them")
+        self._build_model()
+        self.eval_limit = _position_limit(self.model)
+        self.val_data = self._encode(splits["val"], self.eval_limit)
+        self.test_data = self._encode(splits["test"], self.eval_limit)
+
+    def _encode(self, pairs: list[Pair], max_tokens: int | None) -> ParallelData:
+        return ParallelData(pairs, self.src_tokenizer, self.tgt_tokenizer, max_tokens=max_tokens)
+
+    def _build_model(self) -> None:
+        """The model on this rank's device, its optimizer, schedule and translator."""
+        vocab_sizes = self.src_tokenizer.get_vocab_size(), self.tgt_tokenizer.get_vocab_size()
+        self.model = model_from_config(self.config.model, *vocab_sizes, PAD_ID).to(self.device)
+        self.optimizer = make_optimizer(self.model, self.cfg)
+        self.scheduler = torch.optim.lr_scheduler.LambdaLR(self.optimizer,
+                                                           learning_rate_schedule(self.cfg))
+        self.translator = Translator(self.model, self.src_tokenizer, self.tgt_tokenizer,
+                                     self.config.eval)
+        self.n_params = sum(p.numel() for p in self.model.parameters())
+
+    def _wrap_model(self) -> None:
+        """``train_model``: under torchrun a replica whose gradients are averaged over the
+        ranks, which all start from rank 0's weights (so: after :meth:`restore`)."""
+        self.replica = nn.parallel.DistributedDataParallel(
+            self.model, device_ids=[self.device] if self.device.type == "cuda" else None,
+            forward_sync_buffers=False) if self.world.enabled else self.model
+        self.train_model = torch.compile(self.replica) if self.cfg.compile else self.replica
+
+    def _open_run_dir(self, fresh: bool) -> _Metrics | None:
+        """Rank 0: the run's folder, its ``config.yaml`` and its metrics file (``None`` on
+        the other ranks). A resumed run drops the records past its checkpoint."""
+        if not self.world.is_main:
+            return None
+        self.run_dir.mkdir(parents=True, exist_ok=True)
+        write_atomic(self.run_dir / "config.yaml", lambda f: f.write(
+            yaml.safe_dump(self.config.to_dict(), sort_keys=False).encode()))
+        if fresh and (self.run_dir / "checkpoint_last.pt").is_file():
+            self.log(f"starting a new run in {self.run_dir}: its previous files are replaced "
+                     f"(--resume would have continued it)")
+        return _Metrics(self.run_dir / "metrics.jsonl", fresh=fresh,
+                        keep_until_step=self.progress.step)
+
+    def _log_start(self, saved_batches_per_step: int | None) -> None:
+        """What is trained, on what; for a resumed run, from where."""
+        train, val, test = self.train_data, self.val_data, self.test_data
+        dropped = f", {val.dropped + test.dropped} val/test pairs longer than " \
+            f"model.max_len={self.eval_limit} left out" if val.dropped + test.dropped else ""
+        self.log(f"{self.config.name}: {len(train)} training pairs ({train.dropped} longer than "
+                 f"{train_data_limit(self.config)} tokens dropped), {len(val)} val, {len(test)} "
+                 f"test{dropped}; vocabularies {self.src_tokenizer.get_vocab_size()} → "
+                 f"{self.tgt_tokenizer.get_vocab_size()}; {self.n_params / 1e6:.2f}M parameters "
+                 f"on {self.device}")
+        if self.world.enabled:
+            self.log(f"{self.world.world_size} ranks ({torch.distributed.get_backend()}), "
+                     f"{self.cfg.grad_accum_steps} accumulated batch(es) each: "
+                     f"{self.batches_per_step} batches of ≤{self.cfg.batch_tokens} tokens per step")
+        if saved_batches_per_step is None:
+            return
+        self.log(f"resuming from step {self.progress.step} (epoch {self.progress.epoch + 1})")
+        if saved_batches_per_step != self.batches_per_step:
+            self.log(f"note: the checkpoint took {saved_batches_per_step} batches per step, this "
+                     f"run takes {self.batches_per_step} (ranks × train.grad_accum_steps): the "
+                     f"global batch changes from here on")
+
+    # The loop: the state is consistent between steps, which is where stops and saves happen.
+
+    def run(self) -> dict[str, Any]:
+        """Train until a limit (``train.max_steps``, ``max_epochs``, ``max_minutes``) or
+        Ctrl-C, validate the last step, then :meth:`final_evaluation`; return its results.
+
+        Raises:
+            NonFiniteLossError: the loss or the gradient norm became NaN or infinite.
+            TrainingInterrupted: Ctrl-C, after saving ``checkpoint_last.pt``.
+        """
+        try:
+            with self.stop.installed():
+                reason = None
+                while reason is None:
+                    reason = self.train_epoch()
+                self._finish(reason)
+        finally:
+            self.close()
+        return self.final_evaluation()
+
+    def close(self) -> None:
+        """Close the progress bar and the metrics file."""
+        self.bar.close()
+        if self.metrics is not None:
+            self.metrics.close()
+
+    def train_epoch(self) -> str | None:
+        """Train on the rest of the current epoch; return why to stop (``None``: go on).
+
+        Each step takes the next ``batches_per_step`` batches of the epoch; the few left at
+        its end (fewer than that) are skipped, and the next epoch's shuffle deals all the
+        pairs again.
+        """
+        batches = self.epoch_batches()
+        while self.progress.batch_in_epoch + self.batches_per_step <= len(batches):
+            mine = self.step_batches(batches)
+            tokens, reason = self._agree_on_step(target_tokens(mine))
+            if reason:
+                return reason
+            _, grad_norm = self.train_step(mine, tokens)
+            self._log_and_validate_when_due(grad_norm)
+        self.progress.epoch += 1
+        self.progress.batch_in_epoch = 0
+        if self.cfg.max_epochs is not None and self.progress.epoch >= self.cfg.max_epochs:
+            return f"max_epochs={self.cfg.max_epochs}"
+        return None
+
+    def epoch_batches(self) -> list[list[int]]:
+        """The current epoch's batches of training-pair indices, in the epoch's seeded order
+        (the same on every rank)."""
+        batches = token_batches(self.train_data.lengths, self.cfg.batch_tokens,
+                                seed=self.cfg.seed, epoch=self.progress.epoch)
+        if len(batches) < self.batches_per_step:
+            raise ConfigError(
+                f"train.grad_accum_steps: a step takes {self.batches_per_step} batches "
+                f"({self.world.world_size} ranks × {self.cfg.grad_accum_steps}), but an epoch "
+                f"has {len(batches)} of train.batch_tokens={self.cfg.batch_tokens}; lower "
+                f"them or start fewer processes")
+        return batches
+
+    def step_batches(self, batches: list[list[int]]) -> list[Batch]:
+        """This rank's share of the next step's batches of the epoch's ``batches``, as
+        ``(src, tgt_in, tgt_out)`` tensors on the CPU."""
+        start = self.progress.batch_in_epoch
+        group = batches[start:start + self.batches_per_step]
+        return [self.train_data.batch(indices)
+                for indices in shard(group, self.world.rank, self.world.world_size)]
+
+    def _agree_on_step(self, tokens_here: int) -> tuple[float, str | None]:
+        """The step's target tokens over all ranks, and whether to stop, the same on every
+        rank (one collective for both). Any rank's Ctrl-C stops them all; rank 0's clock
+        alone decides ``max_minutes``."""
+        tokens, interrupted, out_of_time = self.world.sum(
+            [tokens_here, self.stop.requested, self.world.is_main and self._out_of_time()])
+        return tokens, self._stop_reason(interrupted > 0, out_of_time > 0)
+
+    def _stop_reason(self, interrupted: bool, out_of_time: bool) -> str | None:
+        if interrupted:
+            return "interrupted"
+        if self.cfg.max_steps is not None and self.progress.step >= self.cfg.max_steps:
+            return f"max_steps={self.cfg.max_steps}"
+        if out_of_time:
+            return f"max_minutes={self.cfg.max_minutes:g}"
+        return None
+
+    def _finish(self, reason: str) -> None:
+        """After the loop: an interrupted run saves and raises; any other validates its last
+        step (or only saves it, when that step was just validated)."""
+        if reason == "interrupted":
+            self._bank_time()
+            self.save_last()
+            raise TrainingInterrupted(
+                f"interrupted at step {self.progress.step}: saved "
+                f"{self.run_dir / 'checkpoint_last.pt'}; continue with --resume")
+        self.log(f"training stopped at step {self.progress.step}: {reason}")
+        if self.progress.last_eval_step != self.progress.step:
+            self.validate()
+        else:
+            self.save_last()
+
+    # One step -------------------------------------------------------------------------------
+
+    def train_step(self, batches: Sequence[Batch], tokens: float) -> tuple[float, float]:
+        """One optimizer step on this rank's ``batches``, their gradients accumulated.
+
+        ``tokens`` is the step's non-pad target tokens over all ranks (:func:`target_tokens`
+        of every rank's batches): the step follows the gradient of the mean loss per target
+        token of the whole step, and is counted in ``progress``. Returns the step's summed
+        loss over all ranks and the gradient norm before clipping.
+
+        Raises:
+            NonFiniteLossError: the loss or the gradient norm is NaN or infinite (checked
+                before the optimizer step: the weights stay as they were).
+        """
+        self.optimizer.zero_grad(set_to_none=True)
+        loss_here = self.accumulate_gradients(batches, tokens / self.world.world_size)
+        grad_norm = nn.utils.clip_grad_norm_(self.model.parameters(), self.cfg.clip_norm)
+        # The step's one host synchronisation, loss and norm together: the checks below must
+        # see both before optimizer.step() can spoil the weights (clipping a non-finite
+        # gradient only spoils gradients, which the error discards).
+        loss_here, grad_norm = torch.stack([loss_here, grad_norm.to(loss_here.dtype)]).tolist()
+        loss_sum, = self.world.sum([loss_here])
+        self._check_finite("loss", loss_sum / tokens)
+        self._check_finite("gradient norm", grad_norm)
+        self.optimizer.step()
+        self.scheduler.step()
+        progress = self.progress
+        progress.step += 1
+        progress.batch_in_epoch += self.batches_per_step
+        progress.window_loss += loss_sum
+        progress.window_tokens += int(tokens)
+        return loss_sum, grad_norm
+
+    def accumulate_gradients(self, batches: Sequence[Batch], tokens_per_rank: float) -> Tensor:
+        """Backpropagate this rank's ``batches`` of one step; return their summed loss, a
+        scalar tensor on the device (not synchronised).
+
+        Each batch's summed loss is divided by ``tokens_per_rank``, the step's target tokens
+        over all ranks divided by the number of ranks (which gradient averaging divides out
+        again): the step's gradient is that of the mean loss per target token of the whole
+        global batch, however it is split. Gradients are all-reduced once, with the last
+        batch's backward pass; ``DistributedDataParallel.no_sync`` holds them back before.
+        """
+        loss_here = torch.zeros((), device=self.device)
+        for i, batch in enumerate(batches):
+            src, tgt_in, tgt_out = (t.to(self.device, non_blocking=True) for t in batch)
+            with self._no_sync() if i < len(batches) - 1 else contextlib.nullcontext():
+                with autocast(self.device):
+                    logits = self.train_model(src, tgt_in)
+                loss_sum, _ = sequence_loss(logits, tgt_out, self.cfg.label_smoothing)
+                (loss_sum / tokens_per_rank).backward()
+            loss_here += loss_sum.detach()
+        return loss_here
+
+    def _no_sync(self) -> contextlib.AbstractContextManager:
+        return self.replica.no_sync() if self.world.enabled else contextlib.nullcontext()
+
+    def _check_finite(self, what: str, value: float) -> None:
+        if math.isfinite(value):
+            return
+        saved = []
+        if self.progress.best_step and (self.run_dir / "checkpoint_best.pt").is_file():
+            saved.append(f"checkpoint_best.pt (step {self.progress.best_step})")
+        if self.progress.last_saved_step >= 0 and (self.run_dir / "checkpoint_last.pt").is_file():
+            saved.append(f"checkpoint_last.pt (step {self.progress.last_saved_step})")
+        kept = " and ".join(saved) + " are unchanged" if saved else "no checkpoint was written"
+        raise NonFiniteLossError(f"{what} is {value} at step {self.progress.step + 1}: training "
+                                 f"stopped; {kept}. Try a lower train.lr or a longer "
+                                 f"train.warmup_steps")
+
+    def _log_and_validate_when_due(self, grad_norm: float) -> None:
+        """After a step: the progress bar, and the training record and validation if due."""
+        self.bar.update(1)
+        if self.progress.step % self.cfg.log_every == 0:
+            self._log_train_record(grad_norm)
+        if self.progress.step % self.cfg.eval_every == 0:
+            self.validate()
+
+    def _log_train_record(self, grad_norm: float) -> None:
+        """A ``train`` record of the steps since the last one; ``grad_norm`` is this step's,
+        before clipping."""
+        progress = self.progress
+        seconds = time.perf_counter() - self.window_start
+        record = {"kind": "train", "step": progress.step, "epoch": progress.epoch + 1,
+                  "loss": progress.window_loss / progress.window_tokens,
+                  "lr": self.scheduler.get_last_lr()[0], "grad_norm": grad_norm,
+                  "tokens_per_second": progress.window_tokens / max(seconds, 1e-9)}
+        if self.metrics is not None:
+            self.metrics.write(record)
+        self.bar.set_postfix(loss=f"{record['loss']:.3f}",
+                             tok_s=f"{record['tokens_per_second']:.0f}",
+                             lr=f"{record['lr']:.2e}", refresh=False)
+        progress.window_loss, progress.window_tokens = 0.0, 0
+        self.window_start = time.perf_counter()
+
+    # Validation and checkpoints -------------------------------------------------------------
+
+    def validate(self) -> None:
+        """Score the validation split, write a ``val`` record, save ``checkpoint_last.pt``
+        (and ``checkpoint_best.pt`` on the best BLEU, then loss) and redraw ``curves.png``.
+
+        Called on every rank: rank 0 does the work while the others wait for its progress.
+        """
+        self.progress.last_eval_step = self.progress.step
+        self._on_main(self._validate_on_main)
+
+    def save_last(self) -> None:
+        """Save ``checkpoint_last.pt``; called on every rank, written by rank 0."""
+        self._on_main(partial(self.save, "checkpoint_last.pt"))
+
+    def save(self, name: str, rng: RngStates | None = None) -> Path:
+        """Write checkpoint ``name`` in the run's folder and return its path: weights,
+        optimizer and scheduler states, progress, config, tokenizers and each rank's random
+        state (``rng``; this process's alone when ``None``).
+
+        Writes on whatever rank calls it: in a run only rank 0 does (see :meth:`save_last`).
+        """
         if name == "checkpoint_last.pt":
-            state.last_saved_step = state.step
-        save_checkpoint(run / name, {
-            "config": config.to_dict(), "model": model.state_dict(),
-            "optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(),
-            "rng": rng[0], "rng_other_ranks": rng[1:], "tokenizers": tokenizers,
-            "progress": dataclasses.asdict(state),
+            self.progress.last_saved_step = self.progress.step
+        rng = [_rng_state(self.device)] if rng is None else rng
+        return save_checkpoint(self.run_dir / name, {
+            "config": self.config.to_dict(), "model": self.model.state_dict(),
+            "optimizer": self.optimizer.state_dict(), "scheduler": self.scheduler.state_dict(),
+            "rng": rng[0], "rng_other_ranks": rng[1:], "tokenizers": self.tokenizers,
+            "progress": dataclasses.asdict(self.progress),
         })
 
-    def on_main(write) -> None:
+    def restore(self, checkpoint: dict[str, Any]) -> None:
+        """Continue from ``checkpoint`` (as :meth:`save` writes it): the weights, the
+        optimizer's and scheduler's states, the progress and this rank's random stream (a
+        rank the checkpoint did not have starts a new one)."""
+        self.model.load_state_dict(checkpoint["model"])
+        self.optimizer.load_state_dict(checkpoint["optimizer"])
+        self.scheduler.load_state_dict(checkpoint["scheduler"])
+        self.progress = Progress(**checkpoint["progress"])
+        _restore_rng(checkpoint, self.world, self.cfg.seed + self.progress.step)
+
+    def _on_main(self, write: Callable[[RngStates], Any]) -> None:
         """Called on every rank: rank 0 runs ``write(rng)`` with each rank's random state,
         while the others wait for its progress, which they take (every rank's stays the
         same)."""
-        rng = world.gather(_rng_state(device))
-        if world.is_main:
+        rng = self.world.gather(_rng_state(self.device))
+        if self.world.is_main:
             write(rng)
-        _share_progress(world, state)
+        for key, value in self.world.broadcast(dataclasses.asdict(self.progress)).items():
+            setattr(self.progress, key, value)
 
-    def save_last() -> None:
-        on_main(lambda rng: save("checkpoint_last.pt", rng))
-
-    def validate() -> None:
-        state.last_eval_step = state.step
-        on_main(_validate)
-
-    def _validate(rng: list[dict[str, Any]]) -> None:
-        result = evaluate(model, val_data, translator, label_smoothing=cfg.label_smoothing,
-                          batch_tokens=cfg.batch_tokens, sentences=config.eval.val_sentences,
-                          beam_size=1, lowercase=config.data.lowercase)
-        state.wall_seconds += time.perf_counter() - session_start[0]
-        session_start[0] = time.perf_counter()
-        improved = (result["bleu"], -result["loss"]) > (state.best_bleu, -state.best_loss)
+    def _validate_on_main(self, rng: RngStates) -> None:
+        result = evaluate(self.model, self.val_data, self.translator,
+                          label_smoothing=self.cfg.label_smoothing,
+                          batch_tokens=self.cfg.batch_tokens,
+                          sentences=self.config.eval.val_sentences, beam_size=1,
+                          lowercase=self.config.data.lowercase)
+        self._bank_time()
+        improved = self._record_validation(result)
+        self.save("checkpoint_last.pt", rng)
         if improved:
-            state.best_bleu, state.best_loss, state.best_step = \
-                result["bleu"], result["loss"], state.step
-        metrics.write({"kind": "val", "step": state.step, "loss": result["loss"],
-                       "nll": result["nll"], "bleu": result["bleu"],
-                       "bleu_lowercase": result["bleu_lowercase"],
-                       "exact_match": result["exact_match"], "sentences": result["sentences"],
-                       "elapsed_seconds": round(state.wall_seconds, 2)})
-        log(f"step {state.step}: val loss {result['loss']:.3f}, BLEU {result['bleu']:.2f}, "
-            f"exact match {result['exact_match']:.1%}" + (" (best)" if improved else ""))
-        save("checkpoint_last.pt", rng)
+            self.save("checkpoint_best.pt", rng)
+        _plot_curves(self.run_dir)
+
+    def _record_validation(self, result: dict[str, Any]) -> bool:
+        """Keep the best scores, write the ``val`` record and log it; whether it is the best."""
+        progress = self.progress
+        improved = (result["bleu"], -result["loss"]) > (progress.best_bleu, -progress.best_loss)
         if improved:
-            save("checkpoint_best.pt", rng)
-        _plot_curves(run)
+            progress.best_bleu, progress.best_loss, progress.best_step = \
+                result["bleu"], result["loss"], progress.step
+        self.metrics.write({"kind": "val", "step": progress.step, "loss": result["loss"],
+                            "nll": result["nll"], "bleu": result["bleu"],
+                            "bleu_lowercase": result["bleu_lowercase"],
+                            "exact_match": result["exact_match"],
+                            "sentences": result["sentences"],
+                            "elapsed_seconds": round(progress.wall_seconds, 2)})
+        self.log(f"step {progress.step}: val loss {result['loss']:.3f}, BLEU "
+                 f"{result['bleu']:.2f}, exact match {result['exact_match']:.1%}"
+                 + (" (best)" if improved else ""))
+        return improved
 
-    # The loop. State is consistent between steps: that is where stops and saves happen.
-    session_start = [time.perf_counter()]
-    stop = _StopFlag()
-    show_bar = world.is_main and (sys.stderr.isatty() if progress_bar is None else progress_bar)
-    bar = tqdm(total=cfg.max_steps, initial=state.step, disable=not show_bar, unit="step",
-               dynamic_ncols=True, file=sys.stderr)
-    window_start = time.perf_counter()
-    stop_reason = None
-    try:
-        with stop.installed():
-            while stop_reason is None:
-                batches = token_batches(train_data.lengths, cfg.batch_tokens, seed=cfg.seed,
-                                        epoch=state.epoch)
-                if len(batches) < batches_per_step:
-                    raise ConfigError(
-                        f"train.grad_accum_steps: a step takes {batches_per_step} batches "
-                        f"({world.world_size} ranks × {cfg.grad_accum_steps}), but an epoch "
-                        f"has {len(batches)} of train.batch_tokens={cfg.batch_tokens}; lower "
-                        f"them or start fewer processes")
-                # Each step takes the next batches_per_step batches of the epoch; the few
-                # left at its end (fewer than that) are skipped, and the next epoch's
-                # shuffle deals all the pairs again.
-                while state.batch_in_epoch + batches_per_step <= len(batches):
-                    group = batches[state.batch_in_epoch:state.batch_in_epoch + batches_per_step]
-                    mine = [train_data.batch(indices)
-                            for indices in shard(group, world.rank, world.world_size)]
-                    tokens, stop_reason = _agree_on_step(
-                        world, cfg, state, sum(int((tgt_out != PAD_ID).sum())
-                                               for _, _, tgt_out in mine),
-                        interrupted=stop.requested,
-                        out_of_time=_out_of_time(cfg, state, session_start[0]))
-                    if stop_reason:
-                        break
-                    optimizer.zero_grad(set_to_none=True)
-                    loss_here = _accumulate_gradients(
-                        forward, mine, device, tokens / world.world_size, cfg.label_smoothing,
-                        replica.no_sync if world.enabled else contextlib.nullcontext)
-                    loss_sum, = world.sum([loss_here])
-                    loss_value = loss_sum / tokens
-                    if not math.isfinite(loss_value):
-                        raise NonFiniteLossError(_non_finite("loss", loss_value, state, run))
-                    norm = float(nn.utils.clip_grad_norm_(model.parameters(), cfg.clip_norm))
-                    if not math.isfinite(norm):  # checked before the step can spoil the weights
-                        raise NonFiniteLossError(_non_finite("gradient norm", norm, state, run))
-                    optimizer.step()
-                    scheduler.step()
-                    state.step += 1
-                    state.batch_in_epoch += batches_per_step
-                    state.window_loss += loss_sum
-                    state.window_tokens += int(tokens)
-                    bar.update(1)
-                    if state.step % cfg.log_every == 0:
-                        seconds = time.perf_counter() - window_start
-                        record = {"kind": "train", "step": state.step, "epoch": state.epoch + 1,
-                                  "loss": state.window_loss / state.window_tokens,
-                                  "lr": scheduler.get_last_lr()[0],
-                                  "grad_norm": norm,  # this step's, before clipping
-                                  "tokens_per_second": state.window_tokens / max(seconds,
-                                                                                 1e-9)}
-                        if metrics is not None:
-                            metrics.write(record)
-                        bar.set_postfix(loss=f"{record['loss']:.3f}",
-                                        tok_s=f"{record['tokens_per_second']:.0f}",
-                                        lr=f"{record['lr']:.2e}", refresh=False)
-                        state.window_loss, state.window_tokens = 0.0, 0
-                        window_start = time.perf_counter()
-                    if state.step % cfg.eval_every == 0:
-                        validate()
-                else:
-                    state.epoch += 1
-                    state.batch_in_epoch = 0
-                    if cfg.max_epochs is not None and state.epoch >= cfg.max_epochs:
-                        stop_reason = f"max_epochs={cfg.max_epochs}"
-            if stop_reason == "interrupted":
-                state.wall_seconds += time.perf_counter() - session_start[0]
-                session_start[0] = time.perf_counter()
-                save_last()
-                raise TrainingInterrupted(
-                    f"interrupted at step {state.step}: saved {run / 'checkpoint_last.pt'}; "
-                    f"continue with --resume")
-            log(f"training stopped at step {state.step}: {stop_reason}")
-            if state.last_eval_step != state.step:
-                validate()
-            else:
-                save_last()
-    finally:
-        bar.close()
-        if metrics is not None:
-            metrics.close()
+    # The clock ------------------------------------------------------------------------------
 
-    # Final evaluation (rank 0): the best weights on the test split.
-    results = None
-    if world.is_main:
-        best = load_checkpoint(run / "checkpoint_best.pt")
-        model.load_state_dict(best["model"])
-        results = _test_results(config, model, val_data, test_data, translator)
-        results["wall_seconds"] = round(
-            state.wall_seconds + time.perf_counter() - session_start[0], 1)
-        results.update(best_step=best["progress"]["step"], steps=state.step,
-                       parameters=n_params, device=str(device), ranks=world.world_size)
-        write_atomic(run / "results.json",
+    def _bank_time(self) -> None:
+        """Move this session's time so far into ``progress.wall_seconds`` (checkpointed)."""
+        now = time.perf_counter()
+        self.progress.wall_seconds += now - self.session_start
+        self.session_start = now
+
+    def _wall_seconds(self) -> float:
+        """The run's training time over all its sessions."""
+        return self.progress.wall_seconds + time.perf_counter() - self.session_start
+
+    def _out_of_time(self) -> bool:
+        return self.cfg.max_minutes is not None and \
+            self._wall_seconds() / 60 >= self.cfg.max_minutes
+
+    # The end --------------------------------------------------------------------------------
+
+    def final_evaluation(self) -> dict[str, Any]:
+        """Rank 0 scores the best checkpoint's weights on the test split, writes
+        ``results.json`` and the attention plots of one test sentence and logs a summary;
+        every rank returns its results."""
+        return self.world.broadcast(self._test_on_main() if self.world.is_main else None)
+
+    def _test_on_main(self) -> dict[str, Any]:
+        best = load_checkpoint(self.run_dir / "checkpoint_best.pt")
+        self.model.load_state_dict(best["model"])
+        results = self._score_test()
+        results["wall_seconds"] = round(self._wall_seconds(), 1)
+        results.update(best_step=best["progress"]["step"], steps=self.progress.step,
+                       parameters=self.n_params, device=str(self.device),
+                       ranks=self.world.world_size)
+        write_atomic(self.run_dir / "results.json",
                      lambda f: f.write((json.dumps(results, indent=2) + "\n").encode()))
-        _plot_test_attention(run, translator, test_data)
-        log(_summary(results, time.perf_counter() - started))
-    return world.broadcast(results)
+        self._plot_test_attention()
+        self.log(_summary(results, time.perf_counter() - self.started))
+        return results
 
-
-def _accumulate_gradients(forward, batches: list[tuple[Tensor, Tensor, Tensor]],
-                          device: torch.device, tokens_per_rank: float,
-                          label_smoothing: float, no_sync) -> float:
-    """Backpropagate this rank's ``batches`` of one step; return their summed loss.
-
-    Each summed loss is divided by ``tokens_per_rank``, the step's target tokens over all
-    ranks divided by the number of ranks (which gradient averaging divides out again): the
-    step's gradient is that of the mean loss per target token of the whole global batch,
-    however it is split. Gradients are all-reduced once, with the last batch's backward pass;
-    ``no_sync()`` (``DistributedDataParallel.no_sync``) holds them back before that.
-    """
-    loss_here = torch.zeros((), device=device)
-    for i, batch in enumerate(batches):
-        src, tgt_in, tgt_out = (t.to(device, non_blocking=True) for t in batch)
-        with contextlib.nullcontext() if i == len(batches) - 1 else no_sync():
-            with torch.autocast(device.type, dtype=torch.bfloat16,
-                                enabled=device.type == "cuda"):
-                logits = forward(src, tgt_in)
-            loss_sum, _ = sequence_loss(logits, tgt_out, label_smoothing)
-            (loss_sum / tokens_per_rank).backward()
-        loss_here += loss_sum.detach()
-    return float(loss_here)
-
-
-def _agree_on_step(world: Distributed, cfg: TrainConfig, state: Progress, tokens_here: int, *,
-                   interrupted: bool, out_of_time: bool) -> tuple[float, str | None]:
-    """The step's target tokens over all ranks, and whether to stop, the same on every rank.
-
-    Any rank's Ctrl-C stops them all; rank 0's clock alone decides ``max_minutes``.
-    """
-    tokens, interrupted_ranks, out_of_time_on_main = world.sum(
-        [tokens_here, interrupted, world.is_main and out_of_time])
-    return tokens, _stop_reason(cfg, state, interrupted_ranks > 0, out_of_time_on_main > 0)
-
-
-def _share_progress(world: Distributed, state: Progress) -> None:
-    """Rank 0's progress (best scores, saved steps, time) on every rank; the others wait."""
-    for key, value in world.broadcast(dataclasses.asdict(state)).items():
-        setattr(state, key, value)
-
-
-def train_data_limit(config: Config) -> int:
-    """The longest training pair kept, in tokens."""
-    return min(config.data.max_tokens, config.model.max_len)
-
-
-def _non_finite(what: str, value: float, state: Progress, run: Path) -> str:
-    saved = []
-    if state.best_step and (run / "checkpoint_best.pt").is_file():
-        saved.append(f"checkpoint_best.pt (step {state.best_step})")
-    if state.last_saved_step >= 0 and (run / "checkpoint_last.pt").is_file():
-        saved.append(f"checkpoint_last.pt (step {state.last_saved_step})")
-    kept = " and ".join(saved) + " are unchanged" if saved else "no checkpoint was written"
-    return (f"{what} is {value} at step {state.step + 1}: training stopped; {kept}. Try a "
-            f"lower train.lr or a longer train.warmup_steps")
-
-
-def _stop_reason(cfg: TrainConfig, state: Progress, interrupted: bool,
-                 out_of_time: bool) -> str | None:
-    if interrupted:
-        return "interrupted"
-    if cfg.max_steps is not None and state.step >= cfg.max_steps:
-        return f"max_steps={cfg.max_steps}"
-    if out_of_time:
-        return f"max_minutes={cfg.max_minutes:g}"
-    return None
-
-
-def _out_of_time(cfg: TrainConfig, state: Progress, session_start: float) -> bool:
-    minutes = (state.wall_seconds + time.perf_counter() - session_start) / 60
-    return cfg.max_minutes is not None and minutes >= cfg.max_minutes
-
-
-def _test_results(config: Config, model: Transformer, val_data: ParallelData,
-                  test_data: ParallelData, translator: Translator) -> dict[str, Any]:
-    cfg = config.train
-    has_alignment = any(p.alignment is not None for p in test_data.pairs)
-    test = evaluate(model, test_data, translator, label_smoothing=cfg.label_smoothing,
-                    batch_tokens=cfg.batch_tokens, alignment=has_alignment,
-                    lowercase=config.data.lowercase)
-    results = {"bleu": round(test["bleu"], 2), "bleu_lowercase": round(test["bleu_lowercase"], 2),
-               "exact_match": round(test["exact_match"], 4), "sentences": test["sentences"],
-               "loss": round(test["loss"], 4), "beam_size": config.eval.beam_size}
-    if has_alignment and "alignment_hits" in test:
-        # The head is chosen on validation, then scored on test.
-        val = evaluate(model, val_data, translator, label_smoothing=cfg.label_smoothing,
-                       batch_tokens=cfg.batch_tokens, sentences=0, alignment=True)
+    def _score_test(self) -> dict[str, Any]:
+        """BLEU, exact match and loss on test; with gold alignments, the alignment accuracy
+        of the head that aligns best on validation."""
+        cfg = self.cfg
+        has_alignment = any(p.alignment is not None for p in self.test_data.pairs)
+        test = evaluate(self.model, self.test_data, self.translator,
+                        label_smoothing=cfg.label_smoothing, batch_tokens=cfg.batch_tokens,
+                        alignment=has_alignment, lowercase=self.config.data.lowercase)
+        results = {"bleu": round(test["bleu"], 2),
+                   "bleu_lowercase": round(test["bleu_lowercase"], 2),
+                   "exact_match": round(test["exact_match"], 4), "sentences": test["sentences"],
+                   "loss": round(test["loss"], 4), "beam_size": self.config.eval.beam_size}
+        if not (has_alignment and "alignment_hits" in test):
+            return results
+        val = evaluate(self.model, self.val_data, self.translator,
+                       label_smoothing=cfg.label_smoothing, batch_tokens=cfg.batch_tokens,
+                       sentences=0, alignment=True)
         layer, head = best_alignment_head(val["alignment_hits"])
         test_accuracy = test["alignment_hits"].float() / test["alignment_words"]
         head_mean = test["alignment_head_mean_hits"].float() / test["alignment_words"]
@@ -663,7 +842,38 @@ def _test_results(config: Config, model: Transformer, val_data: ParallelData,
             alignment_accuracy_by_head=[[round(float(a), 4) for a in row]
                                         for row in test_accuracy],
             alignment_words=test["alignment_words"])
-    return results
+        return results
+
+    def _plot_test_attention(self) -> None:
+        from .plotting import plot_attention_grid
+
+        # A test sentence of middling length: long enough to show reordering, short enough
+        # to read.
+        lengths = [len(p.source.split()) for p in self.test_data.pairs]
+        target = sorted(lengths)[len(lengths) * 3 // 4]
+        sentence = self.test_data.pairs[lengths.index(target)].source
+        attention = self.translator.attention(sentence, beam_size=1)
+        plot_attention_grid(attention["encoder"], attention["source_tokens"],
+                            attention["source_tokens"], self.run_dir / "attention_encoder.png",
+                            title=f"encoder self-attention: {sentence}")
+        plot_attention_grid(attention["cross"], attention["target_tokens"],
+                            attention["source_tokens"], self.run_dir / "attention_cross.png",
+                            title=f"decoder cross-attention: {sentence}")
+
+
+def _new_tokenizers(pairs: list[Pair], data: DataConfig) -> dict[str, str]:
+    """A source and a target tokenizer trained on ``pairs``, as JSON strings."""
+    return {side: train_tokenizer((getattr(p, side) for p in pairs), data.tokenizer,
+                                  data.vocab_size, data.lowercase).to_str()
+            for side in ("source", "target")}
+
+
+def _position_limit(model: Transformer) -> int | None:
+    """The longest sequence both stacks take: learned positions end at their ``max_len``;
+    the other encodings extend to any length (``None``)."""
+    limits = [n for n in (model.encoder.max_positions, model.decoder.max_positions)
+              if n is not None]
+    return min(limits, default=None)
 
 
 def _summary(results: dict[str, Any], seconds: float) -> str:
@@ -681,19 +891,3 @@ def _plot_curves(run: Path) -> None:
     from .plotting import plot_curves, read_metrics
 
     plot_curves(read_metrics(run / "metrics.jsonl"), run / "curves.png", title=run.name)
-
-
-def _plot_test_attention(run: Path, translator: Translator, test_data: ParallelData) -> None:
-    from .plotting import plot_attention_grid
-
-    # A test sentence of middling length: long enough to show reordering, short enough to read.
-    lengths = [len(p.source.split()) for p in test_data.pairs]
-    target = sorted(lengths)[len(lengths) * 3 // 4]
-    sentence = test_data.pairs[lengths.index(target)].source
-    attention = translator.attention(sentence, beam_size=1)
-    plot_attention_grid(attention["encoder"], attention["source_tokens"],
-                        attention["source_tokens"], run / "attention_encoder.png",
-                        title=f"encoder self-attention: {sentence}")
-    plot_attention_grid(attention["cross"], attention["target_tokens"],
-                        attention["source_tokens"], run / "attention_cross.png",
-                        title=f"decoder cross-attention: {sentence}")
