@@ -104,13 +104,20 @@ class Translator:
                   length_penalty: float | None = None) -> list[str]:
         """Translate sentences (a single string is one sentence); one output per input.
 
-        ``beam_size`` 1 is greedy search; both default to the checkpoint's ``eval`` section.
+        An empty or whitespace-only sentence translates to ``""`` without decoding (the model
+        would still write words for it). ``beam_size`` 1 is greedy search; both default to
+        the checkpoint's ``eval`` section.
         """
         if isinstance(sentences, str):
             sentences = [sentences]
-        ids = self.generate_ids(self.encode(sentences), beam_size=beam_size,
-                                length_penalty=length_penalty)
-        return self.decode(ids)
+        translations = [""] * len(sentences)
+        real = [i for i, sentence in enumerate(sentences) if sentence.strip()]
+        if real:
+            ids = self.generate_ids(self.encode([sentences[i] for i in real]),
+                                    beam_size=beam_size, length_penalty=length_penalty)
+            for i, translation in zip(real, self.decode(ids), strict=True):
+                translations[i] = translation
+        return translations
 
     @torch.no_grad()
     def attention(self, sentence: str, *, beam_size: int | None = None
