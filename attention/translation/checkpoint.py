@@ -35,15 +35,52 @@ def save_checkpoint(path: str | Path, checkpoint: dict[str, Any]) -> Path:
 
 
 def load_checkpoint(path: str | Path, map_location: str | torch.device = "cpu") -> dict[str, Any]:
-    """Read a checkpoint with ``weights_only=True`` and check that it is one of ours."""
+    """Read a checkpoint with ``weights_only=True`` and check that it is one of ours.
+
+    Raises ``FileNotFoundError`` when ``path`` is not a file, and ``ValueError`` (one line,
+    naming the file) when it is not a whole checkpoint written by this package: truncated,
+    not a ``torch.save`` file, holding objects a weights-only load refuses, of another
+    format, or missing one of the keys training writes.
+    """
     path = Path(path)
     if not path.is_file():
         raise FileNotFoundError(f"checkpoint: file not found: {path}")
-    checkpoint = torch.load(path, map_location=map_location, weights_only=True)
-    if not isinstance(checkpoint, dict) or checkpoint.get("format") != FORMAT:
-        found = checkpoint.get("format") if isinstance(checkpoint, dict) else type(checkpoint)
-        raise ValueError(f"checkpoint: expected a {FORMAT!r} checkpoint written by "
-                         f"attention-train, got format {found!r} in {path}")
+
+    def incomplete(reason: str) -> ValueError:
+        return ValueError(f"{path}: not a complete checkpoint of this package ({reason})")
+
+    def first_sentence(message: str) -> str:  # of an error message, on one line and short
+        line = message.strip().splitlines()[0] if message.strip() else ""
+        return line.split(". ")[0][:120]
+
+    try:
+        checkpoint = torch.load(path, map_location=map_location, weights_only=True)
+    except PermissionError:
+        raise
+    except Exception as error:  # torch.load raises many kinds on a truncated or foreign file
+        message = str(error).strip()
+        if path.stat().st_size == 0:
+            reason = "the file is empty"
+        elif "weights_only" in message or "WeightsUnpickler" in message:
+            # Only what was refused, not torch's advice to retry with weights_only=False,
+            # which would run whatever code the file holds.
+            detail = message.partition("WeightsUnpickler error:")[2].strip()
+            reason = "a weights-only load refuses it" + (f": {first_sentence(detail)}"
+                                                         if detail else "")
+        else:
+            reason = (f"unreadable, truncated or not written by torch.save: "
+                      f"{type(error).__name__}: {first_sentence(message)}")
+        raise incomplete(reason) from None
+    if not isinstance(checkpoint, dict):
+        raise incomplete(f"it holds a {type(checkpoint).__name__}, not a dict")
+    if "format" in checkpoint and checkpoint["format"] != FORMAT:
+        raise incomplete(f"format {checkpoint['format']!r}, expected {FORMAT!r}")
+    keys = ("format", "config", "model", "tokenizers", "optimizer", "scheduler", "rng",
+            "progress")  # what training's save writes, and what loading it reads
+    missing = [key for key in keys if key not in checkpoint]
+    if missing:
+        raise incomplete(f"missing key{'s' if len(missing) > 1 else ''} "
+                         f"{', '.join(map(repr, missing))}")
     return checkpoint
 
 

@@ -94,7 +94,7 @@ def translate_main(argv: list[str] | None = None) -> int:
 
     try:
         translator = Translator.from_checkpoint(args.checkpoint, device=args.device)
-    except (FileNotFoundError, ValueError) as error:
+    except (OSError, ValueError) as error:  # missing, unreadable, or not a whole checkpoint
         return _fail(str(error), 2)
     sentences = args.sentences or [line.rstrip("\n") for line in sys.stdin]
     translations = translator.translate(sentences, beam_size=args.beam_size,
@@ -131,7 +131,7 @@ def plot_attention_main(argv: list[str] | None = None) -> int:
 
     try:
         translator = Translator.from_checkpoint(args.checkpoint, device=args.device)
-    except (FileNotFoundError, ValueError) as error:
+    except (OSError, ValueError) as error:  # missing, unreadable, or not a whole checkpoint
         return _fail(str(error), 2)
     attention = translator.attention(args.sentence)
     translation = translator.tgt_tokenizer.decode(
