@@ -1,0 +1,101 @@
+"""Where a benchmark runs: the machine (device name, the CPUs this process may use, and so
+the default number of CPU threads), the software, and the git commit of the package's source
+when that source is a git checkout. Nothing here assumes a repository layout."""
+
+from __future__ import annotations
+
+import datetime
+import importlib.metadata
+import os
+import platform
+import subprocess
+from pathlib import Path
+from typing import Any
+
+import torch
+
+__all__ = ["available_cpus", "default_threads", "device_name", "environment", "git_commit",
+           "package_dir"]
+
+
+def package_dir() -> Path:
+    """The folder of the ``attention`` package this process imported: in a clone, or in
+    site-packages when installed."""
+    import attention
+
+    return Path(attention.__file__).resolve().parent
+
+
+def available_cpus() -> int:
+    """The CPUs this process may run on: its affinity where the system has one (Linux),
+    else every CPU of the machine."""
+    if hasattr(os, "sched_getaffinity"):
+        return len(os.sched_getaffinity(0))
+    return os.cpu_count() or 1
+
+
+def default_threads(device: str) -> int | None:
+    """torch's CPU threads for a run on ``device``: :func:`available_cpus` on ``cpu``;
+    ``None`` (torch's own choice) on ``cuda``."""
+    return available_cpus() if device == "cpu" else None
+
+
+def _git(source: Path, *args: str) -> str | None:
+    """``git args`` run in ``source``: its output, or ``None`` if git fails or is missing."""
+    try:
+        done = subprocess.run(["git", *args], cwd=source, capture_output=True, text=True,
+                              timeout=10)
+    except (OSError, subprocess.TimeoutExpired):
+        return None
+    return done.stdout.strip() if done.returncode == 0 else None
+
+
+def git_commit(source: str | os.PathLike | None = None) -> tuple[str | None, bool | None]:
+    """The short commit of the git checkout that tracks the package's source, and whether
+    its tracked files have uncommitted changes; ``(None, None)`` when the source is not in
+    a checkout (an installed wheel), git is missing, or it fails.
+
+    ``source``: the folder to ask (default: :func:`package_dir`); its ``__init__.py`` must
+    be tracked, so that a site-packages folder inside some other checkout does not count.
+    """
+    source = package_dir() if source is None else Path(source)
+    if _git(source, "ls-files", "--error-unmatch", "--", "__init__.py") is None:
+        return None, None
+    commit = _git(source, "rev-parse", "--short", "HEAD")
+    if commit is None:
+        return None, None
+    status = _git(source, "status", "--porcelain", "--untracked-files=no")
+    return commit, None if status is None else bool(status)
+
+
+def device_name(device: torch.device) -> str:
+    """The GPU's name, or the CPU's model and the machine's CPU count."""
+    if device.type == "cuda":
+        return torch.cuda.get_device_name(device)
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                return f"{line.partition(':')[2].strip()}, {os.cpu_count()} CPUs"
+    except OSError:
+        pass
+    return f"{platform.processor() or platform.machine()}, {os.cpu_count()} CPUs"
+
+
+def environment(device: torch.device, command: str) -> dict[str, Any]:
+    """What the results record about the run: date, device, threads, versions, platform,
+    git commit (and dirty flag) and the command line."""
+    commit, dirty = git_commit()
+    try:
+        x_version = importlib.metadata.version("x-transformers")
+    except importlib.metadata.PackageNotFoundError:
+        x_version = None
+    return {
+        "date": datetime.datetime.now().astimezone().isoformat(timespec="seconds"),
+        "device": device.type, "device_name": device_name(device),
+        "threads": torch.get_num_threads(), "torch": torch.__version__,
+        "cuda": torch.version.cuda if device.type == "cuda" else None,
+        "float32_matmul_precision": torch.get_float32_matmul_precision(),
+        "x_transformers": x_version, "python": platform.python_version(),
+        "platform": platform.platform(), "git_commit": commit, "git_dirty": dirty,
+        "command": command,
+    }
