@@ -125,6 +125,8 @@ def plot_attention_main(argv: list[str] | None = None) -> int:
                         help="folder for attention_encoder.png and attention_cross.png")
     parser.add_argument("--device", default="auto")
     args = parser.parse_args(argv)
+    if not args.sentence.strip():
+        parser.error("sentence: expected a sentence to translate, got an empty one")
 
     from .plotting import plot_attention_grid
     from .translator import Translator

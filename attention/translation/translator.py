@@ -51,11 +51,17 @@ class Translator:
         device = resolve_device(device)
         checkpoint = load_checkpoint(path)  # CPU first: the optimizer state is not needed
         config = config_from_checkpoint(checkpoint)
-        src_tokenizer = Tokenizer.from_str(checkpoint["tokenizers"]["source"])
-        tgt_tokenizer = Tokenizer.from_str(checkpoint["tokenizers"]["target"])
-        model = model_from_config(config.model, src_tokenizer.get_vocab_size(),
-                                  tgt_tokenizer.get_vocab_size(), PAD_ID)
-        model.load_state_dict(checkpoint["model"])
+        try:
+            src_tokenizer = Tokenizer.from_str(checkpoint["tokenizers"]["source"])
+            tgt_tokenizer = Tokenizer.from_str(checkpoint["tokenizers"]["target"])
+            model = model_from_config(config.model, src_tokenizer.get_vocab_size(),
+                                      tgt_tokenizer.get_vocab_size(), PAD_ID)
+            model.load_state_dict(checkpoint["model"])
+        except Exception as error:  # tokenizers raises a bare Exception for a bad JSON
+            reason = str(error).strip().splitlines()[0] if str(error).strip() else ""
+            raise ValueError(f"{path}: not a complete checkpoint of this package (its "
+                             f"tokenizers or weights do not load: {type(error).__name__}: "
+                             f"{reason[:200]})") from None
         return cls(model.to(device).eval(), src_tokenizer, tgt_tokenizer, config.eval)
 
     @property
@@ -130,6 +136,8 @@ class Translator:
         ``(layers, heads, T, S)`` cross-attention, the latter with the translation fed
         back to the decoder (teacher forcing on the model's own output).
         """
+        if not sentence.strip():
+            raise ValueError("sentence: expected a sentence to translate, got an empty one")
         src_ids = self.encode([sentence])[0]
         out_ids = self.generate_ids([src_ids], beam_size=beam_size)[0]
         device = self.device

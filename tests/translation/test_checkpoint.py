@@ -116,3 +116,29 @@ def test_an_unreadable_file_is_one_line_too(checkpoint, monkeypatch, capsys):
     captured = capsys.readouterr()
     assert status == 2 and captured.out == ""
     assert captured.err == f"error: [Errno 13] Permission denied: '{checkpoint}'\n"
+
+
+def test_a_checkpoint_whose_tokenizers_or_weights_do_not_load_is_one_line(checkpoint, tmp_path,
+                                                                           capsys):
+    whole = torch.load(checkpoint, weights_only=True)
+    broken_tokenizer = tmp_path / "tokenizer.pt"
+    save_checkpoint(broken_tokenizer, {**whole, "tokenizers": {"source": "{not json",
+                                                              "target": "{}"}})
+    wrong_weights = tmp_path / "weights.pt"
+    save_checkpoint(wrong_weights, {**whole, "model": {"not_a_weight": torch.ones(1)}})
+    for path in (broken_tokenizer, wrong_weights):
+        with pytest.raises(ValueError, match="not a complete checkpoint of this package"):
+            Translator.from_checkpoint(path, device="cpu")
+        assert translate_main(["--checkpoint", str(path), "a dog"]) == 2
+        err = capsys.readouterr().err
+        assert err.count("\n") == 1 and str(path) in err
+
+
+def test_the_plot_command_refuses_an_empty_sentence(checkpoint, tmp_path, capsys):
+    with pytest.raises(SystemExit) as stopped:
+        plot_attention_main(["--checkpoint", str(checkpoint), "  ", "--out", str(tmp_path)])
+    assert stopped.value.code == 2
+    assert "sentence: expected a sentence" in capsys.readouterr().err
+    translator = Translator.from_checkpoint(checkpoint, device="cpu")
+    with pytest.raises(ValueError, match="sentence: expected a sentence"):
+        translator.attention("")
