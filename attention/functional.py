@@ -24,20 +24,30 @@ import torch.nn.functional as F
 from torch import Tensor
 from torch.nn.attention import SDPBackend, sdpa_kernel
 
+from . import features
 from ._checks import check_choice, check_mask, check_probability, check_tensor, shape_of
 
 __all__ = ["BACKENDS", "attend", "attention_backend", "causal_mask", "current_backend",
            "merge_masks", "sdpa_priority"]
 
+
+def _sdpa_backends() -> dict[str, SDPBackend]:
+    """The F.scaled_dot_product_attention kernels a backend name forces: those this torch
+    has (``"cudnn"`` where :data:`attention.features.CUDNN_ATTENTION`)."""
+    backends = {
+        "math": SDPBackend.MATH,
+        "flash": SDPBackend.FLASH_ATTENTION,
+        "efficient": SDPBackend.EFFICIENT_ATTENTION,
+    }
+    if features.CUDNN_ATTENTION:
+        backends["cudnn"] = SDPBackend.CUDNN_ATTENTION
+    return backends
+
+
 # "auto": the fused kernel in the order sdpa_priority() gives; "explicit": the textbook
 # computation even without weights; the rest force one F.scaled_dot_product_attention kernel.
-BACKENDS = ("auto", "explicit", "math", "flash", "efficient", "cudnn")
-_SDPA_BACKENDS = {
-    "math": SDPBackend.MATH,
-    "flash": SDPBackend.FLASH_ATTENTION,
-    "efficient": SDPBackend.EFFICIENT_ATTENTION,
-    "cudnn": SDPBackend.CUDNN_ATTENTION,
-}
+_SDPA_BACKENDS = _sdpa_backends()
+BACKENDS = ("auto", "explicit", *_SDPA_BACKENDS)
 # A context variable, not a module global: each thread and each asyncio task sees the
 # choice made in its own context.
 _backend: contextvars.ContextVar[str] = contextvars.ContextVar("attention_backend",
@@ -69,8 +79,14 @@ def attention_backend(backend: str) -> Iterator[None]:
     computes the textbook ``softmax(q·kᵀ·scale)·v`` with PyTorch ops; ``"math"``,
     ``"flash"``, ``"efficient"`` and ``"cudnn"`` force that kernel of
     ``F.scaled_dot_product_attention`` (which raises if the kernel cannot take the inputs,
-    for instance ``"cudnn"`` on the CPU). Blocks nest; the previous choice comes back on exit.
+    for instance ``"cudnn"`` on the CPU); ``"cudnn"`` only where this torch has that kernel
+    (:data:`attention.features.CUDNN_ATTENTION`), else ``ValueError``. Blocks nest; the
+    previous choice comes back on exit.
     """
+    if backend == "cudnn" and backend not in BACKENDS:
+        raise ValueError(f"backend: 'cudnn' needs torch's cuDNN attention kernel "
+                         f"(SDPBackend.CUDNN_ATTENTION), which torch {torch.__version__} lacks; "
+                         f"expected one of {list(BACKENDS)}")
     check_choice("backend", backend, BACKENDS)
     token = _backend.set(backend)
     try:
@@ -86,20 +102,25 @@ def sdpa_priority(device: torch.device) -> list[SDPBackend] | None:
     1.7–2.3× faster than the flash kernel there for training shapes, and slower on A100
     (a figure from the benchmark issue, not yet measured with this package).
     A kernel that cannot take the inputs (a mask, a dtype) is skipped, so the order only
-    changes speed, never results.
+    changes speed, never results. The order is applied where ``sdpa_kernel`` takes
+    ``set_priority`` (:data:`attention.features.SDPA_SET_PRIORITY`); elsewhere "auto" keeps
+    torch's order.
     """
-    if device.type == "cuda" and torch.cuda.get_device_capability(device)[0] == 9:
+    if (device.type == "cuda" and features.CUDNN_ATTENTION
+            and torch.cuda.get_device_capability(device)[0] == 9):
         return [SDPBackend.CUDNN_ATTENTION, SDPBackend.FLASH_ATTENTION,
                 SDPBackend.EFFICIENT_ATTENTION, SDPBackend.MATH]
     return None
 
 
 def _sdpa_context(device: torch.device) -> contextlib.AbstractContextManager:
+    """The ``sdpa_kernel`` block :func:`attend`'s fused call runs in: the forced kernel, the
+    :func:`sdpa_priority` order where torch can take one, or nothing (torch's order)."""
     backend = current_backend()
     if backend in _SDPA_BACKENDS:
         return sdpa_kernel(_SDPA_BACKENDS[backend])
     priority = sdpa_priority(device)
-    if priority is None:
+    if priority is None or not features.SDPA_SET_PRIORITY:
         return contextlib.nullcontext()
     return sdpa_kernel(priority, set_priority=True)
 

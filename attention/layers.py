@@ -14,12 +14,13 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from . import features
 from ._checks import check_mask, check_positive_int, check_probability, check_size, check_tensor
 from .multihead import KVCache, MultiHeadAttention
 from .packing import Packing
 
 __all__ = ["ACTIVATIONS", "DecoderLayer", "EncoderLayer", "FeedForward", "get_activation",
-           "pack_padding", "residual"]
+           "layer_norm", "pack_padding", "residual"]
 
 ACTIVATIONS: dict[str, Callable[[Tensor], Tensor]] = {
     "relu": F.relu,
@@ -27,6 +28,19 @@ ACTIVATIONS: dict[str, Callable[[Tensor], Tensor]] = {
     "gelu_tanh": partial(F.gelu, approximate="tanh"),
     "silu": F.silu,
 }
+
+
+def layer_norm(d_model: int, eps: float, bias: bool) -> nn.LayerNorm:
+    """``nn.LayerNorm(d_model, eps=eps, bias=bias)``, also on a torch whose LayerNorm has no
+    ``bias`` argument (:data:`attention.features.LAYER_NORM_BIAS`): there the bias parameter
+    of ``bias=False`` is removed by hand, as torch's own ``bias=False`` does, so the
+    parameters and state dict are the same."""
+    if features.LAYER_NORM_BIAS:
+        return nn.LayerNorm(d_model, eps=eps, bias=bias)
+    norm = nn.LayerNorm(d_model, eps=eps)
+    if not bias:
+        norm.register_parameter("bias", None)
+    return norm
 
 
 def get_activation(activation: str | Callable[[Tensor], Tensor]) -> Callable[[Tensor], Tensor]:
@@ -110,8 +124,8 @@ class EncoderLayer(nn.Module):
         self.norm_first = norm_first
         self.self_attn = MultiHeadAttention(d_model, n_heads, dropout, bias, rotary=rotary)
         self.feed_forward = FeedForward(d_model, d_ff, dropout, activation, bias)
-        self.norm1 = nn.LayerNorm(d_model, eps=layer_norm_eps, bias=bias)
-        self.norm2 = nn.LayerNorm(d_model, eps=layer_norm_eps, bias=bias)
+        self.norm1 = layer_norm(d_model, layer_norm_eps, bias)
+        self.norm2 = layer_norm(d_model, layer_norm_eps, bias)
         self.dropout1 = nn.Dropout(dropout)
         self.dropout2 = nn.Dropout(dropout)
 
@@ -230,9 +244,9 @@ class DecoderLayer(nn.Module):
         self.self_attn = MultiHeadAttention(d_model, n_heads, dropout, bias, rotary=rotary)
         self.cross_attn = MultiHeadAttention(d_model, n_heads, dropout, bias)
         self.feed_forward = FeedForward(d_model, d_ff, dropout, activation, bias)
-        self.norm1 = nn.LayerNorm(d_model, eps=layer_norm_eps, bias=bias)
-        self.norm2 = nn.LayerNorm(d_model, eps=layer_norm_eps, bias=bias)
-        self.norm3 = nn.LayerNorm(d_model, eps=layer_norm_eps, bias=bias)
+        self.norm1 = layer_norm(d_model, layer_norm_eps, bias)
+        self.norm2 = layer_norm(d_model, layer_norm_eps, bias)
+        self.norm3 = layer_norm(d_model, layer_norm_eps, bias)
         self.dropout1 = nn.Dropout(dropout)
         self.dropout2 = nn.Dropout(dropout)
         self.dropout3 = nn.Dropout(dropout)

@@ -11,7 +11,7 @@ from torch import Tensor, nn
 
 from ._checks import check_positive_int, check_size, check_tensor, shape_of
 from .decoding import beam_search, greedy_search
-from .layers import DecoderLayer, EncoderLayer, pack_padding
+from .layers import DecoderLayer, EncoderLayer, layer_norm, pack_padding
 from .multihead import KVCache
 from .positional import LearnedPositionalEncoding, build_positional_encoding
 
@@ -49,7 +49,7 @@ class _LayerStack(nn.Module):
                             layer_norm_eps, rotary=positional == "rotary")
             for _ in range(check_positive_int("n_layers", n_layers))
         )
-        self.norm = nn.LayerNorm(d_model, eps=layer_norm_eps, bias=bias) if norm_first else None
+        self.norm = layer_norm(d_model, layer_norm_eps, bias) if norm_first else None
 
     @property
     def max_positions(self) -> int | None:
