@@ -4,6 +4,14 @@ Both drive ``step(last_ids (N, 1)) -> log_probs (N, V)``, a function that advanc
 decoder by one position (on its key/value cache) and returns the log-probabilities of the
 next token. Beam search also needs ``reorder(index)`` to keep the cache rows of the
 hypotheses it continues.
+
+On an accelerator, reading a device value on the host (``bool(t)``, ``t.tolist()``,
+``t.item()``) waits for all the work queued before it, and the device then idles while the
+host prepares the next step. So both searches keep their state in device tensors; the host
+learns only whether to stop, through :class:`_StopFlag` (a copy that does not block, read a
+step or a few late), and reads the result's width once at the end.
+
+Shapes: ``b`` sentences, ``k`` beams, ``T`` ``max_new_tokens``.
 """
 
 from __future__ import annotations
@@ -16,6 +24,7 @@ from torch import Tensor
 __all__ = ["beam_search", "greedy_search", "sequence_score"]
 
 StepFn = Callable[[Tensor], Tensor]
+NEG_INF = float("-inf")
 
 
 def sequence_score(log_prob: float, length: int, length_penalty: float) -> float:
@@ -39,16 +48,23 @@ def greedy_search(
     """
     last = torch.full((batch, 1), bos_id, dtype=torch.long, device=device)
     finished = torch.zeros(batch, dtype=torch.bool, device=device)
+    all_finished = torch.zeros((), dtype=torch.bool, device=device)
+    # The steps taken while some row was unfinished: the output's width. Steps taken after
+    # that (the stop flag may be read late) only add padding, trimmed at the end.
+    width = torch.zeros((), dtype=torch.long, device=device)
+    stop = _StopFlag(device)
     generated: list[Tensor] = []
     for _ in range(max_new_tokens):
+        width += ~all_finished
         next_ids = step(last).argmax(dim=-1)  # (N,)
         next_ids = next_ids.masked_fill(finished, pad_id)
         generated.append(next_ids)
         finished = finished | (next_ids == eos_id)
+        all_finished = finished.all()
         last = next_ids.unsqueeze(-1)
-        if bool(finished.all()):
+        if stop(all_finished):
             break
-    return torch.stack(generated, dim=1)
+    return torch.stack(generated, dim=1)[:, : int(width)]
 
 
 def beam_search(
@@ -81,11 +97,13 @@ def beam_search(
     k = beam_size
     rows = torch.arange(batch, device=device).unsqueeze(-1) * k  # (b, 1) first row per sentence
     last = torch.full((batch * k, 1), bos_id, dtype=torch.long, device=device)
-    history = torch.empty((batch * k, 0), dtype=torch.long, device=device)
+    # Each row's tokens so far, pad_id after them: step t writes column t.
+    history = torch.full((batch * k, max_new_tokens), pad_id, dtype=torch.long, device=device)
     # Identical beams at the start: only the first may be extended, or they'd repeat.
-    scores = torch.full((batch, k), float("-inf"), device=device)
+    scores = torch.full((batch, k), NEG_INF, device=device)
     scores[:, 0] = 0.0
-    hypotheses = _Finished(batch, k, length_penalty)
+    hypotheses = _Finished(batch, k, max_new_tokens, length_penalty, pad_id, device)
+    stop = _StopFlag(device)
 
     for t in range(max_new_tokens):
         log_probs = step(last).float()  # (b*k, V)
@@ -94,72 +112,133 @@ def beam_search(
         top_scores, top_index = candidates.topk(min(2 * k, k * vocab), dim=-1)  # (b, 2k)
         top_beam, top_token = top_index // vocab, top_index % vocab
         # Continue with the best k extensions that do not end the sentence.
-        continuing = top_scores.masked_fill(top_token == eos_id, float("-inf"))
+        continuing = top_scores.masked_fill(top_token == eos_id, NEG_INF)
         keep = continuing.topk(k, dim=-1).indices  # (b, k) positions among the 2k
         scores = continuing.gather(-1, keep)
-        hypotheses.add_ended(history, top_scores, top_beam, top_token, eos_id, t + 1)
+        hypotheses.add_ended(history, top_scores, rows + top_beam, top_token, eos_id, t + 1)
         hypotheses.update_done(scores, t + 1)
-        if all(hypotheses.done):
+        if stop(hypotheses.done.all()):
             break
         source_rows = (rows + top_beam.gather(-1, keep)).reshape(-1)  # (b*k,)
         last = top_token.gather(-1, keep).reshape(-1, 1)
-        history = torch.cat((history.index_select(0, source_rows), last), dim=1)
+        history = history.index_select(0, source_rows)
+        history[:, t] = last[:, 0]
         reorder(source_rows)
     else:
         hypotheses.add_live(history, scores, max_new_tokens)
-    return hypotheses.best(pad_id, device)
+    return hypotheses.best()
+
+
+class _StopFlag:
+    """Whether a search may stop, read from a 0-d boolean device tensor without stalling
+    the device.
+
+    On the CPU the flag is read at once: nothing is queued there, so reading waits for
+    nothing. On CUDA each flag is copied to pinned host memory by a copy that does not
+    block, behind an event; a later call reads it once the event has passed, and starts the
+    copy of the flag it is given then. So the search stops a step or a few after it could
+    have, and the steps taken meanwhile change nothing in its result (greedy search pads
+    them and trims them off, beam search adds nothing to a sentence that is done). When a
+    copy is still in flight after ``max_lag`` calls (the device is that far behind the
+    host), the call waits for it, which bounds the extra steps.
+    """
+
+    def __init__(self, device: torch.device | str, max_lag: int = 8) -> None:
+        self.device = torch.device(device)
+        self.max_lag = max_lag
+        self.deferred = self.device.type == "cuda"
+        self.in_flight = False
+        self.calls_waiting = 0
+        if self.deferred:
+            self.host = torch.zeros((), dtype=torch.bool, pin_memory=True)
+            self.event = torch.cuda.Event()
+
+    def __call__(self, flag: Tensor) -> bool:
+        """``True`` when a flag given now or earlier says stop."""
+        if not self.deferred:
+            return bool(flag)
+        if self.in_flight:
+            self.calls_waiting += 1
+            if self.event.query() or self.calls_waiting >= self.max_lag:
+                self.event.synchronize()
+                self.in_flight = False
+                if bool(self.host):
+                    return True
+        if not self.in_flight:
+            self.host.copy_(flag, non_blocking=True)
+            self.event.record(torch.cuda.current_stream(self.device))
+            self.in_flight, self.calls_waiting = True, 0
+        return False
 
 
 class _Finished:
-    """Beam search's finished hypotheses: the ``k`` best ``(score, tokens)`` per sentence,
-    and which sentences are done."""
+    """Beam search's finished hypotheses, on the device: the ``k`` best per sentence, best
+    first, with which sentences are done.
 
-    def __init__(self, batch: int, k: int, length_penalty: float) -> None:
+    ``scores`` ``(b, k)`` float64 (:func:`sequence_score`, ``-inf`` for an empty slot),
+    ``tokens`` ``(b, k, T)`` (``pad_id`` after each hypothesis), ``lengths`` ``(b, k)``,
+    ``done`` ``(b,)``. Scores are float64 and orders are stable sorts, so the ranking and
+    its ties come out as Python's sort of the same floats would give them.
+    """
+
+    def __init__(self, batch: int, k: int, max_new_tokens: int, length_penalty: float,
+                 pad_id: int, device: torch.device | str) -> None:
         self.k = k
         self.length_penalty = length_penalty
-        self.hypotheses: list[list[tuple[float, list[int]]]] = [[] for _ in range(batch)]
-        self.done = [False] * batch
+        self.scores = torch.full((batch, k), NEG_INF, dtype=torch.float64, device=device)
+        self.tokens = torch.full((batch, k, max_new_tokens), pad_id, dtype=torch.long,
+                                 device=device)
+        self.lengths = torch.zeros((batch, k), dtype=torch.long, device=device)
+        self.done = torch.zeros(batch, dtype=torch.bool, device=device)
 
-    def add_ended(self, history: Tensor, top_scores: Tensor, top_beam: Tensor,
+    def _score(self, log_probs: Tensor, length: int) -> Tensor:
+        """:func:`sequence_score` of float32 ``log_probs``, in float64 as Python computes it."""
+        return log_probs.double() / (length**self.length_penalty)
+
+    def add_ended(self, history: Tensor, top_scores: Tensor, top_rows: Tensor,
                   top_token: Tensor, eos_id: int, length: int) -> None:
-        """Extensions ending in ``eos_id`` among each sentence's first ``k`` finish."""
+        """Extensions ending in ``eos_id`` among each sentence's first ``k`` finish.
+
+        ``history`` ``(b*k, T)``; ``top_scores``, ``top_rows`` (the history row each extends)
+        and ``top_token``: ``(b, 2k)``, best first; ``length``: the hypotheses' length.
+        """
         k = self.k
-        top_scores_list, top_beam_list = top_scores.tolist(), top_beam.tolist()
-        top_token_list, is_eos = top_token.tolist(), (top_token == eos_id).tolist()
-        for b, hypotheses in enumerate(self.hypotheses):
-            if self.done[b]:
-                continue
-            for rank in range(k):
-                if is_eos[b][rank] and top_scores_list[b][rank] > float("-inf"):
-                    prefix = history[b * k + top_beam_list[b][rank]].tolist()
-                    score = sequence_score(top_scores_list[b][rank], length, self.length_penalty)
-                    hypotheses.append((score, prefix + [top_token_list[b][rank]]))
-            self.hypotheses[b] = sorted(hypotheses, key=lambda h: h[0], reverse=True)[:k]
+        ends = (top_token[:, :k] == eos_id) & (top_scores[:, :k] > NEG_INF) \
+            & ~self.done.unsqueeze(-1)  # (b, k)
+        scores = self._score(top_scores[:, :k], length).masked_fill(~ends, NEG_INF)
+        tokens = history[top_rows[:, :k]]  # (b, k, T)
+        tokens[:, :, length - 1] = top_token[:, :k]
+        self._keep_best(torch.cat((self.scores, scores), dim=1),
+                        torch.cat((self.tokens, tokens), dim=1),
+                        torch.cat((self.lengths, torch.full_like(self.lengths, length)), dim=1))
+
+    def _keep_best(self, scores: Tensor, tokens: Tensor, lengths: Tensor) -> None:
+        """The ``k`` best of ``(b, n)`` candidates, old ones first among equal scores."""
+        order = scores.sort(dim=1, descending=True, stable=True).indices[:, : self.k]
+        self.scores = scores.gather(1, order)
+        self.tokens = tokens.gather(1, order.unsqueeze(-1).expand(-1, -1, tokens.shape[-1]))
+        self.lengths = lengths.gather(1, order)
 
     def update_done(self, live_scores: Tensor, length: int) -> None:
         """A sentence is done with ``k`` finished hypotheses none of its live ones beats."""
-        best_alive = live_scores.max(dim=-1).values.tolist()
-        for b, hypotheses in enumerate(self.hypotheses):
-            if not self.done[b]:
-                self.done[b] = len(hypotheses) == self.k and hypotheses[-1][0] >= \
-                    sequence_score(best_alive[b], length, self.length_penalty)
+        worst = self.scores[:, -1]  # -inf unless all k slots are filled
+        best_alive = self._score(live_scores.max(dim=-1).values, length)
+        self.done |= (worst > NEG_INF) & (worst >= best_alive)
 
     def add_live(self, history: Tensor, live_scores: Tensor, length: int) -> None:
-        """At the length limit, the live hypotheses of unfinished sentences finish as they are."""
-        for b, hypotheses in enumerate(self.hypotheses):
-            if self.done[b]:
-                continue
-            for beam in range(self.k):
-                if live_scores[b, beam] > float("-inf"):
-                    score = sequence_score(float(live_scores[b, beam]), length,
-                                           self.length_penalty)
-                    hypotheses.append((score, history[b * self.k + beam].tolist()))
+        """At the length limit, the live hypotheses of unfinished sentences finish as they
+        are (all of them: :meth:`best` then chooses among up to ``2k``)."""
+        alive = (live_scores > NEG_INF) & ~self.done.unsqueeze(-1)  # (b, k)
+        scores = self._score(live_scores, length).masked_fill(~alive, NEG_INF)
+        self.scores = torch.cat((self.scores, scores), dim=1)
+        self.tokens = torch.cat((self.tokens, history.view(self.tokens.shape)), dim=1)
+        self.lengths = torch.cat((self.lengths, torch.full_like(self.lengths, length)), dim=1)
 
-    def best(self, pad_id: int, device: torch.device | str) -> Tensor:
-        """``(batch, T)``: each sentence's best hypothesis, padded with ``pad_id``."""
-        best = [max(hypotheses, key=lambda h: h[0])[1] for hypotheses in self.hypotheses]
-        out = torch.full((len(best), max(len(h) for h in best)), pad_id, dtype=torch.long,
-                         device=device)
-        for b, tokens in enumerate(best):
-            out[b, : len(tokens)] = torch.tensor(tokens, dtype=torch.long, device=device)
-        return out
+    def best(self) -> Tensor:
+        """``(batch, T)``: each sentence's best hypothesis (the first of equal scores),
+        padded with ``pad_id``; ``T`` is the longest of them."""
+        first = self.scores.sort(dim=1, descending=True, stable=True).indices[:, :1]  # (b, 1)
+        tokens = self.tokens.gather(
+            1, first.unsqueeze(-1).expand(-1, -1, self.tokens.shape[-1]))[:, 0]  # (b, T)
+        width = int(self.lengths.gather(1, first).max())  # the one read-back of the result
+        return tokens[:, :width]

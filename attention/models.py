@@ -399,14 +399,16 @@ class Transformer(nn.Module):
             memory = memory.repeat_interleave(beam_size, dim=0)
             memory_mask = memory_mask.repeat_interleave(beam_size, dim=0)
         cache = self.decoder.new_cache()
+        # Padding and BOS are never outputs; padding also fills rows after their EOS. Their
+        # ids go to the device once: a Python list as an index would be copied there, and
+        # waited for, at every step.
+        banned = torch.tensor([self.pad_id, bos_id], device=src_ids.device)
 
         def step(last_ids: Tensor) -> Tensor:  # (N, 1) -> (N, V) log-probabilities
             # The ids are the search's own picks: no range check needed.
             logits = self._decode(last_ids, memory, memory_mask, cache=cache,
                                   return_attention=False)[:, -1].float()
-            # Padding and BOS are never outputs; padding also fills rows after their EOS.
-            logits[:, [self.pad_id, bos_id]] = float("-inf")
-            return logits.log_softmax(dim=-1)
+            return logits.index_fill_(-1, banned, float("-inf")).log_softmax(dim=-1)
 
         if beam_size == 1:
             return greedy_search(step, batch, bos_id, eos_id, self.pad_id, max_new_tokens,
