@@ -7,7 +7,7 @@ VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 
-.PHONY: install test lint train bench clean
+.PHONY: install test test-oldest lint train bench clean
 
 $(STAMP): pyproject.toml constraints.txt
 	$(PYTHON) -m venv $(VENV)
@@ -22,6 +22,21 @@ lint: $(STAMP)
 
 test: lint
 	$(BIN)/pytest -q
+
+# The whole suite on the oldest torch the package supports (pyproject.toml's floor), in a
+# second environment. PyPI has no CPU-only build of that release: pip takes the CUDA one and
+# the NVIDIA libraries its import loads (about 4.6 GB; the tests run on the CPU).
+VENV_OLDEST := .venv-oldest
+STAMP_OLDEST := $(VENV_OLDEST)/.installed
+
+$(STAMP_OLDEST): pyproject.toml constraints-oldest.txt
+	$(PYTHON) -m venv $(VENV_OLDEST)
+	$(VENV_OLDEST)/bin/pip install --quiet --upgrade pip
+	$(VENV_OLDEST)/bin/pip install --quiet -c constraints-oldest.txt -e '.[dev]'
+	touch $(STAMP_OLDEST)
+
+test-oldest: $(STAMP_OLDEST)
+	$(VENV_OLDEST)/bin/pytest -q
 
 train: $(STAMP)
 	$(BIN)/attention-train --config configs/toy_translation.yaml
