@@ -16,14 +16,17 @@ set it to "absent" and run the fallback.
     ``nn.LayerNorm`` takes ``bias``. Without it, :func:`attention.layers.layer_norm` removes
     the bias parameter by hand for ``bias=False``, as torch does.
 ``DDP_FORWARD_SYNC_BUFFERS``
-    ``DistributedDataParallel`` takes ``forward_sync_buffers`` (``broadcast_buffers``, its
-    older name, is deprecated where it does).
+    ``DistributedDataParallel`` takes ``forward_sync_buffers`` (2.13 does, 2.11 does not).
+    Without it, ``broadcast_buffers=False`` is the older spelling (deprecated where the new
+    one exists); it also skips the buffers' broadcast at construction.
 
 Not detected: APIs that every torch since the floor in pyproject.toml (2.11) has, used as
 they are: ``sdpa_kernel`` and ``SDPBackend`` themselves, ``scaled_dot_product_attention``'s
-``scale``, ``torch.compiler.is_compiling``, ``torch.load(weights_only=True)`` and
-``init_process_group(device_id=)``. torch's variable-length kernel
-(``torch.nn.attention.varlen``) is looked up where it is used, in
+``scale``, ``torch.compiler.is_compiling``, ``torch.load(weights_only=True)``,
+``init_process_group(device_id=)`` and the ``bias`` of ``nn.TransformerEncoderLayer`` (compat,
+the benchmark's torch.nn peers). One private name is read: the ``_dynamo_marked_constant``
+mark on :func:`attention.functional.current_backend`, which the compile tests pin. torch's
+variable-length kernel (``torch.nn.attention.varlen``) is looked up where it is used, in
 :mod:`attention.multihead`: importing it here would import ``torch._dynamo`` (about a second).
 """
 
