@@ -6,6 +6,10 @@ dimension (``d_head = d_model // n_heads``).
 
 from __future__ import annotations
 
+import inspect
+from collections.abc import Callable
+from typing import Any
+
 import torch
 import torch.nn.functional as F
 from einops import rearrange
@@ -24,12 +28,48 @@ from .functional import attend
 from .packing import Packing
 from .positional import RotaryEmbedding, apply_rotary
 
-try:  # the variable-length flash kernel (torch >= 2.10, CUDA only)
-    from torch.nn.attention.varlen import varlen_attn
-except ImportError:  # pragma: no cover - older torch
-    varlen_attn = None
-
 __all__ = ["KVCache", "MultiHeadAttention", "can_use_varlen"]
+
+# torch's variable-length flash kernel (torch >= 2.10, CUDA only), imported on first use on a
+# GPU: its module imports torch._dynamo, which would add about a second to `import attention`.
+_varlen: dict[str, tuple[Callable[..., Tensor], str] | None] = {}
+
+
+def _load_varlen() -> tuple[Callable[..., Tensor], str] | None:
+    """torch's ``varlen_attn`` and the keyword that takes its causal window, or ``None``
+    where this torch has no such kernel; imported and inspected once, on first use."""
+    if "kernel" not in _varlen:
+        try:
+            from torch.nn.attention.varlen import varlen_attn
+        except ImportError:
+            _varlen["kernel"] = None
+        else:
+            _varlen["kernel"] = (varlen_attn, _causal_window_keyword(varlen_attn))
+    # Not marked constant for torch.compile (as current_backend is): dynamo cannot hold a
+    # function as a constant result, and traces this lookup as it is.
+    return _varlen["kernel"]
+
+
+def _causal_window_keyword(varlen_attn: Callable[..., Tensor]) -> str:
+    """How ``varlen_attn`` is told to attend causally: ``window_size`` (torch 2.11 and
+    later: ``(-1, 0)`` causal, ``(-1, -1)`` full) or ``is_causal`` (torch 2.10)."""
+    parameters = inspect.signature(varlen_attn).parameters
+    for keyword in ("window_size", "is_causal"):
+        if keyword in parameters:
+            return keyword
+    raise RuntimeError(f"torch {torch.__version__}: torch.nn.attention.varlen.varlen_attn takes "
+                       f"neither window_size= (torch >= 2.11) nor is_causal= (torch 2.10), so "
+                       f"this package cannot ask it for causal attention; its parameters are "
+                       f"{list(parameters)}")
+
+
+def _causal_window(keyword: str, is_causal: bool) -> dict[str, Any]:
+    """The keyword argument that makes ``varlen_attn`` causal or not, in its release's form."""
+    if keyword == "window_size":
+        # A tuple: varlen_attn picks its causal kernel by `window_size == (-1, 0)`, which a
+        # list would fail.
+        return {"window_size": (-1, 0) if is_causal else (-1, -1)}
+    return {"is_causal": is_causal}
 
 
 def can_use_varlen(device: torch.device, dtype: torch.dtype, d_head: int, *, masked: bool,
@@ -41,12 +81,14 @@ def can_use_varlen(device: torch.device, dtype: torch.dtype, d_head: int, *, mas
     mask, dropout or position offsets (rotary); ``attention_backend`` other than ``"auto"``
     also turns it off. Otherwise the packed tokens attend on the padded layout.
     """
-    return (varlen_attn is not None and device.type == "cuda"
+    # The kernel is looked up last: on the CPU it is never imported.
+    return (device.type == "cuda"
             and dtype in (torch.float16, torch.bfloat16)
             and d_head % 8 == 0 and d_head <= 256
             and not masked and dropout_p == 0.0 and not rotary
             and functional.current_backend() == "auto"
-            and torch.cuda.get_device_capability(device)[0] >= 8)
+            and torch.cuda.get_device_capability(device)[0] >= 8
+            and _load_varlen() is not None)
 
 
 class KVCache:
@@ -296,8 +338,9 @@ class MultiHeadAttention(nn.Module):
                 and packing.tokens:  # a batch of padding only has nothing to attend
             q, k, v = rearrange(qkv, "t (three h d) -> three t h d", three=3, h=self.n_heads)
             max_len = packing.max_seqlen()
+            varlen_attn, causal_keyword = _load_varlen()
             out = varlen_attn(q, k, v, packing.cu_seqlens, packing.cu_seqlens, max_len, max_len,
-                              window_size=(-1, 0) if is_causal else (-1, -1))
+                              **_causal_window(causal_keyword, is_causal))  # (t h d)
             return self.out_proj(rearrange(out, "t h d -> t (h d)")), None
 
         # Attention needs the sequences: scatter q, k, v to the padded layout, attend over
