@@ -13,7 +13,9 @@ from attention.decoding import sequence_score
 
 DEVICES = ["cpu"] + (["cuda"] if torch.cuda.is_available() else [])
 BOS, EOS, PAD = 1, 2, 0
-cuda_only = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+# The CUDA-only tests take ``device`` from this list, empty without CUDA (pytest then skips
+# them): parametrized on the device like the others, `make gpu-check` selects them too.
+CUDA = ["cuda"] if torch.cuda.is_available() else []
 
 
 # The searches as they were before their state moved to the device (commit 5c7034c): a host
@@ -189,17 +191,18 @@ def test_the_stop_flag_on_the_cpu_is_read_at_once():
     assert not stop(torch.tensor(False)) and stop(torch.tensor(True))
 
 
-@cuda_only
-def test_the_stop_flag_on_cuda_is_read_late_but_read():
-    stop = decoding._StopFlag("cuda", max_lag=4)
-    assert not stop(torch.tensor(True, device="cuda"))  # never at the call that gives it
-    answers = [stop(torch.tensor(False, device="cuda")) for _ in range(4)]
+@pytest.mark.parametrize("device", CUDA)
+def test_the_stop_flag_on_cuda_is_read_late_but_read(device):
+    stop = decoding._StopFlag(device, max_lag=4)
+    assert not stop(torch.tensor(True, device=device))  # never at the call that gives it
+    answers = [stop(torch.tensor(False, device=device)) for _ in range(4)]
     assert answers.count(True) == 1  # within max_lag calls
-    assert not stop(torch.tensor(False, device="cuda"))
+    assert not stop(torch.tensor(False, device=device))
 
 
 def count_syncs(fn):
-    """How many host synchronisations ``fn`` makes on CUDA (torch's sync debug mode)."""
+    """How many host synchronisations ``fn`` makes on CUDA (torch's sync debug mode counts
+    stream synchronisations and blocking copies, not waits on an event)."""
     torch.cuda.synchronize()
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
@@ -211,31 +214,31 @@ def count_syncs(fn):
     return sum("synchroniz" in str(w.message) for w in caught)
 
 
-@cuda_only
+@pytest.mark.parametrize("device", CUDA)
 @pytest.mark.parametrize("beam_size", [1, 4])
-def test_the_searches_synchronize_a_fixed_number_of_times_on_cuda(beam_size):
+def test_the_searches_synchronize_a_fixed_number_of_times_on_cuda(device, beam_size):
     def run(max_new_tokens):
-        model = TableModel(3 * beam_size, 0, "cuda", eos_bias=-100.0)  # never ends early
+        model = TableModel(3 * beam_size, 0, device, eos_bias=-100.0)  # never ends early
         if beam_size == 1:
             return count_syncs(lambda: greedy_search(model, 3, BOS, EOS, PAD, max_new_tokens,
-                                                     device="cuda"))
+                                                     device=device))
         return count_syncs(lambda: beam_search(model, model.reorder, 3, BOS, EOS, PAD,
-                                               max_new_tokens, beam_size, device="cuda"))
+                                               max_new_tokens, beam_size, device=device))
 
     run(4)  # warm-up: first-use allocations
     assert run(4) == run(24) <= 1  # the result's width, read once
 
 
-@cuda_only
+@pytest.mark.parametrize("device", CUDA)
 @pytest.mark.parametrize("beam_size", [1, 4])
-def test_generate_synchronizes_a_fixed_number_of_times_on_cuda(beam_size):
+def test_generate_synchronizes_a_fixed_number_of_times_on_cuda(device, beam_size):
     torch.manual_seed(0)
     model = Transformer(20, 16, d_model=16, n_heads=2, n_encoder_layers=1, n_decoder_layers=2,
-                        dropout=0.0, pad_id=PAD).cuda().eval()
-    eos = torch.tensor([EOS], device="cuda")
+                        dropout=0.0, pad_id=PAD).to(device).eval()
+    eos = torch.tensor([EOS], device=device)
     model.lm_head.register_forward_hook(  # EOS never wins: every run takes all its steps
         lambda module, args, out: out.index_fill(-1, eos, -1e4))
-    src = torch.randint(3, 20, (4, 7), device="cuda")
+    src = torch.randint(3, 20, (4, 7), device=device)
     src[1, 5:] = PAD
 
     def syncs(max_new_tokens):
