@@ -7,7 +7,7 @@ VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 
-.PHONY: install test test-oldest lint train bench clean
+.PHONY: install test test-oldest lint train bench gpu-check clean
 
 $(STAMP): pyproject.toml constraints.txt
 	$(PYTHON) -m venv $(VENV)
@@ -43,6 +43,15 @@ train: $(STAMP)
 
 bench: $(STAMP)
 	$(BIN)/attention-bench --device cpu --config configs/bench/small.yaml
+
+# What a session lent a GPU runs (README, "GPU check"): tests on cuda, a compiled bf16
+# training run and the base and long benchmarks, results in OUT (the device machine sets
+# OUT itself). With that machine's own python3, no .venv: nothing is installed. Where torch
+# sees no CUDA device it prints one line and runs nothing.
+OUT ?= gpu-results
+
+gpu-check:
+	$(PYTHON) benchmarks/gpu_check.py $(OUT)
 
 clean:
 	rm -rf $(VENV) .pytest_cache .hypothesis .ruff_cache

@@ -1,0 +1,576 @@
+"""`make gpu-check`: the one command a session lent a GPU runs (README, "GPU check").
+
+    python3 benchmarks/gpu_check.py [OUT]        (OUT defaults to gpu-results)
+
+Where torch sees no CUDA device it prints one line and exits 0, having run nothing. With
+CUDA it runs four parts in order, each in a child process with the repository root on
+PYTHONPATH (nothing is installed, nothing downloaded) and under its own time budget; a part
+that fails or runs out of time is recorded as such and the next part runs:
+
+    tests  every test parametrized on a CUDA device, on cuda         -> tests.xml
+    train  the toy translation run (800 steps, dropout 0) with bf16
+           autocast and torch.compile                                -> train-metrics.jsonl,
+                                                                        train-results.json
+    base   the `base` benchmark in bf16, ours against torch.nn       -> bench-base.json
+    long   `long` to 16k tokens in bf16, ours against SDPA's kernels -> bench-long.json
+
+then ``bench.md`` (both benchmarks' Markdown reports), ``log.txt`` (every part's output) and
+``summary.md`` (each part's status, time and key figures; also printed last): eight files,
+flat in OUT, as many as the device tool brings back.
+
+``--parts`` runs some of the parts; ``--dry-run-cpu`` (for the tests) runs the same
+orchestration on the CPU at tiny sizes.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import os
+import shutil
+import signal
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+import xml.etree.ElementTree as ElementTree
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+ROOT = Path(__file__).resolve().parent.parent
+REFERENCE = ROOT / "benchmarks" / "results" / "gpu-check-train-cpu"  # the CPU run to compare
+FILES = ("summary.md", "log.txt", "tests.xml", "train-metrics.jsonl", "train-results.json",
+         "bench-base.json", "bench-long.json", "bench.md")
+LOG_BYTES_PER_PART = 3 * 2**20  # what log.txt keeps of one part's output (its head and tail)
+OUT_OF_TIME = "gpu-check: the part's budget is spent, stopping it"
+GRACE_S = 15  # past its budget, a part that has not stopped by itself is killed
+ASSUMED_TFLOPS = 400  # bf16 rate for the planned times (KINDS.md: 770-800 for a large matmul)
+
+# The toy run, the same on the GPU and in the committed CPU reference (REFERENCE), so that
+# their loss curves can be compared step by step: without dropout the two differ only by
+# arithmetic (bf16 autocast, the kernels, compilation), not by random masks.
+TRAIN_CONFIG = "configs/toy_translation.yaml"
+TRAIN_OVERRIDES = ["model.dropout=0.0", "train.log_every=10"]
+TRAIN_EVALUATION_S = 50  # of the train budget, kept for the final evaluation after max_minutes
+
+BASE_CONTENDERS = ["ours-explicit", "ours-fused", "ours-compiled", "torch-nobias", "torch-bias"]
+SDPA_KERNELS = ["ours-sdpa-math", "ours-sdpa-flash", "ours-sdpa-efficient", "ours-sdpa-cudnn"]
+LONG_CONTENDERS = ["ours-explicit", "ours-fused", *SDPA_KERNELS]
+
+
+@dataclass(frozen=True)
+class Part:
+    """A part of the check: its budget (it is told to stop then) and the time planned for
+    it on an H200 (README, "GPU check", says how each was estimated)."""
+
+    name: str
+    budget_s: int
+    planned_s: int
+    what: str
+
+
+PARTS = {part.name: part for part in (
+    Part("tests", 60, 35, "every test parametrized on a CUDA device, on cuda"),
+    Part("train", 165, 120, "toy translation, 800 steps, bf16 autocast, torch.compile"),
+    Part("base", 135, 95, "`base` in bf16: ours explicit/fused/compiled vs torch.nn bias off/on"),
+    Part("long", 60, 35, "`long` in bf16 to 16k tokens: ours vs SDPA's kernels"),
+)}
+
+
+class OutOfTime(KeyboardInterrupt):
+    """Raised in a part when its budget is spent. A KeyboardInterrupt, so that pytest ends
+    as on Ctrl-C (writing its report) and the benchmark's failure handling, which records
+    an ``Exception`` as a contender's error, lets it through."""
+
+
+# The parts, each run in a child process (``--part NAME``) ----------------------------------
+
+
+class DeviceVariants:
+    """A pytest plugin keeping the tests parametrized with ``device`` on ``device_type``
+    (``cuda`` or ``cuda:N`` for cuda), and nothing else."""
+
+    def __init__(self, device_type: str) -> None:
+        self.device_type = device_type
+        self.kept: list[str] = []
+
+    def pytest_collection_modifyitems(self, config: Any, items: list[Any]) -> None:
+        keep, drop = [], []
+        for item in items:
+            params = getattr(getattr(item, "callspec", None), "params", {})
+            device = str(params.get("device", "")).split(":")[0]
+            (keep if device == self.device_type else drop).append(item)
+        items[:] = keep
+        self.kept = [item.nodeid for item in keep]
+        if drop:
+            config.hook.pytest_deselected(items=drop)
+
+
+def part_tests(out: Path, work: Path, dry_run: bool) -> int:
+    import pytest
+
+    plugin = DeviceVariants("cpu" if dry_run else "cuda")
+    paths = ["tests/test_decoding.py"] if dry_run else ["tests"]
+    code = int(pytest.main([*paths, "-v", "-p", "no:cacheprovider", "-rfE",
+                            "--continue-on-collection-errors", f"--junitxml={out / 'tests.xml'}"],
+                           plugins=[plugin]))
+    print(f"gpu-check: {len(plugin.kept)} tests selected (device {plugin.device_type})")
+    return code if plugin.kept else 1
+
+
+def train_overrides(work: Path, dry_run: bool, seconds: int) -> tuple[str, list[str]]:
+    """The config file and overrides of the training part."""
+    if dry_run:
+        return "configs/tiny.yaml", ["name=gpu-check-train", f"train.run_dir={work}",
+                                     "train.device=cpu", "train.max_steps=2",
+                                     "train.log_every=1", "train.eval_every=2"]
+    minutes = max(seconds - TRAIN_EVALUATION_S, 30) / 60
+    return TRAIN_CONFIG, [*TRAIN_OVERRIDES, "name=gpu-check-train", f"train.run_dir={work}",
+                          "train.device=cuda", "train.compile=true",
+                          f"train.max_minutes={minutes:.2f}", *precision_override()]
+
+
+def precision_override() -> list[str]:
+    """``train.precision`` set to bf16 where the config has that key (bf16 autocast is the
+    CUDA default without it)."""
+    from attention.translation import precision
+    from attention.translation.config import TrainConfig
+
+    if "precision" not in {f.name for f in dataclasses.fields(TrainConfig)}:
+        return []
+    choices = getattr(precision, "PRECISIONS", ("bf16",))
+    names = [name for name in ("bf16", "bfloat16") if name in choices]
+    return [f"train.precision={names[0]}"] if names else []
+
+
+def part_train(out: Path, work: Path, dry_run: bool, seconds: int) -> int:
+    from attention.translation.config import ConfigError, load_config
+    from attention.translation.training import train
+
+    path, overrides = train_overrides(work, dry_run, seconds)
+    try:
+        config = load_config(ROOT / path, overrides)
+    except ConfigError as error:  # an override the config does not take: run without it
+        print(f"gpu-check: {error}; running without train.precision")
+        config = load_config(ROOT / path, [o for o in overrides if "precision" not in o])
+    print(f"gpu-check: {path} " + " ".join(overrides))
+    try:
+        train(config, progress_bar=False)
+    finally:
+        for name in ("metrics.jsonl", "results.json"):
+            if (config.run_path / name).is_file():
+                shutil.copyfile(config.run_path / name, out / f"train-{name}")
+    return 0
+
+
+def bench_config(name: str, dry_run: bool) -> tuple[str, list[str], list[str]]:
+    """The config file, overrides and contenders of a benchmark part."""
+    contenders = BASE_CONTENDERS if name == "base" else LONG_CONTENDERS
+    if dry_run:
+        lengths = "[16]" if name == "base" else "[16, 32]"
+        return "configs/bench/tiny.yaml", [f"lengths={lengths}", "cpu_peak_rss=false"], contenders
+    return f"configs/bench/gpu_check_{name}.yaml", [], contenders
+
+
+def part_bench(name: str, out: Path, dry_run: bool) -> int:
+    import torch
+
+    from attention.bench.config import check_contenders, check_device, load_bench_config
+    from attention.bench.runner import Runner, log_to_stderr
+
+    path, overrides, contenders = bench_config(name, dry_run)
+    device = "cpu" if dry_run else "cuda"
+    config = load_bench_config(ROOT / path, overrides)
+    check_contenders(contenders)
+    check_device(device)
+    if dry_run:  # tiny tensors: more threads only wait on each other (on CUDA: torch's own)
+        torch.set_num_threads(1)
+    command = f"python3 benchmarks/gpu_check.py --parts {name} ({path})"
+    runner = Runner(config, torch.device(device), list(contenders), {}, command, log_to_stderr)
+    code = 0
+    try:
+        runner.run()
+    except OutOfTime:
+        runner.report["stopped"] = "out of time: the cells measured before the budget ran out"
+        code = 1
+    text = json.dumps(runner.report, indent=2, allow_nan=False) + "\n"
+    (out / f"bench-{name}.json").write_text(text, encoding="utf-8")
+    return code
+
+
+def run_part(name: str, out: Path, work: Path, dry_run: bool, seconds: int) -> int:
+    """In the child: stop with :class:`OutOfTime` after ``seconds``, run the part."""
+
+    def out_of_time(signum: int, frame: Any) -> None:
+        print(OUT_OF_TIME, file=sys.stderr, flush=True)
+        raise OutOfTime(f"the part's budget of {seconds} s is spent")
+
+    signal.signal(signal.SIGALRM, out_of_time)
+    signal.alarm(seconds)
+    if name == "tests":
+        return part_tests(out, work, dry_run)
+    if name == "train":
+        return part_train(out, work, dry_run, seconds)
+    return part_bench(name, out, dry_run)
+
+
+# The orchestration, in the parent -----------------------------------------------------------
+
+
+@dataclass
+class Outcome:
+    part: Part
+    status: str  # ok, failed (exit N), out of time
+    seconds: float
+    log: str
+
+
+def run_child(part: Part, out: Path, work: Path, dry_run: bool) -> Outcome:
+    """Run one part in a child process of its own session, streaming its output to a file;
+    kill its process group if it outlives its budget by :data:`GRACE_S`."""
+    log_path = work / f"{part.name}.log"
+    command = [sys.executable, str(Path(__file__).resolve()), "--part", part.name,
+               "--out", str(out), "--work", str(work), "--seconds", str(part.budget_s)]
+    if dry_run:
+        command.append("--dry-run-cpu")
+    env = {**os.environ, "PYTHONUNBUFFERED": "1",
+           "PYTHONPATH": os.pathsep.join([str(ROOT), *filter(None, [os.environ.get(
+               "PYTHONPATH")])])}
+    print(f"gpu-check: {part.name} ({part.what}; planned {part.planned_s} s, budget "
+          f"{part.budget_s} s)", flush=True)
+    start = time.monotonic()
+    with open(log_path, "wb") as log:
+        child = subprocess.Popen(command, cwd=ROOT, env=env, stdout=log,
+                                 stderr=subprocess.STDOUT, start_new_session=True)
+        try:
+            code = child.wait(timeout=part.budget_s + GRACE_S)
+        except subprocess.TimeoutExpired:
+            code = None
+        _kill_group(child.pid)  # what is left of it: compile workers, or all of it
+        if code is None:
+            code = child.wait()
+    seconds = time.monotonic() - start
+    text = log_path.read_text(encoding="utf-8", errors="replace")
+    if code is None or OUT_OF_TIME in text:
+        status = "out of time"
+    else:
+        status = "ok" if code == 0 else f"failed (exit {code})"
+    print(f"gpu-check: {part.name} {status} in {seconds:.0f} s", flush=True)
+    return Outcome(part, status, seconds, text)
+
+
+def _kill_group(pgid: int) -> None:
+    try:
+        os.killpg(pgid, signal.SIGKILL)
+    except (ProcessLookupError, PermissionError):
+        pass
+
+
+def clipped(text: str, limit: int = LOG_BYTES_PER_PART) -> str:
+    if len(text) <= limit:
+        return text
+    head = limit // 5
+    return (text[:head] + f"\n[... {len(text) - limit} characters left out ...]\n"
+            + text[-(limit - head):])
+
+
+def read_json(path: Path) -> Any:
+    try:
+        return json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return None
+
+
+def read_jsonl(path: Path) -> list[dict[str, Any]]:
+    try:
+        lines = path.read_text(encoding="utf-8").splitlines()
+    except OSError:
+        return []
+    return [json.loads(line) for line in lines if line.strip()]
+
+
+def summarize_tests(out: Path) -> list[str]:
+    try:
+        root = ElementTree.parse(out / "tests.xml").getroot()
+    except (OSError, ElementTree.ParseError):
+        return ["no tests.xml"]
+    suites = [root] if root.tag == "testsuite" else list(root)
+    counts = {key: sum(int(s.get(key, 0)) for s in suites)
+              for key in ("tests", "failures", "errors", "skipped")}
+    passed = counts["tests"] - counts["failures"] - counts["errors"] - counts["skipped"]
+    lines = [f"{passed} passed, {counts['failures']} failed, {counts['errors']} errors, "
+             f"{counts['skipped']} skipped of {counts['tests']}"]
+    failing = [f"{case.get('classname')}::{case.get('name')}"
+               for case in root.iter("testcase")
+               if case.find("failure") is not None or case.find("error") is not None]
+    lines += [f"failed: `{name}`" for name in failing[:15]]
+    return lines
+
+
+def summarize_train(out: Path) -> list[str]:
+    results = read_json(out / "train-results.json")
+    records = read_jsonl(out / "train-metrics.jsonl")
+    train = [r for r in records if r.get("kind") == "train"]
+    if not train:
+        return ["no training records"]
+    rates = [r["tokens_per_second"] for r in train[1:]] or [train[0]["tokens_per_second"]]
+    lines = [f"{train[-1]['step']} steps; target tokens/s: median {statistics.median(rates):,.0f}"
+             f" (first window, with compilation: {train[0]['tokens_per_second']:,.0f})"]
+    if results:
+        lines.append(f"test: BLEU {results.get('bleu')}, exact match "
+                     f"{results.get('exact_match')}, alignment "
+                     f"{results.get('alignment_accuracy')}; wall {results.get('wall_seconds')} s")
+    return lines + compare_losses(records, read_jsonl(REFERENCE / "metrics.jsonl"),
+                                  read_json(REFERENCE / "results.json"))
+
+
+def compare_losses(gpu: list[dict[str, Any]], cpu: list[dict[str, Any]],
+                   cpu_results: dict[str, Any] | None) -> list[str]:
+    """The GPU run's losses against the CPU reference's at the same steps."""
+    if not cpu:
+        return [f"no CPU reference at {REFERENCE.relative_to(ROOT)}"]
+    lines = []
+    for kind in ("train", "val"):
+        ours = {r["step"]: r["loss"] for r in gpu if r.get("kind") == kind}
+        theirs = {r["step"]: r["loss"] for r in cpu if r.get("kind") == kind}
+        steps = sorted(set(ours) & set(theirs))
+        if not steps:
+            continue
+        shown = [s for s in steps if s in (10, 50, 100, 200, 400, 800)] or steps[-1:]
+        late = [abs(ours[s] / theirs[s] - 1) for s in steps if s >= steps[-1] // 2]
+        lines.append(f"{kind} loss GPU / CPU reference: " + ", ".join(
+            f"step {s} {ours[s]:.3f} / {theirs[s]:.3f}" for s in shown)
+            + f"; largest gap over the last half of the steps {max(late):.1%}")
+    if cpu_results:
+        lines.append(f"CPU reference test: BLEU {cpu_results.get('bleu')}, exact match "
+                     f"{cpu_results.get('exact_match')}")
+    return lines
+
+
+def summarize_base(report: dict[str, Any] | None) -> list[str]:
+    if not report:
+        return ["no bench-base.json"]
+    peaks = ", ".join(f"{d} {p['flop_per_s'] / 1e12:.1f} TFLOP/s"
+                      for d, p in report["matmul_peak"].items())
+    lines = [f"matmul peak: {peaks}", "",
+             "| pass | case | ours-fused ms (MFU) | ours-compiled ms (MFU) | ours-explicit ms | "
+             "faster torch.nn ms | torch ÷ fused | torch ÷ compiled |",
+             "| --- | --- | ---: | ---: | ---: | ---: | ---: | ---: |"]
+    for pass_ in ("inference", "training"):
+        for case in ("dense", "padded"):
+            group = {c["contender"]: c for c in report["cells"] if c["pass"] == pass_
+                     and c["case"] == case and c["status"] == "ok"}
+            if group:
+                lines.append(f"| {pass_} | {case} | " + " | ".join(_base_row(group)) + " |")
+    failed = [f"{c['contender']} {c['pass']} {c['case']}: {c['status']}"
+              for c in report["cells"] if c["status"] != "ok"]
+    return lines + (["", "not measured: " + "; ".join(failed)] if failed else []) \
+        + ([f"stopped: {report['stopped']}"] if report.get("stopped") else [])
+
+
+def _base_row(group: dict[str, dict[str, Any]]) -> list[str]:
+    """One (pass, case) of the base summary: times, MFU, ratios to the faster torch.nn."""
+    best = next((c["torch_best"] for c in group.values() if c["torch_best"]), None)
+
+    def ms(name: str | None, mfu: bool = False) -> str:
+        cell = group.get(name or "")
+        if cell is None:
+            return "-"
+        return f"{cell['median_ms']:.2f}" + (f" ({cell['mfu']:.0%})" if mfu else "")
+
+    def ratio(name: str) -> str:
+        ratios = group[name]["ratios"] if name in group else {}
+        return f"{ratios[best]['median']:.2f}×" if best in ratios else "-"
+
+    return [ms("ours-fused", True), ms("ours-compiled", True), ms("ours-explicit"),
+            f"{ms(best)} ({(best or '-').removeprefix('torch-')})", ratio("ours-fused"),
+            ratio("ours-compiled")]
+
+
+def summarize_long(report: dict[str, Any] | None) -> list[str]:
+    if not report:
+        return ["no bench-long.json"]
+    lines = ["| length | pass | case | best SDPA kernel ms | ours-fused ms (÷ best) | "
+             "ours-fused MiB | ours-explicit ms, MiB |",
+             "| ---: | --- | --- | ---: | ---: | ---: | ---: |"]
+    for length in report["lengths"]:
+        for pass_ in ("inference", "training"):
+            for case in ("dense", "padded"):
+                group = {c["contender"]: c for c in report["cells"] if c["length"] == length
+                         and c["pass"] == pass_ and c["case"] == case}
+                if not group:
+                    continue
+                kernels = [group[k] for k in SDPA_KERNELS if k in group
+                           and group[k]["status"] == "ok"]
+                best = min(kernels, key=lambda c: c["median_ms"], default=None)
+                fused, explicit = group.get("ours-fused"), group.get("ours-explicit")
+                best_text = (f"{best['median_ms']:.2f} "
+                             f"({best['contender'].removeprefix('ours-sdpa-')})" if best else "-")
+                fused_text = _time_text(fused) + (
+                    f" ({fused['median_ms'] / best['median_ms']:.2f})"
+                    if best and fused and fused["status"] == "ok" else "")
+                lines.append(f"| {length} | {pass_} | {case} | {best_text} | {fused_text} | "
+                             f"{_memory_text(fused)} | {_time_text(explicit)}, "
+                             f"{_memory_text(explicit)} |")
+    errors = sorted({f"{c['contender']}: {c['error']}" for c in report["cells"]
+                     if c["status"] == "error"})
+    return lines + [f"error: {e}" for e in errors[:6]] \
+        + ([f"stopped: {report['stopped']}"] if report.get("stopped") else [])
+
+
+def _time_text(cell: dict[str, Any] | None) -> str:
+    if cell is None:
+        return "-"
+    return f"{cell['median_ms']:.2f}" if cell["status"] == "ok" else cell["status"]
+
+
+def _memory_text(cell: dict[str, Any] | None) -> str:
+    memory = cell and cell.get("memory")
+    return f"{memory['run_mib']:.0f}" if memory and memory.get("status", "ok") == "ok" else "-"
+
+
+def bench_flop_seconds(name: str, dry_run: bool, rate: float = ASSUMED_TFLOPS * 1e12) -> float:
+    """The benchmark's timed and warm-up runs, counted in FLOPs (dense, every cell) at
+    ``rate``: the arithmetic part of its planned time; start-up and compilation come on top."""
+    from attention.bench.config import load_bench_config
+    from attention.bench.workload import encoder_flops
+
+    path, overrides, contenders = bench_config(name, dry_run)
+    config = load_bench_config(ROOT / path, overrides)
+    runs = len(contenders) * (config.warmup + config.repeats) * len(config.cases)
+    flops = sum(encoder_flops(config.d_model, config.n_layers, config.d_ff, config.batch, length,
+                              training=pass_ == "training")
+                for length in config.lengths_for("cpu" if dry_run else "cuda")
+                for pass_ in config.passes)
+    return runs * flops / rate
+
+
+def environment_line() -> str:
+    import torch
+
+    if torch.cuda.is_available():
+        device = (f"{torch.cuda.get_device_name()} (CUDA {torch.version.cuda}, capability "
+                  f"{'.'.join(map(str, torch.cuda.get_device_capability()))})")
+    else:
+        device = "CPU (dry run)"
+    commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=ROOT,
+                            capture_output=True, text=True).stdout.strip() if \
+        shutil.which("git") else ""
+    return (f"{device}; torch {torch.__version__}, Python {sys.version.split()[0]}; "
+            f"commit {commit or 'unknown (no git here)'}")
+
+
+def write_summary(out: Path, outcomes: list[Outcome], dry_run: bool, started: float) -> str:
+    total = time.monotonic() - started
+    lines = ["# GPU check", "", environment_line(), "",
+             f"{sum(o.status == 'ok' for o in outcomes)} of {len(outcomes)} parts ok in "
+             f"{total:.0f} s (planned {sum(o.part.planned_s for o in outcomes)} s, budgets "
+             f"{sum(o.part.budget_s for o in outcomes)} s).", "",
+             "| part | status | seconds | planned | budget |", "| --- | --- | ---: | ---: | ---: |"]
+    lines += [f"| {o.part.name} | {o.status} | {o.seconds:.0f} | {o.part.planned_s} | "
+              f"{o.part.budget_s} |" for o in outcomes]
+    names = {o.part.name for o in outcomes}
+    sections = [("tests", "Tests with a CUDA variant", lambda: summarize_tests(out)),
+                ("train", "Training (toy, bf16 autocast, compiled)", lambda: summarize_train(out)),
+                ("base", "Benchmark base (bf16): faster torch.nn time ÷ ours, > 1: ours faster",
+                 lambda: summarize_base(read_json(out / "bench-base.json"))),
+                ("long", "Benchmark long (bf16): ours-fused against the best SDPA kernel",
+                 lambda: summarize_long(read_json(out / "bench-long.json")))]
+    for name, title, summarize in sections:
+        if name in names:
+            try:
+                body = summarize()
+            except Exception as error:  # a partial file: say so, keep the rest
+                body = [f"summary failed: {type(error).__name__}: {error}"]
+            lines += ["", f"## {title}", "", *body]
+    planned = {name: bench_flop_seconds(name, dry_run) for name in ("base", "long")
+               if name in names}
+    if planned:
+        lines += ["", "Arithmetic in the benchmarks' runs, every cell counted dense at "
+                  f"{ASSUMED_TFLOPS} TFLOP/s: " + ", ".join(
+                      f"{name} {seconds:.1f} s" for name, seconds in planned.items())
+                  + " (start-up and compilation come on top)."]
+    text = "\n".join(lines) + "\n"
+    (out / "summary.md").write_text(text, encoding="utf-8")
+    return text
+
+
+def write_bench_markdown(out: Path) -> None:
+    from attention.bench.report import format_markdown
+
+    texts = []
+    for name in ("base", "long"):
+        report = read_json(out / f"bench-{name}.json")
+        if report:
+            stopped = f"\n**Stopped early**: {report['stopped']}\n" if report.get("stopped") else ""
+            texts.append(format_markdown(report) + stopped)
+    if texts:
+        (out / "bench.md").write_text("\n".join(texts), encoding="utf-8")
+
+
+def no_cuda_line() -> str | None:
+    """The one line for a machine without CUDA (or without torch), else ``None``."""
+    try:
+        import torch
+    except ImportError:
+        return f"gpu-check: no CUDA device here (torch is not installed for {sys.executable}): " \
+               "nothing run"
+    if not torch.cuda.is_available():
+        return f"gpu-check: no CUDA device here (torch {torch.__version__}): nothing run"
+    return None
+
+
+def make_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("out", nargs="?", type=Path, default=Path("gpu-results"),
+                        help="folder for the results (default: gpu-results)")
+    parser.add_argument("--parts", default=",".join(PARTS),
+                        help=f"comma-separated, in order (default: {','.join(PARTS)})")
+    parser.add_argument("--dry-run-cpu", action="store_true", help=argparse.SUPPRESS)
+    parser.add_argument("--part", choices=list(PARTS), help=argparse.SUPPRESS)
+    parser.add_argument("--out", dest="part_out", type=Path, help=argparse.SUPPRESS)
+    parser.add_argument("--work", type=Path, help=argparse.SUPPRESS)
+    parser.add_argument("--seconds", type=int, help=argparse.SUPPRESS)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = make_parser()
+    args = parser.parse_args(argv)
+    if args.part:  # a child
+        return run_part(args.part, args.part_out, args.work, args.dry_run_cpu, args.seconds)
+    names = [name.strip() for name in args.parts.split(",") if name.strip()]
+    unknown = [name for name in names if name not in PARTS]
+    if unknown or not names:
+        parser.error(f"--parts: expected some of {','.join(PARTS)}, got {args.parts!r}")
+    line = None if args.dry_run_cpu else no_cuda_line()
+    if line:
+        print(line)
+        return 0
+    sys.path.insert(0, str(ROOT))
+    started = time.monotonic()
+    out = args.out.resolve()
+    out.mkdir(parents=True, exist_ok=True)
+    for name in FILES:  # an earlier run's results must not pass for this one's
+        (out / name).unlink(missing_ok=True)
+    work = Path(tempfile.mkdtemp(prefix="gpu-check-"))
+    outcomes = []
+    try:
+        for name in names:
+            outcome = run_child(PARTS[name], out, work, args.dry_run_cpu)
+            outcomes.append(outcome)
+            with open(out / "log.txt", "a", encoding="utf-8") as log:
+                log.write(f"===== {name}: {outcome.status} in {outcome.seconds:.0f} s =====\n"
+                          f"{clipped(outcome.log)}\n")
+        write_bench_markdown(out)
+        print(write_summary(out, outcomes, args.dry_run_cpu, started), end="")
+    finally:
+        shutil.rmtree(work, ignore_errors=True)
+    return 0 if all(o.status == "ok" for o in outcomes) else 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())
