@@ -20,6 +20,7 @@ import yaml
 
 from ..layers import ACTIVATIONS
 from ..positional import POSITIONAL_ENCODINGS
+from .precision import PRECISIONS
 
 __all__ = [
     "Config",
@@ -109,12 +110,18 @@ class TrainConfig:
 
     ``schedule``: ``inverse_sqrt`` decays as ``√(warmup / step)`` and suits runs of unknown
     length (``max_minutes``); ``cosine`` anneals to zero at ``max_steps``, which it needs.
+
+    ``precision``: the autocast dtype of forward passes (see
+    :mod:`attention.translation.precision`). ``auto`` is bf16 on a GPU that computes it
+    natively, fp16 with loss scaling on older GPUs (T4, V100), float32 on the CPU; ``bf16``
+    runs on the CPU too, ``fp16`` on CUDA only.
     """
 
     run_dir: str = "runs"
     device: str = "auto"  # auto | cpu | cuda | cuda:N
     seed: int = 0
     compile: bool = False
+    precision: str = "auto"  # auto | fp32 | bf16 | fp16
     lr: float = 7e-4
     weight_decay: float = 0.01
     warmup_steps: int = 1000
@@ -155,6 +162,7 @@ CHOICES = {
     ("data", "corpus"): ("toy", "multi30k", "parallel"),
     ("data", "tokenizer"): ("word", "bpe"),
     ("train", "schedule"): ("inverse_sqrt", "cosine"),
+    ("train", "precision"): PRECISIONS,
 }
 
 

@@ -50,7 +50,7 @@ from .config import Config, ConfigError, DataConfig, TrainConfig
 from .data import PAD_ID, Pair, ParallelData, load_splits, token_batches, train_tokenizer
 from .distributed import Distributed, distributed_session, elastic_restart, shard
 from .metrics import alignment_hits, best_alignment_head, bleu, exact_match
-from .precision import autocast
+from .precision import autocast, grad_scaler, precision_name, resolve_precision
 from .translator import Translator, resolve_device
 
 __all__ = ["NonFiniteLossError", "Progress", "Trainer", "TrainingInterrupted", "evaluate",
@@ -238,7 +238,7 @@ def evaluate(model: Transformer, data: ParallelData, translator: Translator, *,
         for indices in token_batches(data.lengths, batch_tokens, seed=0, epoch=0,
                                      shuffle=False):
             src, tgt_in, tgt_out = (t.to(device) for t in data.batch(indices))
-            with autocast(device):
+            with autocast(device, translator.autocast_dtype):
                 memory = model.encode(src)
                 logits, cross = model.decode(tgt_in, memory, model.padding_mask(src),
                                              return_attention=True) if alignment else \
@@ -281,6 +281,14 @@ def _word_alignment(data: ParallelData, index: int) -> tuple[int, ...] | None:
             len(data.targets[index]) - 2 != len(pair.alignment):
         return None
     return pair.alignment
+
+
+def _train_precision(cfg: TrainConfig, device: torch.device) -> torch.dtype | None:
+    """``train.precision``'s autocast dtype on the training device, or a ConfigError."""
+    try:
+        return resolve_precision(cfg.precision, device, key="train.precision")
+    except ValueError as error:
+        raise ConfigError(str(error)) from None
 
 
 def _rng_state(device: torch.device) -> dict[str, Any]:
@@ -372,9 +380,10 @@ class Trainer:
     ``checkpoint_last.pt``. Its attributes: ``train_data``, ``val_data``, ``test_data``,
     ``tokenizers``; ``model``, ``train_model`` (what the steps call: the model, wrapped in
     ``DistributedDataParallel`` under torchrun, compiled with ``train.compile``),
-    ``optimizer``, ``scheduler``, ``translator``; ``progress``; ``metrics`` (rank 0's
-    ``metrics.jsonl``, else ``None``); the clock (``session_start``, ``window_start``) and
-    ``stop`` (Ctrl-C).
+    ``optimizer``, ``scheduler``, ``scaler`` (fp16's loss scaling, else disabled),
+    ``autocast_dtype`` (``train.precision`` on this device), ``translator``; ``progress``;
+    ``metrics`` (rank 0's ``metrics.jsonl``, else ``None``); the clock (``session_start``,
+    ``window_start``) and ``stop`` (Ctrl-C).
 
     :meth:`run` trains and then evaluates, once: it closes the metrics file and the progress
     bar, as :meth:`close` does for a Trainer whose methods are called one by one.
@@ -387,6 +396,7 @@ class Trainer:
         self.config, self.cfg, self.run_dir = config, config.train, config.run_path
         self.world = world or Distributed(device=resolve_device(config.train.device))
         self.device = self.world.device
+        self.autocast_dtype = _train_precision(self.cfg, self.device)
         self.log = log or _quiet
         self.batches_per_step = self.world.world_size * self.cfg.grad_accum_steps
         if self.cfg.threads:
@@ -451,8 +461,9 @@ class Trainer:
         self.optimizer = make_optimizer(self.model, self.cfg)
         self.scheduler = torch.optim.lr_scheduler.LambdaLR(self.optimizer,
                                                            learning_rate_schedule(self.cfg))
+        self.scaler = grad_scaler(self.device, self.autocast_dtype)
         self.translator = Translator(self.model, self.src_tokenizer, self.tgt_tokenizer,
-                                     self.config.eval)
+                                     self.config.eval, precision=self.cfg.precision)
         self.n_params = sum(p.numel() for p in self.model.parameters())
 
     def _wrap_model(self) -> None:
@@ -486,7 +497,7 @@ class Trainer:
                  f"{train_data_limit(self.config)} tokens dropped), {len(val)} val, {len(test)} "
                  f"test{dropped}; vocabularies {self.src_tokenizer.get_vocab_size()} → "
                  f"{self.tgt_tokenizer.get_vocab_size()}; {self.n_params / 1e6:.2f}M parameters "
-                 f"on {self.device}")
+                 f"on {self.device}, {precision_name(self.autocast_dtype)}")
         if self.world.enabled:
             self.log(f"{self.world.world_size} ranks ({torch.distributed.get_backend()}), "
                      f"{self.cfg.grad_accum_steps} accumulated batch(es) each: "
@@ -609,12 +620,18 @@ class Trainer:
         token of the whole step, and is counted in ``progress``. Returns the step's summed
         loss over all ranks and the gradient norm before clipping.
 
+        In fp16 the loss is scaled (see :func:`~attention.translation.precision.grad_scaler`):
+        the gradients are unscaled before clipping, and a step whose gradients overflowed is
+        skipped by the scaler, which lowers its scale; it still counts as a step.
+
         Raises:
-            NonFiniteLossError: the loss or the gradient norm is NaN or infinite (checked
-                before the optimizer step: the weights stay as they were).
+            NonFiniteLossError: the loss or (unless the scaler skips the step) the gradient
+                norm is NaN or infinite (checked before the optimizer step: the weights stay
+                as they were).
         """
         self.optimizer.zero_grad(set_to_none=True)
         loss_here = self.accumulate_gradients(batches, tokens / self.world.world_size)
+        self.scaler.unscale_(self.optimizer)  # the true gradients, for clipping
         grad_norm = nn.utils.clip_grad_norm_(self.model.parameters(), self.cfg.clip_norm)
         # The step's one host synchronisation, loss and norm together: the checks below must
         # see both before optimizer.step() can spoil the weights (clipping a non-finite
@@ -622,8 +639,10 @@ class Trainer:
         loss_here, grad_norm = torch.stack([loss_here, grad_norm.to(loss_here.dtype)]).tolist()
         loss_sum, = self.world.sum([loss_here])
         self._check_finite("loss", loss_sum / tokens)
-        self._check_finite("gradient norm", grad_norm)
-        self.optimizer.step()
+        if not self.scaler.is_enabled():
+            self._check_finite("gradient norm", grad_norm)
+        self.scaler.step(self.optimizer)  # optimizer.step(), unless fp16 gradients overflowed
+        self.scaler.update()
         self.scheduler.step()
         progress = self.progress
         progress.step += 1
@@ -646,10 +665,10 @@ class Trainer:
         for i, batch in enumerate(batches):
             src, tgt_in, tgt_out = (t.to(self.device, non_blocking=True) for t in batch)
             with self._no_sync() if i < len(batches) - 1 else contextlib.nullcontext():
-                with autocast(self.device):
+                with autocast(self.device, self.autocast_dtype):
                     logits = self.train_model(src, tgt_in)
                 loss_sum, _ = sequence_loss(logits, tgt_out, self.cfg.label_smoothing)
-                (loss_sum / tokens_per_rank).backward()
+                self.scaler.scale(loss_sum / tokens_per_rank).backward()
             loss_here += loss_sum.detach()
         return loss_here
 
@@ -711,8 +730,9 @@ class Trainer:
 
     def save(self, name: str, rng: RngStates | None = None) -> Path:
         """Write checkpoint ``name`` in the run's folder and return its path: weights,
-        optimizer and scheduler states, progress, config, tokenizers and each rank's random
-        state (``rng``; this process's alone when ``None``).
+        optimizer, scheduler and loss scaler states (the scaler's is empty unless fp16),
+        progress, config, tokenizers and each rank's random state (``rng``; this process's
+        alone when ``None``).
 
         Writes on whatever rank calls it: in a run only rank 0 does (see :meth:`save_last`).
         """
@@ -722,17 +742,20 @@ class Trainer:
         return save_checkpoint(self.run_dir / name, {
             "config": self.config.to_dict(), "model": self.model.state_dict(),
             "optimizer": self.optimizer.state_dict(), "scheduler": self.scheduler.state_dict(),
-            "rng": rng[0], "rng_other_ranks": rng[1:], "tokenizers": self.tokenizers,
-            "progress": dataclasses.asdict(self.progress),
+            "scaler": self.scaler.state_dict(), "rng": rng[0], "rng_other_ranks": rng[1:],
+            "tokenizers": self.tokenizers, "progress": dataclasses.asdict(self.progress),
         })
 
     def restore(self, checkpoint: dict[str, Any]) -> None:
         """Continue from ``checkpoint`` (as :meth:`save` writes it): the weights, the
-        optimizer's and scheduler's states, the progress and this rank's random stream (a
-        rank the checkpoint did not have starts a new one)."""
+        optimizer's, scheduler's and loss scaler's states, the progress and this rank's random
+        stream (a rank the checkpoint did not have starts a new one). A run that did not
+        train in fp16 saved no scaler state: an fp16 run resuming it starts a new scaler."""
         self.model.load_state_dict(checkpoint["model"])
         self.optimizer.load_state_dict(checkpoint["optimizer"])
         self.scheduler.load_state_dict(checkpoint["scheduler"])
+        if checkpoint.get("scaler"):
+            self.scaler.load_state_dict(checkpoint["scaler"])
         self.progress = Progress(**checkpoint["progress"])
         _restore_rng(checkpoint, self.world, self.cfg.seed + self.progress.step)
 
@@ -808,7 +831,7 @@ class Trainer:
         results["wall_seconds"] = round(self._wall_seconds(), 1)
         results.update(best_step=best["progress"]["step"], steps=self.progress.step,
                        parameters=self.n_params, device=str(self.device),
-                       ranks=self.world.world_size)
+                       precision=precision_name(self.autocast_dtype), ranks=self.world.world_size)
         write_atomic(self.run_dir / "results.json",
                      lambda f: f.write((json.dumps(results, indent=2) + "\n").encode()))
         self._plot_test_attention()

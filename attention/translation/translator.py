@@ -19,7 +19,7 @@ from .checkpoint import config_from_checkpoint, load_checkpoint, model_from_conf
 from .config import EvalConfig
 from .data.batching import collate
 from .data.tokenizer import BOS_ID, EOS_ID, PAD_ID
-from .precision import autocast
+from .precision import autocast, resolve_precision
 
 __all__ = ["Translator", "resolve_device"]
 
@@ -35,22 +35,36 @@ def resolve_device(name: str | torch.device) -> torch.device:
 
 
 class Translator:
-    """A :class:`Transformer` with its source and target tokenizers and decoding defaults."""
+    """A :class:`Transformer` with its source and target tokenizers and decoding defaults.
+
+    ``precision`` (one of :data:`~attention.translation.precision.PRECISIONS`) is the autocast
+    of its searches, resolved on the model's device at each use.
+    """
 
     def __init__(self, model: Transformer, src_tokenizer: Tokenizer, tgt_tokenizer: Tokenizer,
-                 eval_config: EvalConfig | None = None) -> None:
+                 eval_config: EvalConfig | None = None, *, precision: str = "auto") -> None:
         self.model = model
         self.src_tokenizer = src_tokenizer
         self.tgt_tokenizer = tgt_tokenizer
         self.eval_config = eval_config or EvalConfig()
+        resolve_precision(precision, self.device)  # one the device cannot run fails here
+        self.precision = precision
 
     @classmethod
-    def from_checkpoint(cls, path: str | Path, device: str | torch.device = "auto"
-                        ) -> Translator:
-        """Load a checkpoint written by training (``checkpoint_best.pt`` or ``_last.pt``)."""
+    def from_checkpoint(cls, path: str | Path, device: str | torch.device = "auto", *,
+                        precision: str | None = None) -> Translator:
+        """Load a checkpoint written by training (``checkpoint_best.pt`` or ``_last.pt``).
+
+        ``precision`` defaults to the run's ``train.precision``; a run's ``fp16`` (a choice
+        for GPUs without bf16) becomes ``auto`` on a device other than CUDA, float32 there.
+        """
         device = resolve_device(device)
         checkpoint = load_checkpoint(path)  # CPU first: the optimizer state is not needed
         config = config_from_checkpoint(checkpoint)
+        if precision is None:
+            precision = config.train.precision
+            if precision == "fp16" and device.type != "cuda":
+                precision = "auto"
         try:
             src_tokenizer = Tokenizer.from_str(checkpoint["tokenizers"]["source"])
             tgt_tokenizer = Tokenizer.from_str(checkpoint["tokenizers"]["target"])
@@ -62,11 +76,17 @@ class Translator:
             raise ValueError(f"{path}: not a complete checkpoint of this package (its "
                              f"tokenizers or weights do not load: {type(error).__name__}: "
                              f"{reason[:200]})") from None
-        return cls(model.to(device).eval(), src_tokenizer, tgt_tokenizer, config.eval)
+        return cls(model.to(device).eval(), src_tokenizer, tgt_tokenizer, config.eval,
+                   precision=precision)
 
     @property
     def device(self) -> torch.device:
         return next(self.model.parameters()).device
+
+    @property
+    def autocast_dtype(self) -> torch.dtype | None:
+        """The autocast dtype of ``precision`` on the model's device (``None``: float32)."""
+        return resolve_precision(self.precision, self.device)
 
     def encode(self, sentences: Sequence[str]) -> list[list[int]]:
         """Source token ids, each ending in ``eos`` (cut to fit learned positions)."""
@@ -98,7 +118,7 @@ class Translator:
             max_new = math.ceil(cfg.max_len_a * src.shape[1] + cfg.max_len_b)
             if self.model.decoder.max_positions is not None:
                 max_new = min(max_new, self.model.decoder.max_positions)
-            with autocast(device):
+            with autocast(device, self.autocast_dtype):
                 out = self.model.generate(src, max_new, BOS_ID, EOS_ID, beam_size=beam_size,
                                           length_penalty=length_penalty)
             for row, index in zip(out.tolist(), chunk, strict=True):
