@@ -73,7 +73,7 @@ class Part:
 
 
 PARTS = {part.name: part for part in (
-    Part("tests", 60, 35, "every test parametrized on a CUDA device, on cuda"),
+    Part("tests", 60, 40, "every test parametrized on a CUDA device, on cuda"),
     Part("train", 165, 120, "toy translation, 800 steps, bf16 autocast, torch.compile"),
     Part("base", 135, 95, "`base` in bf16: ours explicit/fused/compiled vs torch.nn bias off/on"),
     Part("long", 60, 35, "`long` in bf16 to 16k tokens: ours vs SDPA's kernels"),

@@ -146,11 +146,13 @@ CASES = [(seed, batch, max_new_tokens, length_penalty, eos_bias)
 @pytest.mark.parametrize("device", DEVICES)
 @pytest.mark.parametrize("beam_size", [1, 2, 3, 5])
 def test_the_searches_give_what_the_host_round_trip_versions_gave(device, beam_size):
-    calls = [searches_agree(device, *case[:2], beam_size, *case[2:]) for case in CASES]
-    if torch.device(device).type == "cpu":  # the flag is read every step: no extra step
+    # On CUDA a quarter of the cases: each step there is a few launches, not a few µs.
+    cases = CASES if device == "cpu" else [case for case in CASES if case[0] % 4 == 0]
+    calls = [searches_agree(device, *case[:2], beam_size, *case[2:]) for case in cases]
+    if device == "cpu":  # the flag is read every step: no extra step
         assert all(ours == reference for ours, reference in calls)
     # Not a trivial case: some searches stop early, some run to the length limit.
-    max_steps = [case[2] for case in CASES]
+    max_steps = [case[2] for case in cases]
     assert any(c[1] < m for c, m in zip(calls, max_steps, strict=True))
     assert any(c[1] == m for c, m in zip(calls, max_steps, strict=True))
 
