@@ -38,6 +38,7 @@ from tokenizers import Tokenizer
 from torch import Tensor, nn
 from tqdm import tqdm
 
+from .. import features
 from ..models import Transformer
 from .checkpoint import (
     config_from_checkpoint,
@@ -469,9 +470,11 @@ class Trainer:
     def _wrap_model(self) -> None:
         """``train_model``: under torchrun a replica whose gradients are averaged over the
         ranks, which all start from rank 0's weights (so: after :meth:`restore`)."""
+        no_buffer_sync = ({"forward_sync_buffers": False} if features.DDP_FORWARD_SYNC_BUFFERS
+                          else {"broadcast_buffers": False})
         self.replica = nn.parallel.DistributedDataParallel(
             self.model, device_ids=[self.device] if self.device.type == "cuda" else None,
-            forward_sync_buffers=False) if self.world.enabled else self.model
+            **no_buffer_sync) if self.world.enabled else self.model
         self.train_model = torch.compile(self.replica) if self.cfg.compile else self.replica
 
     def _open_run_dir(self, fresh: bool) -> _Metrics | None:
