@@ -268,8 +268,13 @@ def attend(
 
     explicit = need_weights or current_backend() == "explicit"
     # SDPA's own is_causal aligns to the first key; it is only the same thing for Lq == Lk.
-    use_sdpa_causal = (is_causal and not explicit and attn_mask is None
-                       and key_padding_mask is None and q_len == k_len)
+    # Decided by a branch, not assigned: with dynamic shapes under torch.compile,
+    # q_len == k_len is a SymBool, which SDPA's is_causal refuses; a branch on it makes the
+    # graph guard on its value and pass SDPA a plain bool.
+    use_sdpa_causal = False
+    if is_causal and not explicit and attn_mask is None and key_padding_mask is None \
+            and q_len == k_len:
+        use_sdpa_causal = True
     mask = merge_masks(
         batch, heads, q_len, k_len,
         attn_mask=attn_mask, key_padding_mask=key_padding_mask,

@@ -106,3 +106,15 @@ def test_compat_layer_runs_the_encoder_layers_residual_blocks():
 def test_max_positions(positional, expected):
     assert Encoder(D, H, 1, positional=positional, max_len=12).max_positions == expected
     assert Decoder(D, H, 1, positional=positional, max_len=12).max_positions == expected
+
+
+@pytest.mark.parametrize("is_causal", [False, True])
+def test_compile_with_dynamic_shapes_takes_the_causal_flag(is_causal):
+    """With dynamic shapes, whether SDPA's own causal mask applies (Lq == Lk) is symbolic
+    while compiling; SDPA takes a plain bool only."""
+    torch.manual_seed(0)
+    encoder = Encoder(D, H, n_layers=2, dropout=0.0).eval()
+    compiled = torch.compile(encoder, fullgraph=True, dynamic=True, backend="eager")
+    for length in (6, 9):
+        x = torch.randn(2, length, D)
+        assert_close(compiled(x, is_causal=is_causal), encoder(x, is_causal=is_causal))
