@@ -165,15 +165,15 @@ def merge_masks(
             "attn_mask",
             attn_mask,
             [(q_len, k_len)]
-            + [(b_, h_, q_len, k_len) for b_ in {batch, 1} for h_ in {heads, 1}],
-            f"(Lq, Lk) = ({q_len}, {k_len}) or (batch, heads, Lq, Lk) = "
-            f"({batch}, {heads}, {q_len}, {k_len}), where batch and heads may be 1",
+            + [(b_, h_, q_len, k_len) for b_ in (batch, 1) for h_ in (heads, 1)],
+            "(Lq, Lk) = ({q}, {k}) or (batch, heads, Lq, Lk) = ({b}, {h}, {q}, {k}), where "
+            "batch and heads may be 1", q=q_len, k=k_len, b=batch, h=heads,
         )
         masks.append(attn_mask)
     if key_padding_mask is not None:
         key_padding_mask = check_mask(
             "key_padding_mask", key_padding_mask, [(batch, k_len)],
-            f"(batch, Lk) = ({batch}, {k_len})",
+            "(batch, Lk) = ({b}, {k})", b=batch, k=k_len,
         )
         masks.append(key_padding_mask[:, None, None, :])  # (b, 1, 1, j)
     if is_causal:

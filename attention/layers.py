@@ -209,7 +209,7 @@ def pack_padding(key_padding_mask: Tensor | None, x: Tensor,
         return None
     batch, length = x.shape[:2]
     key_padding_mask = check_mask("key_padding_mask", key_padding_mask, [(batch, length)],
-                                  f"(batch, length) = ({batch}, {length})")
+                                  "(batch, length) = ({b}, {n})", b=batch, n=length)
     if key_padding_mask.dtype != torch.bool:
         return None
     return Packing.from_mask(key_padding_mask)

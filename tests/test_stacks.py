@@ -118,3 +118,27 @@ def test_compile_with_dynamic_shapes_takes_the_causal_flag(is_causal):
     for length in (6, 9):
         x = torch.randn(2, length, D)
         assert_close(compiled(x, is_causal=is_causal), encoder(x, is_causal=is_causal))
+
+
+def test_compiled_transformer_takes_new_batch_shapes_without_recompiling():
+    """Token batches differ in size and length at every step: compiled with dynamic shapes,
+    the padded batches (packed inside, a graph break at the data-dependent token count)
+    run without a recompile per shape. A size turned into text while tracing (an error
+    message built eagerly) used to fix the graph to that size."""
+    torch._dynamo.reset()
+    torch.manual_seed(0)
+    model = Transformer(30, 30, d_model=D, n_heads=H, n_encoder_layers=1, n_decoder_layers=1,
+                        dropout=0.0)
+    compiled = torch.compile(model, dynamic=True, backend="eager")
+
+    def batch(size: int, length: int) -> tuple[torch.Tensor, torch.Tensor]:
+        src = torch.randint(3, 30, (size, length))
+        src[0, length // 2:] = 0  # padding, so the packed path runs
+        return src, torch.randint(3, 30, (size, length + 1))
+
+    compiled(*batch(3, 5)).sum().backward()
+    with torch.compiler.set_stance("fail_on_recompile"):
+        for size, length in [(4, 7), (2, 9), (5, 6)]:
+            src, tgt = batch(size, length)
+            assert_close(compiled(src, tgt), model(src, tgt))
+    torch._dynamo.reset()

@@ -475,7 +475,10 @@ class Trainer:
         self.replica = nn.parallel.DistributedDataParallel(
             self.model, device_ids=[self.device] if self.device.type == "cuda" else None,
             **no_buffer_sync) if self.world.enabled else self.model
-        self.train_model = torch.compile(self.replica) if self.cfg.compile else self.replica
+        # dynamic=True: every token batch has its own batch size and length; compiling for
+        # each shape would recompile on most steps until the recompile limit.
+        self.train_model = torch.compile(self.replica, dynamic=True) if self.cfg.compile \
+            else self.replica
 
     def _open_run_dir(self, fresh: bool) -> _Metrics | None:
         """Rank 0: the run's folder, its ``config.yaml`` and its metrics file (``None`` on
