@@ -54,4 +54,4 @@ gpu-check:
 	$(PYTHON) benchmarks/gpu_check.py $(OUT)
 
 clean:
-	rm -rf $(VENV) .pytest_cache .hypothesis .ruff_cache
+	rm -rf $(VENV) $(VENV_OLDEST) .pytest_cache .hypothesis .ruff_cache
