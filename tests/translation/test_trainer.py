@@ -11,35 +11,11 @@ import pytest
 import torch
 
 from attention.translation.checkpoint import load_checkpoint
-from attention.translation.config import load_config
 from attention.translation.data import PAD_ID
 from attention.translation.training import Trainer, sequence_loss, target_tokens
 
 ROOT = Path(__file__).resolve().parents[2]
 TINY = ROOT / "configs" / "tiny.yaml"
-SMALL = ["train.device=cpu", "train.threads=1", "model.d_model=16", "model.n_heads=2",
-         "model.d_ff=32", "model.dropout=0.0", "data.toy_train_size=100",
-         "data.toy_val_size=8", "data.toy_test_size=8", "eval.val_sentences=8",
-         "train.batch_tokens=128"]
-
-
-@pytest.fixture
-def make_trainer(tmp_path):
-    """``make_trainer(*overrides, name=...)``: a seeded Trainer of configs/tiny.yaml at
-    d_model=16 in its own run folder under ``tmp_path``; closed after the test."""
-    made = []
-
-    def make(*overrides: str, name: str = "run") -> Trainer:
-        config = load_config(TINY, [f"train.run_dir={tmp_path}", f"name={name}", *SMALL,
-                                    *overrides])
-        made.append(Trainer(config, progress_bar=False))
-        return made[-1]
-
-    yield make
-    for trainer in made:
-        trainer.close()
-
-
 def one_step(trainer: Trainer) -> tuple[float, float]:
     batches = trainer.step_batches(trainer.epoch_batches())
     return trainer.train_step(batches, target_tokens(batches))

@@ -1,0 +1,32 @@
+"""Fixtures shared by the application's tests."""
+
+from pathlib import Path
+
+import pytest
+
+from attention.translation.config import load_config
+from attention.translation.training import Trainer
+
+TINY = Path(__file__).resolve().parents[2] / "configs" / "tiny.yaml"
+# configs/tiny.yaml at d_model=16 on a hundred toy pairs, seeded, one thread, no dropout.
+SMALL = ["train.device=cpu", "train.threads=1", "model.d_model=16", "model.n_heads=2",
+         "model.d_ff=32", "model.dropout=0.0", "data.toy_train_size=100",
+         "data.toy_val_size=8", "data.toy_test_size=8", "eval.val_sentences=8",
+         "train.batch_tokens=128"]
+
+
+@pytest.fixture
+def make_trainer(tmp_path):
+    """``make_trainer(*overrides, name=..., resume=...)``: a seeded Trainer of the small
+    tiny config in its own run folder under ``tmp_path``; closed after the test."""
+    made = []
+
+    def make(*overrides: str, name: str = "run", resume: bool = False) -> Trainer:
+        config = load_config(TINY, [f"train.run_dir={tmp_path}", f"name={name}", *SMALL,
+                                    *overrides])
+        made.append(Trainer(config, progress_bar=False, resume=resume))
+        return made[-1]
+
+    yield make
+    for trainer in made:
+        trainer.close()
