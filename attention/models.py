@@ -393,8 +393,8 @@ class Transformer(nn.Module):
     def _generate(self, src_ids: Tensor, max_new_tokens: int, bos_id: int, eos_id: int,
                   beam_size: int, length_penalty: float) -> Tensor:
         batch = src_ids.shape[0]
-        memory = self.encode(src_ids)
         memory_mask = self.padding_mask(src_ids)
+        memory = self._encode(src_ids, memory_mask, return_attention=False)  # ids checked
         if beam_size > 1:  # one row per hypothesis
             memory = memory.repeat_interleave(beam_size, dim=0)
             memory_mask = memory_mask.repeat_interleave(beam_size, dim=0)

@@ -360,9 +360,9 @@ class MultiHeadAttention(nn.Module):
         length = q.shape[-2]
         if cos_sin is None:
             cos_sin = self.rotary.cos_sin(length, offset)
-        elif tuple(cos_sin[0].shape) != (length, self.d_head):
-            raise ValueError(f"rotary_cos_sin: expected (cos, sin) of shape (Lq={length}, "
-                             f"d_head={self.d_head}), got {shape_of(cos_sin[0])}")
+        else:  # size by size, as under torch.compile the sizes may be symbolic
+            check_size("rotary_cos_sin", cos_sin[0], 0, length, "Lq")
+            check_size("rotary_cos_sin", cos_sin[0], -1, self.d_head, "d_head")
         return apply_rotary(q, *cos_sin), apply_rotary(k, *cos_sin)
 
     def _heads_mask(self, attn_mask: Tensor | None, batch: int) -> Tensor | None:
