@@ -25,7 +25,6 @@ orchestration on the CPU at tiny sizes.
 from __future__ import annotations
 
 import argparse
-import dataclasses
 import json
 import os
 import shutil
@@ -54,6 +53,9 @@ ASSUMED_TFLOPS = 400  # bf16 rate for the planned times (KINDS.md: 770-800 for a
 # arithmetic (bf16 autocast, the kernels, compilation), not by random masks.
 TRAIN_CONFIG = "configs/toy_translation.yaml"
 TRAIN_OVERRIDES = ["model.dropout=0.0", "train.log_every=10"]
+# base.yaml and long.yaml as gpu-check runs them: bf16 only, and the rounds its budget allows.
+BENCH_OVERRIDES = {"base": ["dtypes={cuda: [bfloat16]}", "repeats=20"],
+                   "long": ["dtypes={cuda: [bfloat16]}", "repeats=7"]}
 TRAIN_EVALUATION_S = 50  # of the train budget, kept for the final evaluation after max_minutes
 
 BASE_CONTENDERS = ["ours-explicit", "ours-fused", "ours-compiled", "torch-nobias", "torch-bias"]
@@ -109,7 +111,7 @@ class DeviceVariants:
             config.hook.pytest_deselected(items=drop)
 
 
-def part_tests(out: Path, work: Path, dry_run: bool) -> int:
+def part_tests(out: Path, dry_run: bool) -> int:
     import pytest
 
     plugin = DeviceVariants("cpu" if dry_run else "cuda")
@@ -130,32 +132,15 @@ def train_overrides(work: Path, dry_run: bool, seconds: int) -> tuple[str, list[
     minutes = max(seconds - TRAIN_EVALUATION_S, 30) / 60
     return TRAIN_CONFIG, [*TRAIN_OVERRIDES, "name=gpu-check-train", f"train.run_dir={work}",
                           "train.device=cuda", "train.compile=true",
-                          f"train.max_minutes={minutes:.2f}", *precision_override()]
-
-
-def precision_override() -> list[str]:
-    """``train.precision`` set to bf16 where the config has that key (bf16 autocast is the
-    CUDA default without it)."""
-    from attention.translation import precision
-    from attention.translation.config import TrainConfig
-
-    if "precision" not in {f.name for f in dataclasses.fields(TrainConfig)}:
-        return []
-    choices = getattr(precision, "PRECISIONS", ("bf16",))
-    names = [name for name in ("bf16", "bfloat16") if name in choices]
-    return [f"train.precision={names[0]}"] if names else []
+                          f"train.max_minutes={minutes:.2f}", "train.precision=bf16"]
 
 
 def part_train(out: Path, work: Path, dry_run: bool, seconds: int) -> int:
-    from attention.translation.config import ConfigError, load_config
+    from attention.translation.config import load_config
     from attention.translation.training import train
 
     path, overrides = train_overrides(work, dry_run, seconds)
-    try:
-        config = load_config(ROOT / path, overrides)
-    except ConfigError as error:  # an override the config does not take: run without it
-        print(f"gpu-check: {error}; running without train.precision")
-        config = load_config(ROOT / path, [o for o in overrides if "precision" not in o])
+    config = load_config(ROOT / path, overrides)
     print(f"gpu-check: {path} " + " ".join(overrides))
     try:
         train(config, progress_bar=False)
@@ -172,7 +157,7 @@ def bench_config(name: str, dry_run: bool) -> tuple[str, list[str], list[str]]:
     if dry_run:
         lengths = "[16]" if name == "base" else "[16, 32]"
         return "configs/bench/tiny.yaml", [f"lengths={lengths}", "cpu_peak_rss=false"], contenders
-    return f"configs/bench/gpu_check_{name}.yaml", [], contenders
+    return f"configs/bench/{name}.yaml", BENCH_OVERRIDES[name], contenders
 
 
 def part_bench(name: str, out: Path, dry_run: bool) -> int:
@@ -180,6 +165,7 @@ def part_bench(name: str, out: Path, dry_run: bool) -> int:
 
     from attention.bench.config import check_contenders, check_device, load_bench_config
     from attention.bench.runner import Runner, log_to_stderr
+    from attention.translation.files import write_atomic
 
     path, overrides, contenders = bench_config(name, dry_run)
     device = "cpu" if dry_run else "cuda"
@@ -197,7 +183,8 @@ def part_bench(name: str, out: Path, dry_run: bool) -> int:
         runner.report["stopped"] = "out of time: the cells measured before the budget ran out"
         code = 1
     text = json.dumps(runner.report, indent=2, allow_nan=False) + "\n"
-    (out / f"bench-{name}.json").write_text(text, encoding="utf-8")
+    # Atomic: a part past its grace period is killed, and a torn report must not pass.
+    write_atomic(out / f"bench-{name}.json", lambda f: f.write(text.encode()))
     return code
 
 
@@ -211,7 +198,7 @@ def run_part(name: str, out: Path, work: Path, dry_run: bool, seconds: int) -> i
     signal.signal(signal.SIGALRM, out_of_time)
     signal.alarm(seconds)
     if name == "tests":
-        return part_tests(out, work, dry_run)
+        return part_tests(out, dry_run)
     if name == "train":
         return part_train(out, work, dry_run, seconds)
     return part_bench(name, out, dry_run)
@@ -236,9 +223,9 @@ def run_child(part: Part, out: Path, work: Path, dry_run: bool) -> Outcome:
                "--out", str(out), "--work", str(work), "--seconds", str(part.budget_s)]
     if dry_run:
         command.append("--dry-run-cpu")
-    env = {**os.environ, "PYTHONUNBUFFERED": "1",
-           "PYTHONPATH": os.pathsep.join([str(ROOT), *filter(None, [os.environ.get(
-               "PYTHONPATH")])])}
+    from attention.bench.memory import child_environment
+
+    env = {**child_environment(), "PYTHONUNBUFFERED": "1"}
     print(f"gpu-check: {part.name} ({part.what}; planned {part.planned_s} s, budget "
           f"{part.budget_s} s)", flush=True)
     start = time.monotonic()
@@ -451,19 +438,22 @@ def bench_flop_seconds(name: str, dry_run: bool, rate: float = ASSUMED_TFLOPS * 
 def environment_line() -> str:
     import torch
 
+    from attention.bench.environment import device_name, git_commit
+
     if torch.cuda.is_available():
-        device = (f"{torch.cuda.get_device_name()} (CUDA {torch.version.cuda}, capability "
-                  f"{'.'.join(map(str, torch.cuda.get_device_capability()))})")
+        device = (f"{device_name(torch.device('cuda'))} (CUDA {torch.version.cuda}, "
+                  f"capability {'.'.join(map(str, torch.cuda.get_device_capability()))})")
     else:
         device = "CPU (dry run)"
-    commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=ROOT,
-                            capture_output=True, text=True).stdout.strip() if \
-        shutil.which("git") else ""
+    commit, dirty = git_commit()
+    commit_text = "unknown (no git here)" if commit is None else \
+        commit + (" with uncommitted changes" if dirty else "")
     return (f"{device}; torch {torch.__version__}, Python {sys.version.split()[0]}; "
-            f"commit {commit or 'unknown (no git here)'}")
+            f"commit {commit_text}")
 
 
-def write_summary(out: Path, outcomes: list[Outcome], dry_run: bool, started: float) -> str:
+def write_summary(out: Path, outcomes: list[Outcome], dry_run: bool, started: float,
+                  reports: dict[str, dict[str, Any] | None]) -> str:
     total = time.monotonic() - started
     lines = ["# GPU check", "", environment_line(), "",
              f"{sum(o.status == 'ok' for o in outcomes)} of {len(outcomes)} parts ok in "
@@ -476,9 +466,9 @@ def write_summary(out: Path, outcomes: list[Outcome], dry_run: bool, started: fl
     sections = [("tests", "Tests with a CUDA variant", lambda: summarize_tests(out)),
                 ("train", "Training (toy, bf16 autocast, compiled)", lambda: summarize_train(out)),
                 ("base", "Benchmark base (bf16): faster torch.nn time ÷ ours, > 1: ours faster",
-                 lambda: summarize_base(read_json(out / "bench-base.json"))),
+                 lambda: summarize_base(reports["base"])),
                 ("long", "Benchmark long (bf16): ours-fused against the best SDPA kernel",
-                 lambda: summarize_long(read_json(out / "bench-long.json")))]
+                 lambda: summarize_long(reports["long"]))]
     for name, title, summarize in sections:
         if name in names:
             try:
@@ -498,12 +488,11 @@ def write_summary(out: Path, outcomes: list[Outcome], dry_run: bool, started: fl
     return text
 
 
-def write_bench_markdown(out: Path) -> None:
+def write_bench_markdown(out: Path, reports: dict[str, dict[str, Any] | None]) -> None:
     from attention.bench.report import format_markdown
 
     texts = []
-    for name in ("base", "long"):
-        report = read_json(out / f"bench-{name}.json")
+    for report in reports.values():
         if report:
             stopped = f"\n**Stopped early**: {report['stopped']}\n" if report.get("stopped") else ""
             texts.append(format_markdown(report) + stopped)
@@ -565,8 +554,9 @@ def main(argv: list[str] | None = None) -> int:
             with open(out / "log.txt", "a", encoding="utf-8") as log:
                 log.write(f"===== {name}: {outcome.status} in {outcome.seconds:.0f} s =====\n"
                           f"{clipped(outcome.log)}\n")
-        write_bench_markdown(out)
-        print(write_summary(out, outcomes, args.dry_run_cpu, started), end="")
+        reports = {name: read_json(out / f"bench-{name}.json") for name in ("base", "long")}
+        write_bench_markdown(out, reports)
+        print(write_summary(out, outcomes, args.dry_run_cpu, started, reports), end="")
     finally:
         shutil.rmtree(work, ignore_errors=True)
     return 0 if all(o.status == "ok" for o in outcomes) else 1
