@@ -213,7 +213,7 @@ def test_bf16_generation_keeps_the_memory_fp32_and_caches_keys_in_bf16(trained):
     the step's scores are turned to float32 before log_softmax."""
     model = trained.model
     caches, memories, scores = [], [], []
-    new_cache, encode, decode = model.decoder.new_cache, model.encode, model._decode
+    new_cache, encode, decode = model.decoder.new_cache, model._encode, model._decode
 
     def spy_cache():
         caches.append(new_cache())
@@ -228,7 +228,7 @@ def test_bf16_generation_keeps_the_memory_fp32_and_caches_keys_in_bf16(trained):
         return scores[-1]
 
     with mock.patch.object(model.decoder, "new_cache", spy_cache), \
-            mock.patch.object(model, "encode", spy_encode), \
+            mock.patch.object(model, "_encode", spy_encode), \
             mock.patch.object(model, "_decode", spy_decode):
         for beam_size in (1, 3):
             translator(trained, "bf16").generate_ids(trained.val_data.sources[:4],
