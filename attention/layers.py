@@ -19,8 +19,8 @@ from ._checks import check_mask, check_positive_int, check_probability, check_si
 from .multihead import KVCache, MultiHeadAttention
 from .packing import Packing
 
-__all__ = ["ACTIVATIONS", "DecoderLayer", "EncoderLayer", "FeedForward", "get_activation",
-           "layer_norm", "pack_padding", "residual"]
+__all__ = ["ACTIVATIONS", "DecoderLayer", "EncoderLayer", "FeedForward", "feed_forward",
+           "get_activation", "layer_norm", "pack_padding", "residual"]
 
 ACTIVATIONS: dict[str, Callable[[Tensor], Tensor]] = {
     "relu": F.relu,
@@ -30,14 +30,15 @@ ACTIVATIONS: dict[str, Callable[[Tensor], Tensor]] = {
 }
 
 
-def layer_norm(d_model: int, eps: float, bias: bool) -> nn.LayerNorm:
+def layer_norm(d_model: int, eps: float, bias: bool, *, device: torch.device | str | None = None,
+               dtype: torch.dtype | None = None) -> nn.LayerNorm:
     """``nn.LayerNorm(d_model, eps=eps, bias=bias)``, also on a torch whose LayerNorm has no
     ``bias`` argument (:data:`attention.features.LAYER_NORM_BIAS`): there the bias parameter
     of ``bias=False`` is removed by hand, as torch's own ``bias=False`` does, so the
     parameters and state dict are the same."""
     if features.LAYER_NORM_BIAS:
-        return nn.LayerNorm(d_model, eps=eps, bias=bias)
-    norm = nn.LayerNorm(d_model, eps=eps)
+        return nn.LayerNorm(d_model, eps=eps, bias=bias, device=device, dtype=dtype)
+    norm = nn.LayerNorm(d_model, eps=eps, device=device, dtype=dtype)
     if not bias:
         norm.register_parameter("bias", None)
     return norm
@@ -78,7 +79,15 @@ class FeedForward(nn.Module):
         self.linear2 = nn.Linear(self.d_ff, d_model, bias=bias)
 
     def forward(self, x: Tensor) -> Tensor:
-        return self.linear2(self.dropout(self.activation(self.linear1(x))))
+        return feed_forward(x, self.linear1, self.activation, self.dropout, self.linear2)
+
+
+def feed_forward(x: Tensor, linear1: nn.Module, activation: Callable[[Tensor], Tensor],
+                 dropout: nn.Module, linear2: nn.Module) -> Tensor:
+    """``linear2(dropout(activation(linear1(x))))``: the position-wise feed-forward, for
+    modules that hold its parts under their own names (torch.nn's layers in
+    :mod:`attention.compat`)."""
+    return linear2(dropout(activation(linear1(x))))
 
 
 def residual(x: Tensor, sublayer: Callable[[Tensor], Tensor], norm: nn.Module,
@@ -189,16 +198,9 @@ class EncoderLayer(nn.Module):
             )
             return out
 
-        x = self.residual_blocks(x, self_attention)
-        return (x, weights) if return_attention else x
-
-    def residual_blocks(self, x: Tensor, self_attention: Callable[[Tensor], Tensor]) -> Tensor:
-        """The layer's wiring around its two sub-layers: ``self_attention`` (called on the
-        normalised or raw ``x``), then the feed-forward, each with dropout, a residual and
-        a LayerNorm. :class:`attention.compat.TransformerEncoderLayer` runs the same blocks
-        with torch.nn's attention call."""
         x = residual(x, self_attention, self.norm1, self.dropout1, self.norm_first)
-        return residual(x, self.feed_forward, self.norm2, self.dropout2, self.norm_first)
+        x = residual(x, self.feed_forward, self.norm2, self.dropout2, self.norm_first)
+        return (x, weights) if return_attention else x
 
 
 def pack_padding(key_padding_mask: Tensor | None, x: Tensor,

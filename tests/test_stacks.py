@@ -92,13 +92,20 @@ def test_residual_is_the_pre_or_post_norm_block(norm_first):
     assert_close(residual(x, sublayer, norm, dropout, norm_first), expected)
 
 
-def test_compat_layer_runs_the_encoder_layers_residual_blocks():
-    layer = compat.TransformerEncoderLayer(D, H, dim_feedforward=32, dropout=0.0,
-                                           batch_first=True)
-    with mock.patch.object(EncoderLayer, "residual_blocks", autospec=True,
-                           side_effect=EncoderLayer.residual_blocks) as blocks:
-        layer(torch.randn(2, 3, D))
-    assert blocks.call_count == 1
+@pytest.mark.parametrize("module, blocks", [("encoder", 2), ("decoder", 3)])
+def test_compat_layers_run_the_residual_block_of_every_layer(module, blocks):
+    """torch.nn's layers in attention.compat wire their sub-layers with the same
+    ``residual`` as this package's own layers."""
+    x = torch.randn(2, 3, D)
+    if module == "encoder":
+        layer = compat.TransformerEncoderLayer(D, H, 32, dropout=0.0, batch_first=True)
+        call = lambda: layer(x)  # noqa: E731
+    else:
+        layer = compat.TransformerDecoderLayer(D, H, 32, dropout=0.0, batch_first=True)
+        call = lambda: layer(x, x)  # noqa: E731
+    with mock.patch(f"attention.compat.{module}.residual", side_effect=residual) as wiring:
+        call()
+    assert wiring.call_count == blocks
 
 
 @pytest.mark.parametrize("positional, expected", [("learned", 12), ("sinusoidal", None),
