@@ -62,7 +62,9 @@ class SinusoidalPositionalEncoding(nn.Module):
     """Adds the fixed sinusoid table to ``x``, then dropout.
 
     The table is precomputed for ``max_len`` positions and computed on the fly beyond them
-    (a fixed function of the position extends to any length).
+    (a fixed function of the position extends to any length). Under torch.compile and
+    torch.export it is always computed on the fly: a branch on the length would tie the
+    compiled or exported program to one side of ``max_len``.
 
     Shape:
         x: ``(batch, length, d_model)`` → same shape.
@@ -79,7 +81,7 @@ class SinusoidalPositionalEncoding(nn.Module):
         """``x`` plus the encoding of positions ``offset … offset + length - 1``."""
         _check_input(self, x, offset)
         length = x.shape[1]
-        if offset + length <= self.max_len:
+        if not torch.compiler.is_compiling() and offset + length <= self.max_len:
             pe = self.pe[offset : offset + length]
         else:
             pe = sinusoid_table(length, self.d_model, offset=offset).to(self.pe.device)
