@@ -1,0 +1,48 @@
+"""benchmarks/cached_decoding.py: both decoders do the same work and agree before they are
+timed, and the results are written as JSON and Markdown."""
+
+import importlib.util
+import json
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+ROOT = Path(__file__).resolve().parents[2]
+SPEC = importlib.util.spec_from_file_location("benchmarks_cached_decoding",
+                                              ROOT / "benchmarks" / "cached_decoding.py")
+cached_decoding = importlib.util.module_from_spec(SPEC)
+sys.modules[SPEC.name] = cached_decoding
+SPEC.loader.exec_module(cached_decoding)
+
+TINY = ["--d-model", "16", "--n-heads", "2", "--n-layers", "2", "--d-ff", "32", "--batch", "2",
+        "--memory", "5", "--new-tokens", "3", "--rounds", "2"]
+
+
+def test_writes_both_reports_with_one_row_per_prefix(tmp_path):
+    out = tmp_path / "cached"
+    cached_decoding.main([*TINY, "--prefix", "4", "9", "--out", str(out)])
+    report = json.loads(out.with_suffix(".json").read_text())
+    assert [row["prefix"] for row in report["results"]] == [4, 9]
+    for row in report["results"]:
+        assert row["max_abs_difference"] <= 1e-5
+        assert len(row["rounds"]) == 2 and row["median_speedup"] > 0
+    assert "--prefix 4 9" in report["command"]
+    assert "| 9 |" in out.with_suffix(".md").read_text()
+
+
+def test_the_two_decoders_produce_the_same_outputs():
+    args = cached_decoding.parse_args([*TINY, "--prefix", "6"])
+    theirs, ours = cached_decoding.build_decoders(args)
+    tgt, memory = torch.randn(2, 9, 16), torch.randn(2, 5, 16)
+    torch.testing.assert_close(cached_decoding.cached(ours, tgt, memory, 6),
+                               cached_decoding.rerun_prefix(theirs, tgt, memory, 6),
+                               atol=1e-5, rtol=0)
+
+
+@pytest.mark.parametrize("bad", [["--rounds", "0"], ["--prefix", "0"]])
+def test_bad_arguments_are_refused_by_name(bad, capsys):
+    with pytest.raises(SystemExit):
+        cached_decoding.parse_args(bad)
+    assert bad[0] in capsys.readouterr().err
