@@ -287,8 +287,9 @@ def test_multihead_attention_unbatched_matches_torch(batch_first):
 
 @pytest.mark.parametrize("cls", ["MultiheadAttention", "TransformerEncoderLayer",
                                  "TransformerEncoder"])
-def test_is_causal_without_a_mask_applies_the_causal_mask(cls):
-    """Documented difference: torch.nn requires the mask with is_causal; we build it."""
+def test_is_causal_without_a_mask_raises_as_in_torch(cls):
+    """torch.nn's is_causal is a hint about the mask and needs one: RuntimeError, which ours
+    also is (with the argument named); with the mask, the hint gives the masked result."""
     torch.manual_seed(0)
     if cls == "TransformerEncoder":
         ours = compat.TransformerEncoder(compat.TransformerEncoderLayer(E, 2, FF, 0.0), 2)
@@ -296,16 +297,17 @@ def test_is_causal_without_a_mask_applies_the_causal_mask(cls):
         ours = getattr(compat, cls)(E, 2, dropout=0.0)
     perturb_(ours)
     x = torch.randn(L, N, E)
+    call = (lambda **kw: ours(x, x, x, need_weights=False, **kw)[0]) \
+        if cls == "MultiheadAttention" else (lambda **kw: ours(x, **kw))
+    with pytest.raises(RuntimeError, match="is_causal: Need attn_mask") as raised:
+        call(is_causal=True)
+    assert isinstance(raised.value, ValueError)
     mask = nn.Transformer.generate_square_subsequent_mask(L)
-    if cls == "MultiheadAttention":
-        out, weights = ours(x, x, x, is_causal=True)
-        expected_out, expected_weights = ours(x, x, x, attn_mask=mask)
-        close(weights, expected_weights)
-        assert (weights.triu(1) == 0).all()
-    else:
-        out, expected_out = ours(x, is_causal=True), ours(x, mask)
-    close(out, expected_out)
-    assert not torch.allclose(out, ours(x, x, x)[0] if cls == "MultiheadAttention" else ours(x))
+    mask_name = "attn_mask" if cls == "MultiheadAttention" else \
+        "src_mask" if cls == "TransformerEncoderLayer" else "mask"
+    hinted = call(is_causal=True, **{mask_name: mask})
+    close(hinted, call(**{mask_name: mask}))
+    assert not torch.allclose(hinted, call())
 
 
 # ------------------------------------------------------- TransformerEncoderLayer / Encoder

@@ -16,14 +16,13 @@ incrementally (each new token costs one position, not a re-run of the prefix).
 Differences from torch.nn, on purpose:
 
 - a query whose keys are all masked gets zeros, not NaN;
-- ``is_causal`` with no ``attn_mask`` applies a causal mask (torch.nn raises); with one, it
-  is torch.nn's hint that the mask is causal;
 - no nested-tensor fast path: padded positions get computed values, not zeros;
 - attention weights are returned before dropout (torch.nn returns them after), so their
   rows sum to 1 in training too;
 - bad input raises exceptions that are both torch.nn's class (``AssertionError``, or
-  ``RuntimeError`` for ``nn.Transformer``'s size checks) and ``ValueError``/``TypeError``
-  with a message naming the argument (:mod:`attention.compat.errors`).
+  ``RuntimeError`` for ``nn.Transformer``'s size checks and ``is_causal`` without a mask)
+  and ``ValueError``/``TypeError`` with a message naming the argument
+  (:mod:`attention.compat.errors`).
 
 The classes are not subclasses of torch.nn's (``isinstance(m, nn.MultiheadAttention)`` is
 false). TorchScript (``torch.jit.script``) is not supported; ``torch.compile`` and

@@ -24,6 +24,9 @@ from .multihead import MultiheadAttention
 
 __all__ = ["DecoderCache", "LayerCache", "TransformerDecoder", "TransformerDecoderLayer"]
 
+# torch.nn's class as it was at import: a test harness may put ours in its place later.
+TORCH_DECODER_LAYER = nn.TransformerDecoderLayer
+
 
 @dataclass
 class LayerCache:
@@ -174,7 +177,8 @@ class TransformerDecoder(nn.Module):
         norm: nn.Module | None = None,
     ) -> None:
         super().__init__()
-        if isinstance(decoder_layer, nn.TransformerDecoderLayer):
+        if isinstance(decoder_layer, TORCH_DECODER_LAYER) and \
+                not isinstance(decoder_layer, TransformerDecoderLayer):  # torch.nn's, converted
             from .convert import from_torch
             decoder_layer = from_torch(decoder_layer)
         if not isinstance(decoder_layer, TransformerDecoderLayer):

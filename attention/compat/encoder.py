@@ -19,6 +19,9 @@ from .multihead import MultiheadAttention
 __all__ = ["TransformerEncoder", "TransformerEncoderLayer", "activation_code",
            "check_layer_input", "clones", "is_causal_mask"]
 
+# torch.nn's class as it was at import: a test harness may put ours in its place later.
+TORCH_ENCODER_LAYER = nn.TransformerEncoderLayer
+
 
 def activation_code(activation: Callable[[Tensor], Tensor]) -> int:
     """torch.nn's ``activation_relu_or_gelu``: 1 for relu, 2 for gelu, 0 for anything else."""
@@ -143,7 +146,8 @@ class TransformerEncoder(nn.Module):
         mask_check: bool = True,
     ) -> None:
         super().__init__()
-        if isinstance(encoder_layer, nn.TransformerEncoderLayer):
+        if isinstance(encoder_layer, TORCH_ENCODER_LAYER) and \
+                not isinstance(encoder_layer, TransformerEncoderLayer):  # torch.nn's, converted
             from .convert import from_torch
             encoder_layer = from_torch(encoder_layer)
         if not isinstance(encoder_layer, TransformerEncoderLayer):

@@ -1,10 +1,10 @@
 """Exceptions a torch.nn user's code still catches.
 
 torch.nn's attention modules reject bad input with ``AssertionError`` (shapes, mask dtypes)
-or ``RuntimeError`` (``nn.Transformer``'s size checks); this package raises ``ValueError`` and
-``TypeError`` with a message that names the argument. The compat classes raise exceptions
-that are both: ``except AssertionError`` written for torch.nn still catches them, and so does
-``except ValueError``.
+or ``RuntimeError`` (``nn.Transformer``'s size checks, ``is_causal`` without a mask); this
+package raises ``ValueError`` and ``TypeError`` with a message that names the argument.
+The compat classes raise exceptions that are both: ``except AssertionError`` written for
+torch.nn still catches them, and so does ``except ValueError``.
 """
 
 from __future__ import annotations
@@ -26,8 +26,8 @@ class AssertionTypeError(TypeError, AssertionError):
 
 
 class RuntimeValueError(ValueError, RuntimeError):
-    """A bad size, where torch.nn raises ``RuntimeError`` (``nn.Transformer``'s checks of
-    ``src`` against ``tgt``)."""
+    """A bad value, where torch.nn raises ``RuntimeError`` (``nn.Transformer``'s checks of
+    ``src`` against ``tgt``, ``is_causal`` without a mask)."""
 
 
 F = TypeVar("F", bound=Callable[..., Any])

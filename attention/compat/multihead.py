@@ -17,7 +17,7 @@ from torch.nn.modules.linear import NonDynamicallyQuantizableLinear
 from .._checks import check_divisible, check_positive_int, check_size, check_tensor, shape_of
 from ..functional import attend
 from ..multihead import KVCache
-from .errors import torch_errors
+from .errors import RuntimeValueError, torch_errors
 
 __all__ = ["MultiheadAttention", "from_batch_first", "to_batch_first"]
 
@@ -143,15 +143,16 @@ class MultiheadAttention(nn.Module):
         ``(N * num_heads, L, S)``. Returns ``(L, N, E)`` and ``(N, L, S)`` weights (or
         ``(N, num_heads, L, S)`` when not ``average_attn_weights``).
 
-        ``is_causal`` is torch.nn's hint that ``attn_mask`` is causal; with no
-        ``attn_mask`` a causal mask is applied (torch.nn raises).
+        ``is_causal`` is torch.nn's hint that ``attn_mask`` is causal; as in torch.nn it
+        needs the mask, except with a ``cache``, where it stands for the causal mask of the
+        new positions over all positions so far.
 
         ``cache`` (not in torch.nn): a :class:`attention.KVCache` for incremental decoding.
         In self-attention (``query``, ``key`` and ``value`` the same tensor) each call
         appends its keys and values, and ``S`` (masks) counts the cached positions; in
         cross-attention the first call projects the memory and later calls reuse it.
         """
-        batched = self._check_inputs(query, key, value)
+        batched = self._check_inputs(query, key, value, key_padding_mask, attn_mask)
         self_attention = key is query and value is query
         query, key, value = (to_batch_first(x, self.batch_first, batched)
                              for x in (query, key, value))
@@ -159,6 +160,11 @@ class MultiheadAttention(nn.Module):
             key_padding_mask = key_padding_mask.unsqueeze(0)  # torch.nn's unbatched (S,)
         attn_mask = self._heads_mask(attn_mask, query.shape[0])
 
+        if is_causal and attn_mask is None and cache is None:
+            raise RuntimeValueError(
+                "is_causal: Need attn_mask if specifying the is_causal hint. You may use the "
+                "Transformer module method `generate_square_subsequent_mask` to create this "
+                "mask (with cache=, is_causal=True needs no mask)")
         q, k, v = self._project(query, key, value, self_attention, cache)
         if is_causal and attn_mask is not None:
             # torch.nn's hint: the mask is causal. Left to the causal kernel where that is
@@ -192,18 +198,40 @@ class MultiheadAttention(nn.Module):
                 weights = weights.squeeze(0)
         return from_batch_first(out, self.batch_first, batched), weights
 
-    def _check_inputs(self, query: Tensor, key: Tensor, value: Tensor) -> bool:
-        """Shapes checked in the caller's layout; whether the input is batched."""
+    def _check_inputs(self, query: Tensor, key: Tensor, value: Tensor,
+                      key_padding_mask: Tensor | None, attn_mask: Tensor | None) -> bool:
+        """Shapes checked in the caller's layout; whether the input is batched. The
+        messages name the argument, then say what torch.nn's say for the same mistake."""
         layout = "(N, L, E) if batch_first" if self.batch_first else "(L, N, E)"
-        query = check_tensor("query", query, [2, 3], f"{layout} or unbatched (L, E)")
+        for name, x in (("query", query), ("key", key), ("value", value)):
+            if not isinstance(x, Tensor):
+                raise TypeError(f"{name}: expected a Tensor of shape {layout} or unbatched "
+                                f"(L, E), got {type(x).__name__}")
+        if query.dim() not in (2, 3):
+            raise ValueError(f"query: query should be unbatched 2D or batched 3D tensor but "
+                             f"received {query.dim()}-D query tensor (shape {shape_of(query)})")
         batched = query.dim() == 3
-        for name, x in (("key", key), ("value", value)):
-            x = check_tensor(name, x, [2, 3], f"{layout} or unbatched (S, E)")
-            if x.dim() != query.dim():
-                raise ValueError(f"{name}: expected a {query.dim()}-D tensor like query, got "
-                                 f"shape {shape_of(x)}")
+        kind = "batched (3-D)" if batched else "unbatched (2-D)"
+        if key.dim() != query.dim() or value.dim() != query.dim():
+            raise ValueError(f"key, value: for {kind} `query`, expected `key` and `value` to be "
+                             f"{query.dim()}-D but found {key.dim()}-D and {value.dim()}-D "
+                             f"tensors respectively (shapes {shape_of(key)}, {shape_of(value)})")
+        padding_dims = 2 if batched else 1
+        if key_padding_mask is not None and key_padding_mask.dim() != padding_dims:
+            raise ValueError(f"key_padding_mask: for {kind} `query`, expected `key_padding_mask` "
+                             f"to be `None` or {padding_dims}-D but found "
+                             f"{key_padding_mask.dim()}-D tensor instead")
+        if attn_mask is not None and attn_mask.dim() not in (2, 3):
+            raise ValueError(f"attn_mask: for {kind} `query`, expected `attn_mask` to be "
+                             f"`None`, 2-D or 3-D but found {attn_mask.dim()}-D tensor instead")
+        if attn_mask is not None and attn_mask.dim() == 3 and not batched:
+            expected = (self.num_heads, query.shape[0], key.shape[0])
+            if tuple(attn_mask.shape) != expected:
+                raise ValueError(f"attn_mask: for unbatched (2-D) `query`, Expected `attn_mask` "
+                                 f"shape to be {expected} but got {shape_of(attn_mask)}")
         for name, x, size in (("query", query, "embed_dim"), ("key", key, "kdim"),
                               ("value", value, "vdim")):
+            check_tensor(name, x, [query.dim()], f"{layout} or unbatched (L, E)")
             check_size(name, x, -1, getattr(self, size), size)
         if batched:
             batch_dim = 0 if self.batch_first else 1
