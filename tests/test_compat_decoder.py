@@ -528,6 +528,8 @@ OPTIMIZER_CASES = {
 OPTIMIZERS = {
     "adam": lambda params: torch.optim.Adam(params, lr=1e-2, eps=1e-2),
     "adamw": lambda params: torch.optim.AdamW(params, lr=1e-2, eps=1e-2, weight_decay=0.1),
+    # torch's defaults otherwise: momentum buffers are state too, and nothing amplifies noise
+    "sgd-momentum": lambda params: torch.optim.SGD(params, lr=1e-2, momentum=0.9),
 }
 
 
