@@ -811,3 +811,19 @@ def test_bad_input_raises_what_torch_users_catch(bad):
     with pytest.raises(AssertionError, match=name) as raised:
         compat.MultiheadAttention(16, 2)(query, query, query, key_padding_mask=padding)
     assert isinstance(raised.value, (ValueError, TypeError))
+
+
+def test_transformer_compiles_in_one_graph_and_matches_eager():
+    """torch.compile(fullgraph=True): no graph break anywhere in the six classes' forward
+    (the causal-mask detection, which reads the mask, is skipped while compiling)."""
+    torch.compiler.reset()
+    torch.manual_seed(0)
+    model = compat.Transformer(E, 2, 1, 1, FF, dropout=0.0, batch_first=True).eval()
+    src, tgt = torch.randn(N, L + 2, E), torch.randn(N, L, E)
+    padding = torch.zeros(N, L + 2, dtype=torch.bool)
+    padding[0, -2:] = True
+    kwargs = dict(tgt_mask=nn.Transformer.generate_square_subsequent_mask(L),
+                  src_key_padding_mask=padding, memory_key_padding_mask=padding)
+    compiled = torch.compile(model, fullgraph=True, backend="eager")
+    close(compiled(src, tgt, **kwargs), model(src, tgt, **kwargs))
+    torch.compiler.reset()
