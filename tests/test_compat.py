@@ -827,3 +827,31 @@ def test_transformer_compiles_in_one_graph_and_matches_eager():
     compiled = torch.compile(model, fullgraph=True, backend="eager")
     close(compiled(src, tgt, **kwargs), model(src, tgt, **kwargs))
     torch.compiler.reset()
+
+
+@pytest.mark.parametrize("kind", ["attention", "encoder layer", "decoder layer"])
+def test_state_dicts_of_the_core_layout_load(kind):
+    """Checkpoints with separate q_proj/k_proj/v_proj and a feed_forward (this package's
+    batch-first classes, and attention.compat's own before it held torch.nn's parameters)
+    load into the compat classes and compute the same thing."""
+    from attention import DecoderLayer, EncoderLayer
+    torch.manual_seed(0)
+    x, memory = torch.randn(N, L, E), torch.randn(N, L + 2, E)
+    common = dict(dropout=0.0, activation="relu", norm_first=False, bias=True)
+    if kind == "attention":
+        core = MultiHeadAttention(E, 2, bias=True)
+        ours = compat.MultiheadAttention(E, 2, batch_first=True)
+        run_core = lambda: core(x, memory)[0]  # noqa: E731
+        run_ours = lambda: ours(x, memory, memory, need_weights=False)[0]  # noqa: E731
+    elif kind == "encoder layer":
+        core = EncoderLayer(E, 2, FF, **common)
+        ours = compat.TransformerEncoderLayer(E, 2, FF, 0.0, batch_first=True)
+        run_core, run_ours = (lambda: core(x)), (lambda: ours(x))
+    else:
+        core = DecoderLayer(E, 2, FF, **common)
+        ours = compat.TransformerDecoderLayer(E, 2, FF, 0.0, batch_first=True)
+        run_core = lambda: core(x, memory, is_causal=False)  # noqa: E731
+        run_ours = lambda: ours(x, memory)  # noqa: E731
+    perturb_(core)
+    ours.load_state_dict(core.state_dict())
+    close(run_ours(), run_core())

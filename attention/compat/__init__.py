@@ -5,8 +5,10 @@
 constructor arguments with torch.nn's defaults (sequence first, post-norm, relu, biases,
 dropout 0.1) and torch.nn's forward signatures, and hold torch.nn's parameters: same names,
 shapes, order and initialisation. An existing model changes its import and nothing else;
-its state dicts, and its optimizer's, load as they are. The attention is this package's
-:func:`attention.functional.attend`.
+its state dicts, and its optimizer's, load as they are. State dicts with separate
+``q_proj``/``k_proj``/``v_proj`` and a ``feed_forward`` (this package's batch-first layers,
+and ``attention.compat`` before it held torch.nn's parameters) load too. The attention is
+this package's :func:`attention.functional.attend`.
 
 ``from_torch(module)`` and ``to_torch(module)`` convert trained modules both ways.
 

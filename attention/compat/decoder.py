@@ -18,7 +18,13 @@ from torch import Tensor, nn
 
 from ..layers import feed_forward, get_activation, layer_norm, residual
 from ..multihead import KVCache
-from .encoder import activation_code, check_layer_input, clones, is_causal_mask
+from .encoder import (
+    activation_code,
+    check_layer_input,
+    clones,
+    is_causal_mask,
+    load_core_layer_names,
+)
 from .errors import torch_errors
 from .multihead import MultiheadAttention
 
@@ -106,6 +112,7 @@ class TransformerDecoderLayer(nn.Module):
         activation = get_activation(activation)
         self.activation_relu_or_gelu = activation_code(activation)
         self.activation = activation
+        self.register_load_state_dict_pre_hook(load_core_layer_names)
 
     def new_cache(self) -> LayerCache:
         """An empty cache for ``forward(…, cache=)``."""

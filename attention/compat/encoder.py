@@ -17,7 +17,7 @@ from .errors import torch_errors
 from .multihead import MultiheadAttention
 
 __all__ = ["TransformerEncoder", "TransformerEncoderLayer", "activation_code",
-           "check_layer_input", "clones", "is_causal_mask"]
+           "check_layer_input", "clones", "is_causal_mask", "load_core_layer_names"]
 
 # torch.nn's class as it was at import: a test harness may put ours in its place later.
 TORCH_ENCODER_LAYER = nn.TransformerEncoderLayer
@@ -54,6 +54,19 @@ def is_causal_mask(mask: Tensor | None, is_causal: bool | None, length: int) -> 
         return False
     causal = torch.ones(length, length, dtype=torch.bool, device=mask.device).triu(1)
     return bool((masked == causal).all())
+
+
+def load_core_layer_names(module: nn.Module, state_dict: dict[str, Tensor], prefix: str,
+                          *args: object) -> None:
+    """Load-state-dict pre-hook: the names of this package's :class:`attention.EncoderLayer`
+    and ``DecoderLayer`` (as ``attention.compat`` had them before it held torch.nn's
+    parameters) become torch.nn's: ``feed_forward.linear1`` → ``linear1``, ``cross_attn`` →
+    ``multihead_attn`` (the attention's own hook packs ``q_proj``/``k_proj``/``v_proj``)."""
+    renames = {prefix + "feed_forward.": prefix, prefix + "cross_attn.": prefix + "multihead_attn."}
+    for key in list(state_dict):
+        for old, new in renames.items():
+            if key.startswith(old):
+                state_dict[new + key.removeprefix(old)] = state_dict.pop(key)
 
 
 def clones(layer: nn.Module, num_layers: int) -> nn.ModuleList:
@@ -101,6 +114,7 @@ class TransformerEncoderLayer(nn.Module):
         activation = get_activation(activation)
         self.activation_relu_or_gelu = activation_code(activation)
         self.activation = activation
+        self.register_load_state_dict_pre_hook(load_core_layer_names)
 
     @torch_errors
     def forward(

@@ -19,7 +19,8 @@ from ..functional import attend
 from ..multihead import KVCache
 from .errors import RuntimeValueError, torch_errors
 
-__all__ = ["MultiheadAttention", "from_batch_first", "to_batch_first"]
+__all__ = ["MultiheadAttention", "from_batch_first", "load_separate_projections",
+           "to_batch_first"]
 
 
 def to_batch_first(x: Tensor, batch_first: bool, batched: bool) -> Tensor:
@@ -40,6 +41,26 @@ def from_batch_first(x: Tensor, batch_first: bool, batched: bool) -> Tensor:
 def _pad_keys(mask: Tensor | None) -> Tensor | None:
     """One more key column that may be attended (``False``, or ``0.0`` added)."""
     return None if mask is None else F.pad(mask, (0, 1))
+
+
+def load_separate_projections(module: MultiheadAttention, state_dict: dict[str, Tensor],
+                              prefix: str, *args: object) -> None:
+    """Load-state-dict pre-hook: ``q_proj``/``k_proj``/``v_proj`` Linear weights (this
+    package's :class:`attention.MultiHeadAttention`, and ``attention.compat`` before it held
+    torch.nn's parameters) become ``in_proj_weight``/``in_proj_bias``, or the separate
+    ``q_proj_weight``… when ``kdim``/``vdim`` differ, so those state dicts load too."""
+    names = [f"{prefix}{p}_proj.weight" for p in "qkv"]
+    if names[0] not in state_dict:
+        return
+    weights = [state_dict.pop(name) for name in names]
+    if module.in_proj_weight is not None:
+        state_dict[prefix + "in_proj_weight"] = torch.cat(weights)
+    else:
+        for p, weight in zip("qkv", weights, strict=True):
+            state_dict[f"{prefix}{p}_proj_weight"] = weight
+    biases = [state_dict.pop(f"{prefix}{p}_proj.bias", None) for p in "qkv"]
+    if biases[0] is not None:
+        state_dict[prefix + "in_proj_bias"] = torch.cat(biases)
 
 
 class MultiheadAttention(nn.Module):
@@ -107,6 +128,7 @@ class MultiheadAttention(nn.Module):
             self.bias_k = self.bias_v = None
         self.add_zero_attn = add_zero_attn
         self._reset_parameters()
+        self.register_load_state_dict_pre_hook(load_separate_projections)
 
     def _reset_parameters(self) -> None:
         """torch.nn's initialisation, in its order (the same seed gives the same weights)."""
