@@ -689,11 +689,32 @@ def test_unsupported_types_raise_type_error(make):
         to_torch(module)
 
 
-def test_stacks_refuse_the_other_kind_of_layer():
-    with pytest.raises(TypeError, match="TransformerDecoderLayer"):
-        compat.TransformerEncoder(nn.TransformerDecoderLayer(E, 2, FF), 2)
-    with pytest.raises(TypeError, match="TransformerEncoderLayer"):
-        compat.TransformerDecoder(compat.TransformerEncoderLayer(E, 2, FF), 2)
+class ScaledEncoderLayer(nn.TransformerEncoderLayer):
+    """A user's subclass of torch.nn's layer, with a parameter and a forward of its own."""
+
+    def __init__(self, *args, **kwargs):
+        super().__init__(*args, **kwargs)
+        self.gate = nn.Parameter(torch.tensor(0.5))
+
+    def forward(self, src, *args, **kwargs):
+        return self.gate * super().forward(src, *args, **kwargs)
+
+
+def test_stacks_clone_a_users_layer_subclass_as_it_is():
+    """torch.nn's stacks take any layer module; only torch.nn's own layer class is converted
+    to ours, a subclass keeps its forward and its parameters."""
+    torch.manual_seed(0)
+    layer = ScaledEncoderLayer(E, 2, FF, dropout=0.0)
+    ours = compat.TransformerEncoder(layer, 2).eval()
+    theirs = nn.TransformerEncoder(layer, 2, enable_nested_tensor=False).eval()
+    assert all(type(m) is ScaledEncoderLayer for m in ours.layers)
+    assert "layers.0.gate" in ours.state_dict()
+    x = torch.randn(L, N, E)
+    close(ours(x), theirs(x))
+    with pytest.raises(TypeError, match="encoder_layer"):
+        compat.TransformerEncoder("not a layer", 2)
+    with pytest.raises(TypeError, match="decoder_layer"):
+        compat.TransformerDecoder(None, 2)
 
 
 @pytest.mark.parametrize("flags", [{"add_bias_kv": True}, {"add_zero_attn": True},
@@ -855,3 +876,134 @@ def test_state_dicts_of_the_core_layout_load(kind):
     perturb_(core)
     ours.load_state_dict(core.state_dict())
     close(run_ours(), run_core())
+
+
+# ------------------------------------------------ what a review of the drop-in turned up
+
+
+@pytest.mark.filterwarnings("ignore:enable_nested_tensor is True")  # torch.nn's, sequence first
+@pytest.mark.parametrize("batch_first", [False, True])
+def test_training_with_dropout_matches_torch_under_the_same_seed(batch_first):
+    """torch.nn's default dropout 0.1 in training: the same seed gives the same outputs and
+    gradients, because the attention output sits in memory as torch.nn's does, so each
+    dropout draws its mask over the same elements."""
+    torch.manual_seed(0)
+    theirs = nn.Transformer(E, 4, 2, 2, FF, batch_first=batch_first).train()
+    torch.manual_seed(0)
+    ours = compat.Transformer(E, 4, 2, 2, FF, batch_first=batch_first).train()
+    src, tgt = torch.randn(N, L + 1, E), torch.randn(N, L, E)
+    if not batch_first:
+        src, tgt = src.transpose(0, 1), tgt.transpose(0, 1)
+    mask = nn.Transformer.generate_square_subsequent_mask(L)
+    outputs = []
+    for model in (theirs, ours):
+        torch.manual_seed(42)
+        out = model(src, tgt, tgt_mask=mask)
+        out.square().sum().backward()
+        outputs.append((out, {n: p.grad for n, p in model.named_parameters()}))
+    close(outputs[1][0], outputs[0][0])
+    close(outputs[1][1], outputs[0][1])
+
+
+def test_a_given_tgt_mask_is_used_on_a_caches_first_call():
+    """A prefix-LM mask (the prompt attends both ways) given with a cache is applied as
+    given, on the first call as on later ones."""
+    torch.manual_seed(0)
+    decoder = compat.TransformerDecoder(compat.TransformerDecoderLayer(E, 2, FF, 0.0), 1).eval()
+    tgt, memory = torch.randn(L, N, E), torch.randn(L + 1, N, E)
+    mask = torch.ones(L, L, dtype=torch.bool).triu(1)
+    mask[:3, :3] = False  # the first three positions see each other
+    full = decoder(tgt, memory, tgt_mask=mask)
+    cache = decoder.new_cache()
+    prefill = decoder(tgt[:3], memory, tgt_mask=mask[:3, :3], cache=cache)
+    step = decoder(tgt[3:4], memory, tgt_mask=mask[3:4, :4], cache=cache)
+    close(prefill, full[:3])
+    close(step, full[3:4])
+
+
+def test_from_torch_keeps_what_was_changed_in_each_part():
+    """A norm's eps, a linear without bias, a dropout's p, an activation module, frozen
+    parameters: each survives the conversion, and nothing is shared with the source."""
+    torch.manual_seed(0)
+    layer = nn.TransformerEncoderLayer(E, 2, FF, dropout=0.0, activation=nn.PReLU())
+    layer.norm2.eps = 0.1
+    layer.dropout1.p = 0.5
+    layer.linear2 = nn.Linear(FF, E, bias=False)
+    layer.self_attn.in_proj_weight.requires_grad_(False)
+    ours = from_torch(layer)
+    assert ours.norm2.eps == 0.1 and ours.dropout1.p == 0.5 and ours.linear2.bias is None
+    assert not ours.self_attn.in_proj_weight.requires_grad and ours.linear1.weight.requires_grad
+    assert ours.activation is not layer.activation
+    with torch.no_grad():
+        ours.activation.weight.fill_(0.9)
+    assert layer.activation.weight.item() != 0.9
+    layer.eval(), ours.eval()
+    x = torch.randn(L, N, E)
+    ours.activation.weight.data.copy_(layer.activation.weight)
+    close(ours(x), layer(x))
+    with pytest.raises(TypeError, match="ScaledEncoderLayer"):
+        from_torch(ScaledEncoderLayer(E, 2, FF))  # a subclass's own forward would be lost
+
+
+def _mha_call(mha, q, **kwargs):
+    return mha(q, q, q, **kwargs)
+
+
+TORCH_ERRORS = {  # what torch.nn raises, and the call (namespace -> result)
+    "attn_mask of the wrong size": (RuntimeError, lambda ns: _mha_call(
+        ns.MultiheadAttention(E, 2), torch.randn(L, N, E), attn_mask=torch.zeros(L, L + 1))),
+    "integer query": (RuntimeError, lambda ns: _mha_call(
+        ns.MultiheadAttention(E, 2), torch.ones(L, N, E, dtype=torch.long))),
+    "memory of the wrong width": (RuntimeError, lambda ns: ns.TransformerDecoderLayer(
+        E, 2, FF)(torch.randn(L, N, E), torch.randn(L, N, E + 1))),
+    "embed_dim not divisible": (AssertionError, lambda ns: ns.MultiheadAttention(10, 4)),
+    "unknown activation": (RuntimeError, lambda ns: ns.TransformerEncoderLayer(
+        E, 2, activation="tanh")),
+    "attn_mask not a tensor": (TypeError, lambda ns: _mha_call(
+        ns.MultiheadAttention(E, 2), torch.randn(L, N, E), attn_mask=[[0.0] * L] * L)),
+}
+
+
+@pytest.mark.parametrize("case", TORCH_ERRORS)
+def test_errors_are_what_torch_raises(case):
+    expected, call = TORCH_ERRORS[case]
+    with pytest.raises(expected):
+        call(nn)
+    with pytest.raises(expected) as raised:
+        call(compat)
+    assert isinstance(raised.value, (ValueError, TypeError))
+
+
+def test_a_users_own_exception_passes_through_unchanged():
+    class NonFinite(ValueError):
+        pass
+
+    def refuse(x):
+        raise NonFinite("activation saw a NaN")
+
+    layer = compat.TransformerEncoderLayer(E, 2, FF, activation=refuse)
+    with pytest.raises(NonFinite):
+        layer(torch.randn(L, N, E))
+
+
+@pytest.mark.parametrize("flags", [{"add_bias_kv": True}, {"add_zero_attn": True}],
+                         ids=["bias_kv", "zero_attn"])
+def test_causal_hint_with_extra_keys_matches_torch(flags):
+    """With the hint, no padding and no weights asked, torch.nn replaces the mask by a causal
+    one from the first key, which hides the extra key; so does ours."""
+    torch.manual_seed(0)
+    theirs = nn.MultiheadAttention(E, 2, **flags).eval()
+    ours = from_torch(theirs)
+    x = torch.randn(L, N, E)
+    mask = nn.Transformer.generate_square_subsequent_mask(L)
+    kwargs = dict(attn_mask=mask, is_causal=True, need_weights=False)
+    close(ours(x, x, x, **kwargs)[0], theirs(x, x, x, **kwargs)[0])
+
+
+def test_memory_is_causal_without_a_mask_raises_even_with_a_cache():
+    """Only a self-attention cache stands for the causal mask; cross-attention's
+    memory_is_causal needs its memory_mask, as in torch.nn."""
+    decoder = compat.TransformerDecoder(compat.TransformerDecoderLayer(E, 2, FF, 0.0), 1)
+    cache = decoder.new_cache()
+    with pytest.raises(RuntimeError, match="is_causal"):
+        decoder(torch.randn(1, N, E), torch.randn(L, N, E), memory_is_causal=True, cache=cache)

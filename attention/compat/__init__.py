@@ -21,9 +21,9 @@ Differences from torch.nn, on purpose:
 - no nested-tensor fast path: padded positions get computed values, not zeros;
 - attention weights are returned before dropout (torch.nn returns them after), so their
   rows sum to 1 in training too;
-- bad input raises exceptions that are both torch.nn's class (``AssertionError``, or
-  ``RuntimeError`` for ``nn.Transformer``'s size checks and ``is_causal`` without a mask)
-  and ``ValueError``/``TypeError`` with a message naming the argument
+- bad input raises exceptions that are ``AssertionError`` and ``RuntimeError`` (whichever
+  torch.nn raises for the mistake, code that catches it still does) and also
+  ``ValueError``/``TypeError`` with a message naming the argument
   (:mod:`attention.compat.errors`).
 
 The classes are not subclasses of torch.nn's (``isinstance(m, nn.MultiheadAttention)`` is
@@ -34,17 +34,16 @@ false). TorchScript (``torch.jit.script``) is not supported; ``torch.compile`` a
 from .convert import from_torch, to_torch
 from .decoder import DecoderCache, LayerCache, TransformerDecoder, TransformerDecoderLayer
 from .encoder import TransformerEncoder, TransformerEncoderLayer
-from .errors import AssertionTypeError, AssertionValueError, RuntimeValueError
+from .errors import InvalidInputError, InvalidTypeError
 from .multihead import MultiheadAttention
 from .transformer import Transformer
 
 __all__ = [
-    "AssertionTypeError",
-    "AssertionValueError",
     "DecoderCache",
+    "InvalidInputError",
+    "InvalidTypeError",
     "LayerCache",
     "MultiheadAttention",
-    "RuntimeValueError",
     "Transformer",
     "TransformerDecoder",
     "TransformerDecoderLayer",

@@ -50,21 +50,29 @@ def _attention_args(module: nn.Module) -> dict[str, Any]:
 
 
 def _layer_args(module: nn.Module) -> dict[str, Any]:
-    """The constructor arguments of a (torch.nn or compat) encoder or decoder layer."""
+    """The constructor arguments of a (torch.nn or compat) encoder or decoder layer; the
+    parts themselves are copied afterwards, so that whatever was changed in one survives."""
     attention = module.self_attn
     return {
         "d_model": attention.embed_dim, "nhead": attention.num_heads,
-        "dim_feedforward": module.linear1.out_features, "dropout": module.dropout.p,
-        "activation": module.activation, "layer_norm_eps": module.norm1.eps,
+        "dropout": attention.dropout, "activation": module.activation,
         "batch_first": attention.batch_first, "norm_first": module.norm_first,
-        "bias": module.linear1.bias is not None, **_factory(module.linear1.weight),
+        **_factory(attention.out_proj.weight),
     }
 
 
+def _finish(source: nn.Module, twin: nn.Module) -> nn.Module:
+    """``twin`` with ``source``'s train/eval mode and each parameter's ``requires_grad``."""
+    requires_grad = {name: p.requires_grad for name, p in source.named_parameters()}
+    for name, parameter in twin.named_parameters():
+        parameter.requires_grad_(requires_grad.get(name, parameter.requires_grad))
+    return twin.train(source.training)
+
+
 def _copy(source: nn.Module, target: nn.Module) -> nn.Module:
-    """``target`` with ``source``'s weights (same state-dict keys) and train/eval mode."""
+    """``target`` with ``source``'s weights (same state-dict keys), mode and requires_grad."""
     target.load_state_dict(source.state_dict())
-    return target.train(source.training)
+    return _finish(source, target)
 
 
 # The six classes and their twins: (torch.nn, compat).
@@ -74,53 +82,58 @@ _DECODER_LAYER = (nn.TransformerDecoderLayer, TransformerDecoderLayer)
 _ENCODER = (nn.TransformerEncoder, TransformerEncoder)
 _DECODER = (nn.TransformerDecoder, TransformerDecoder)
 _TRANSFORMER = (nn.Transformer, Transformer)
+_PAIRS = (_ATTENTION, _ENCODER_LAYER, _DECODER_LAYER, _ENCODER, _DECODER, _TRANSFORMER)
 
 
 def _convert(module: nn.Module, side: int) -> nn.Module:
-    """``module`` (of ``_*[1 - side]``) rebuilt as its twin class ``_*[side]``."""
-    if isinstance(module, _ATTENTION[1 - side]):
+    """``module``, exactly of a class ``pair[1 - side]``, rebuilt as its twin ``pair[side]``.
+    (A subclass is refused: its own forward would be lost.)"""
+    if type(module) is _ATTENTION[1 - side]:
         return _copy(module, _ATTENTION[side](**_attention_args(module)))
     for classes in (_ENCODER_LAYER, _DECODER_LAYER):
-        if isinstance(module, classes[1 - side]):
+        if type(module) is classes[1 - side]:
             args = _layer_args(module)
             if side == 0:
                 args["activation"] = _activation_for_torch(args["activation"])
             twin = classes[side](**args)
-            # The attention's own flags (add_bias_kv, kdim…) come with it.
-            twin.self_attn = _convert(module.self_attn, side)
-            if hasattr(module, "multihead_attn"):
-                twin.multihead_attn = _convert(module.multihead_attn, side)
-            return _copy(module, twin)
-    if isinstance(module, _ENCODER[1 - side]):
-        layers = [_convert(layer, side) for layer in module.layers]
-        twin = _ENCODER[side](layers[0], len(layers), _copied_norm(module.norm),
+            # Every part copied as it is (a norm's eps, a linear without bias, a dropout's
+            # p, an activation module); the attention converted with its own flags.
+            for name, child in module.named_children():
+                setattr(twin, name, _convert_part(child, side))
+            return _finish(module, twin)
+    if type(module) is _ENCODER[1 - side]:
+        layers = [_convert_part(layer, side) for layer in module.layers]
+        twin = _ENCODER[side](layers[0], len(layers), copy.deepcopy(module.norm),
                               enable_nested_tensor=module.enable_nested_tensor
                               and not (side == 0 and layers[0].norm_first),
                               mask_check=module.mask_check)
         twin.layers = nn.ModuleList(layers)
-        return twin.train(module.training)
-    if isinstance(module, _DECODER[1 - side]):
-        layers = [_convert(layer, side) for layer in module.layers]
-        twin = _DECODER[side](layers[0], len(layers), _copied_norm(module.norm))
+        return _finish(module, twin)
+    if type(module) is _DECODER[1 - side]:
+        layers = [_convert_part(layer, side) for layer in module.layers]
+        twin = _DECODER[side](layers[0], len(layers), copy.deepcopy(module.norm))
         twin.layers = nn.ModuleList(layers)
-        return twin.train(module.training)
-    if isinstance(module, _TRANSFORMER[1 - side]):
-        encoder, decoder = _convert(module.encoder, side), _convert(module.decoder, side)
+        return _finish(module, twin)
+    if type(module) is _TRANSFORMER[1 - side]:
+        encoder, decoder = _convert_part(module.encoder, side), _convert_part(module.decoder, side)
         twin = _TRANSFORMER[side](module.d_model, module.nhead, custom_encoder=encoder,
                                   custom_decoder=decoder, batch_first=module.batch_first)
         return _copy(module, twin)  # the constructor re-initialised the custom parts
     raise TypeError(f"module: expected one of {[c.__name__ for c in _classes(1 - side)]} "
-                    f"({'attention.compat' if side == 0 else 'torch.nn'}), got "
+                    f"({'attention.compat' if side == 0 else 'torch.nn'}), exactly, got "
                     f"{type(module).__module__}.{type(module).__name__}")
 
 
+def _convert_part(module: nn.Module, side: int) -> nn.Module:
+    """A part of a module being converted: converted if it is one of the six classes,
+    otherwise (a LayerNorm, a user's own layer) deep-copied as it is."""
+    if type(module) in _classes(1 - side):
+        return _convert(module, side)
+    return copy.deepcopy(module)
+
+
 def _classes(side: int) -> list[type]:
-    return [pair[side] for pair in (_ATTENTION, _ENCODER_LAYER, _DECODER_LAYER, _ENCODER,
-                                    _DECODER, _TRANSFORMER)]
-
-
-def _copied_norm(norm: nn.Module | None) -> nn.Module | None:
-    return copy.deepcopy(norm)
+    return [pair[side] for pair in _PAIRS]
 
 
 def from_torch(module: nn.Module) -> nn.Module:
@@ -212,7 +225,7 @@ def _core_encoder_to_torch(module: Encoder) -> nn.TransformerEncoder:
         raise ValueError("module: torch.nn.TransformerEncoder has no positional encoding; "
                          "to_torch needs an Encoder built with positional=None")
     layers = [_core_layer_to_torch(layer) for layer in module.layers]
-    theirs = nn.TransformerEncoder(layers[0], len(layers), _copied_norm(module.norm),
+    theirs = nn.TransformerEncoder(layers[0], len(layers), copy.deepcopy(module.norm),
                                    enable_nested_tensor=not layers[0].norm_first)
     theirs.layers = nn.ModuleList(layers)
     return theirs

@@ -79,6 +79,7 @@ class TransformerDecoderLayer(nn.Module):
 
     __constants__ = ["norm_first"]
 
+    @torch_errors
     def __init__(
         self,
         d_model: int,
@@ -138,9 +139,9 @@ class TransformerDecoderLayer(nn.Module):
         ``(N, S)``. Masks: boolean ``True`` = may not attend, float = added to the scores.
 
         With a ``cache`` (from :meth:`new_cache`), ``tgt`` holds only the new positions:
-        they attend to every cached position and causally among themselves (no
-        ``tgt_mask`` needed; one given is ``(T_new, T_cached + T_new)``), and
-        ``tgt_key_padding_mask`` covers all positions so far, ``(N, T_cached + T_new)``.
+        they attend to every cached position and causally among themselves; a ``tgt_mask``,
+        if given, replaces that and is ``(T_new, T_cached + T_new)``. ``tgt_key_padding_mask``
+        covers all positions so far, ``(N, T_cached + T_new)``.
         """
         attention = self.self_attn
         check_layer_input("tgt", tgt, attention.embed_dim, attention.batch_first)
@@ -148,7 +149,8 @@ class TransformerDecoderLayer(nn.Module):
         self_cache = cross_cache = None
         if cache is not None:
             self_cache, cross_cache = cache.self_attn, cache.cross_attn
-            tgt_is_causal = True
+            if tgt_mask is None:  # the new positions: causal among themselves, all cached
+                tgt_is_causal = True
 
         def self_attention(x: Tensor) -> Tensor:
             return self.self_attn(x, x, x, attn_mask=tgt_mask,
@@ -173,8 +175,9 @@ class TransformerDecoder(nn.Module):
     """``torch.nn.TransformerDecoder``: ``num_layers`` copies of ``decoder_layer``, then
     ``norm`` if given; plus incremental decoding (:meth:`new_cache`, ``forward(…, cache=)``).
 
-    ``decoder_layer`` may be this module's :class:`TransformerDecoderLayer` or a
-    ``torch.nn.TransformerDecoderLayer`` (converted with its weights).
+    ``decoder_layer`` may be this module's :class:`TransformerDecoderLayer`, a
+    ``torch.nn.TransformerDecoderLayer`` (converted with its weights), or any other layer
+    module called with torch.nn's layer arguments (a subclass, say), cloned as it is.
     """
 
     def __init__(
@@ -184,13 +187,12 @@ class TransformerDecoder(nn.Module):
         norm: nn.Module | None = None,
     ) -> None:
         super().__init__()
-        if isinstance(decoder_layer, TORCH_DECODER_LAYER) and \
-                not isinstance(decoder_layer, TransformerDecoderLayer):  # torch.nn's, converted
+        if type(decoder_layer) is TORCH_DECODER_LAYER:  # torch.nn's own: converted
             from .convert import from_torch
             decoder_layer = from_torch(decoder_layer)
-        if not isinstance(decoder_layer, TransformerDecoderLayer):
-            raise TypeError("decoder_layer: expected attention.compat.TransformerDecoderLayer or "
-                            f"torch.nn.TransformerDecoderLayer, got {type(decoder_layer).__name__}")
+        elif not isinstance(decoder_layer, nn.Module):  # any other layer is cloned as it is
+            raise TypeError("decoder_layer: expected a TransformerDecoderLayer module, got "
+                            f"{type(decoder_layer).__name__}")
         self.layers = clones(decoder_layer, num_layers)
         self.num_layers = num_layers
         self.norm = norm
@@ -226,7 +228,7 @@ class TransformerDecoder(nn.Module):
             raise ValueError(f"cache: expected a cache of {len(self.layers)} layers (from this "
                              f"decoder's new_cache()), got {len(cache.layers)}")
         length = tgt.shape[1 if attention.batch_first and tgt.dim() == 3 else 0]
-        tgt_is_causal = cache is not None or is_causal_mask(tgt_mask, tgt_is_causal, length)
+        tgt_is_causal = is_causal_mask(tgt_mask, tgt_is_causal, length)
         x = tgt
         for i, layer in enumerate(self.layers):
             x = layer(x, memory, tgt_mask=tgt_mask, memory_mask=memory_mask,

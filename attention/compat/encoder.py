@@ -85,6 +85,7 @@ class TransformerEncoderLayer(nn.Module):
 
     __constants__ = ["norm_first"]
 
+    @torch_errors
     def __init__(
         self,
         d_model: int,
@@ -145,10 +146,12 @@ class TransformerEncoder(nn.Module):
     """``torch.nn.TransformerEncoder``: ``num_layers`` copies of ``encoder_layer``, then
     ``norm`` if given.
 
-    ``encoder_layer`` may be this module's :class:`TransformerEncoderLayer` or a
-    ``torch.nn.TransformerEncoderLayer`` (converted with its weights). ``enable_nested_tensor``
-    and ``mask_check`` are kept as attributes; there is no nested-tensor path, so padded
-    positions get computed values where torch.nn's fast path gives zeros.
+    ``encoder_layer`` may be this module's :class:`TransformerEncoderLayer`, a
+    ``torch.nn.TransformerEncoderLayer`` (converted with its weights), or any other layer
+    module called with torch.nn's layer arguments (a subclass, say), cloned as it is.
+    ``enable_nested_tensor`` and ``mask_check`` are kept as attributes; there is no
+    nested-tensor path, so padded positions get computed values where torch.nn's fast path
+    gives zeros.
     """
 
     def __init__(
@@ -160,13 +163,12 @@ class TransformerEncoder(nn.Module):
         mask_check: bool = True,
     ) -> None:
         super().__init__()
-        if isinstance(encoder_layer, TORCH_ENCODER_LAYER) and \
-                not isinstance(encoder_layer, TransformerEncoderLayer):  # torch.nn's, converted
+        if type(encoder_layer) is TORCH_ENCODER_LAYER:  # torch.nn's own: converted
             from .convert import from_torch
             encoder_layer = from_torch(encoder_layer)
-        if not isinstance(encoder_layer, TransformerEncoderLayer):
-            raise TypeError("encoder_layer: expected attention.compat.TransformerEncoderLayer or "
-                            f"torch.nn.TransformerEncoderLayer, got {type(encoder_layer).__name__}")
+        elif not isinstance(encoder_layer, nn.Module):  # any other layer is cloned as it is
+            raise TypeError("encoder_layer: expected a TransformerEncoderLayer module, got "
+                            f"{type(encoder_layer).__name__}")
         self.layers = clones(encoder_layer, num_layers)
         self.num_layers = num_layers
         self.norm = norm

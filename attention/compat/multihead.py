@@ -6,6 +6,7 @@ dimension, ``e`` embedding (``h d``).
 
 from __future__ import annotations
 
+import operator
 from typing import Any
 
 import torch
@@ -17,10 +18,9 @@ from torch.nn.modules.linear import NonDynamicallyQuantizableLinear
 from .._checks import check_divisible, check_positive_int, check_size, check_tensor, shape_of
 from ..functional import attend
 from ..multihead import KVCache
-from .errors import RuntimeValueError, torch_errors
+from .errors import InvalidInputError, torch_errors
 
-__all__ = ["MultiheadAttention", "from_batch_first", "load_separate_projections",
-           "to_batch_first"]
+__all__ = ["MultiheadAttention", "load_separate_projections", "to_batch_first"]
 
 
 def to_batch_first(x: Tensor, batch_first: bool, batched: bool) -> Tensor:
@@ -31,11 +31,21 @@ def to_batch_first(x: Tensor, batch_first: bool, batched: bool) -> Tensor:
     return x if batch_first else x.transpose(0, 1)
 
 
-def from_batch_first(x: Tensor, batch_first: bool, batched: bool) -> Tensor:
-    """``(N, L, E)`` → the caller's layout, the inverse of :func:`to_batch_first`."""
-    if not batched:
-        return x.squeeze(0)
-    return x if batch_first else x.transpose(0, 1)
+def _as_int(value: Any) -> Any:
+    """An integer of another type (``numpy.int64``) as an ``int``, as torch.nn takes it."""
+    if value is None or isinstance(value, (bool, int)):
+        return value
+    try:
+        return operator.index(value)
+    except TypeError:
+        return value  # refused, by name, by the checks that follow
+
+
+def _causal_mask(q_len: int, k_len: int, top_left: bool, device: torch.device) -> Tensor:
+    """Boolean ``(q_len, k_len)``, ``True`` = masked: query ``i`` sees keys up to ``i``
+    (``top_left``, torch.nn's hint) or up to ``k_len - q_len + i`` (the last key aligned)."""
+    offset = 1 if top_left else k_len - q_len + 1
+    return torch.ones(q_len, k_len, dtype=torch.bool, device=device).triu(offset)
 
 
 def _pad_keys(mask: Tensor | None) -> Tensor | None:
@@ -79,6 +89,7 @@ class MultiheadAttention(nn.Module):
 
     __constants__ = ["batch_first"]
 
+    @torch_errors
     def __init__(
         self,
         embed_dim: int,
@@ -95,6 +106,7 @@ class MultiheadAttention(nn.Module):
     ) -> None:
         factory = {"device": device, "dtype": dtype}
         super().__init__()
+        embed_dim, num_heads, kdim, vdim = (_as_int(x) for x in (embed_dim, num_heads, kdim, vdim))
         self.embed_dim = check_positive_int("embed_dim", embed_dim)
         self.kdim = embed_dim if kdim is None else check_positive_int("kdim", kdim)
         self.vdim = embed_dim if vdim is None else check_positive_int("vdim", vdim)
@@ -176,33 +188,35 @@ class MultiheadAttention(nn.Module):
         """
         batched = self._check_inputs(query, key, value, key_padding_mask, attn_mask)
         self_attention = key is query and value is query
+        if is_causal and attn_mask is None and not (cache is not None and self_attention):
+            raise InvalidInputError(
+                "is_causal: Need attn_mask if specifying the is_causal hint. You may use the "
+                "Transformer module method `generate_square_subsequent_mask` to create this "
+                "mask (with a self-attention cache=, is_causal=True needs no mask)")
         query, key, value = (to_batch_first(x, self.batch_first, batched)
                              for x in (query, key, value))
         if key_padding_mask is not None and not batched and key_padding_mask.dim() == 1:
             key_padding_mask = key_padding_mask.unsqueeze(0)  # torch.nn's unbatched (S,)
-        attn_mask = self._heads_mask(attn_mask, query.shape[0])
-
-        if is_causal and attn_mask is None and cache is None:
-            raise RuntimeValueError(
-                "is_causal: Need attn_mask if specifying the is_causal hint. You may use the "
-                "Transformer module method `generate_square_subsequent_mask` to create this "
-                "mask (with cache=, is_causal=True needs no mask)")
-        q, k, v = self._project(query, key, value, self_attention, cache)
+        top_left = False
         if is_causal and attn_mask is not None:
-            # torch.nn's hint: the mask is causal. Left to the causal kernel where that is
-            # the same thing (square, no padding, no extra keys, no weights asked).
-            if key_padding_mask is None and not need_weights and self.bias_k is None \
-                    and not self.add_zero_attn and q.shape[-2] == k.shape[-2]:
-                attn_mask = None
+            if cache is None and key_padding_mask is None and not need_weights:
+                # torch.nn trusts the hint here: the mask is replaced, unread, by the causal
+                # one aligned to the first key (over the extra keys too).
+                attn_mask, top_left = None, True
             else:
-                is_causal = False
-        if is_causal and (self.bias_k is not None or self.add_zero_attn):
-            # The extra keys go after the causal window, which attend's is_causal (aligned
-            # to the last key) would shift: spell the mask out before they are added.
-            attn_mask = torch.ones(q.shape[-2], k.shape[-2], dtype=torch.bool,
-                                   device=q.device).triu(k.shape[-2] - q.shape[-2] + 1)
-            is_causal = False
+                is_causal = False  # the mask as given, as torch.nn does
+        cached = len(cache) if cache is not None and self_attention else 0
+        self._check_attn_mask(attn_mask, query.shape[0], query.shape[1], cached + key.shape[1])
+        attn_mask = self._heads_mask(attn_mask)
+
+        q, k, v = self._project(query, key, value, self_attention, cache)
+        if is_causal and not top_left and (self.bias_k is not None or self.add_zero_attn):
+            # A cache's causal mask (aligned to the last cached key) spelled out before the
+            # extra keys are added, so that they stay visible.
+            attn_mask, is_causal = _causal_mask(q.shape[-2], k.shape[-2], False, q.device), False
         k, v, attn_mask, key_padding_mask = self._extra_keys(k, v, attn_mask, key_padding_mask)
+        if top_left and q.shape[-2] != k.shape[-2]:
+            attn_mask, is_causal = _causal_mask(q.shape[-2], k.shape[-2], True, q.device), False
 
         out, weights = attend(
             q, k, v,
@@ -212,13 +226,19 @@ class MultiheadAttention(nn.Module):
             dropout_p=self.dropout if self.training else 0.0,
             need_weights=need_weights,
         )
-        out = self.out_proj(rearrange(out, "b h n d -> b n (h d)"))
+        # Built sequence first, (L, N, E) in memory, whatever the layout, as torch.nn does:
+        # a dropout after this module then draws its mask over the same elements.
+        out = self.out_proj(rearrange(out, "b h n d -> n b (h d)"))
+        if not batched:
+            out = out.squeeze(1)
+        elif self.batch_first:
+            out = out.transpose(0, 1)
         if weights is not None:
             if average_attn_weights:
                 weights = weights.mean(dim=1)  # (b h i j) -> (b i j)
             if not batched:
                 weights = weights.squeeze(0)
-        return from_batch_first(out, self.batch_first, batched), weights
+        return out, weights
 
     def _check_inputs(self, query: Tensor, key: Tensor, value: Tensor,
                       key_padding_mask: Tensor | None, attn_mask: Tensor | None) -> bool:
@@ -238,6 +258,10 @@ class MultiheadAttention(nn.Module):
             raise ValueError(f"key, value: for {kind} `query`, expected `key` and `value` to be "
                              f"{query.dim()}-D but found {key.dim()}-D and {value.dim()}-D "
                              f"tensors respectively (shapes {shape_of(key)}, {shape_of(value)})")
+        for name, mask in (("key_padding_mask", key_padding_mask), ("attn_mask", attn_mask)):
+            if mask is not None and not isinstance(mask, Tensor):
+                raise TypeError(f"{name}: expected None or a bool or float Tensor, got "
+                                f"{type(mask).__name__}")
         padding_dims = 2 if batched else 1
         if key_padding_mask is not None and key_padding_mask.dim() != padding_dims:
             raise ValueError(f"key_padding_mask: for {kind} `query`, expected `key_padding_mask` "
@@ -263,12 +287,21 @@ class MultiheadAttention(nn.Module):
         check_size("value", value, length_dim, key.shape[length_dim], "S (as in key)")
         return batched
 
-    def _heads_mask(self, attn_mask: Tensor | None, batch: int) -> Tensor | None:
+    def _check_attn_mask(self, attn_mask: Tensor | None, batch: int, q_len: int,
+                         k_len: int) -> None:
+        """torch.nn's mask shapes, ``(L, S)`` or ``(N * num_heads, L, S)``, ``S`` counting a
+        self-attention cache's positions; torch.nn's wording."""
+        if attn_mask is None:
+            return
+        expected = (q_len, k_len) if attn_mask.dim() == 2 else \
+            (batch * self.num_heads, q_len, k_len)
+        if tuple(attn_mask.shape) != expected:
+            raise ValueError(f"attn_mask: The shape of the {attn_mask.dim()}D attn_mask is "
+                             f"{shape_of(attn_mask)}, but should be {expected}.")
+
+    def _heads_mask(self, attn_mask: Tensor | None) -> Tensor | None:
         """torch.nn's ``(N * num_heads, L, S)`` mask → ``(N, num_heads, L, S)``."""
-        if isinstance(attn_mask, Tensor) and attn_mask.dim() == 3:
-            if attn_mask.shape[0] != batch * self.num_heads:
-                raise ValueError(f"attn_mask: expected a 3-D mask of shape (N * num_heads = "
-                                 f"{batch * self.num_heads}, L, S), got {shape_of(attn_mask)}")
+        if attn_mask is not None and attn_mask.dim() == 3:
             return rearrange(attn_mask, "(b h) i j -> b h i j", h=self.num_heads)
         return attn_mask
 

@@ -12,7 +12,7 @@ from torch import Tensor, nn
 from ..layers import layer_norm
 from .decoder import TransformerDecoder, TransformerDecoderLayer
 from .encoder import TransformerEncoder, TransformerEncoderLayer
-from .errors import RuntimeValueError
+from .errors import InvalidInputError, InvalidTypeError, torch_errors
 
 __all__ = ["Transformer"]
 
@@ -30,6 +30,7 @@ class Transformer(nn.Module):
         out = model.decoder(tgt_new, memory, cache=cache)  # only the new positions
     """
 
+    @torch_errors
     def __init__(
         self,
         d_model: int = 512,
@@ -95,15 +96,15 @@ class Transformer(nn.Module):
         Returns ``(T, N, E)``. Masks: boolean ``True`` = may not attend, float = added."""
         for name, x in (("src", src), ("tgt", tgt)):
             if not isinstance(x, Tensor):
-                raise RuntimeValueError(f"{name}: expected a Tensor, got {type(x).__name__}")
+                raise InvalidTypeError(f"{name}: expected a Tensor, got {type(x).__name__}")
         batch_dim = 0 if self.batch_first else 1
         if src.dim() == 3 and (tgt.dim() != 3 or src.shape[batch_dim] != tgt.shape[batch_dim]):
-            raise RuntimeValueError(
+            raise InvalidInputError(
                 f"the batch number of src and tgt must be equal: tgt: expected batch "
                 f"{src.shape[batch_dim]} (dimension {batch_dim}, as in src), got shape "
                 f"{tuple(tgt.shape)}")
         if src.shape[-1] != self.d_model or tgt.shape[-1] != self.d_model:
-            raise RuntimeValueError(
+            raise InvalidInputError(
                 f"the feature number of src and tgt must be equal to d_model: expected "
                 f"{self.d_model}, got src {src.shape[-1]} and tgt {tgt.shape[-1]}")
         memory = self.encoder(src, mask=src_mask, src_key_padding_mask=src_key_padding_mask,
