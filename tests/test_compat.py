@@ -1007,3 +1007,16 @@ def test_memory_is_causal_without_a_mask_raises_even_with_a_cache():
     cache = decoder.new_cache()
     with pytest.raises(RuntimeError, match="is_causal"):
         decoder(torch.randn(1, N, E), torch.randn(L, N, E), memory_is_causal=True, cache=cache)
+
+
+@pytest.mark.parametrize("case", ["tgt_mask", "memory_key_padding_mask", "memory"])
+def test_decoder_layer_errors_name_the_layers_argument(case):
+    layer = compat.TransformerDecoderLayer(E, 2, FF)
+    x = torch.randn(L, N, E)
+    memory = torch.randn(L + 1, N + 1, E) if case == "memory" else torch.randn(L + 1, N, E)
+    kwargs = {"tgt_mask": {"tgt_mask": torch.zeros(L, L + 1)},
+              "memory_key_padding_mask": {"memory_key_padding_mask":
+                                          torch.zeros(N, L, dtype=torch.bool)},
+              "memory": {}}[case]
+    with pytest.raises(ValueError, match=f"^{case} "):
+        layer(x, memory, **kwargs)

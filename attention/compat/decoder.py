@@ -20,6 +20,7 @@ from ..layers import feed_forward, get_activation, layer_norm, residual
 from ..multihead import KVCache
 from .encoder import (
     activation_code,
+    call_attention,
     check_layer_input,
     clones,
     is_causal_mask,
@@ -29,6 +30,13 @@ from .errors import torch_errors
 from .multihead import MultiheadAttention
 
 __all__ = ["DecoderCache", "LayerCache", "TransformerDecoder", "TransformerDecoderLayer"]
+
+# The decoder layer's arguments, by the names its two attentions give them.
+TGT_NAMES = {"attn_mask": "tgt_mask", "key_padding_mask": "tgt_key_padding_mask",
+             "is_causal": "tgt_is_causal"}
+MEMORY_NAMES = {"attn_mask": "memory_mask", "key_padding_mask": "memory_key_padding_mask",
+                "key, value": "memory", "key": "memory", "value": "memory",
+                "is_causal": "memory_is_causal"}
 
 # torch.nn's class as it was at import: a test harness may put ours in its place later.
 TORCH_DECODER_LAYER = nn.TransformerDecoderLayer
@@ -153,15 +161,15 @@ class TransformerDecoderLayer(nn.Module):
                 tgt_is_causal = True
 
         def self_attention(x: Tensor) -> Tensor:
-            return self.self_attn(x, x, x, attn_mask=tgt_mask,
+            return call_attention(self.self_attn, TGT_NAMES, x, x, x, attn_mask=tgt_mask,
                                   key_padding_mask=tgt_key_padding_mask, need_weights=False,
-                                  is_causal=tgt_is_causal, cache=self_cache)[0]
+                                  is_causal=tgt_is_causal, cache=self_cache)
 
         def cross_attention(x: Tensor) -> Tensor:
-            return self.multihead_attn(x, memory, memory, attn_mask=memory_mask,
-                                       key_padding_mask=memory_key_padding_mask,
-                                       need_weights=False, is_causal=memory_is_causal,
-                                       cache=cross_cache)[0]
+            return call_attention(self.multihead_attn, MEMORY_NAMES, x, memory, memory,
+                                  attn_mask=memory_mask,
+                                  key_padding_mask=memory_key_padding_mask, need_weights=False,
+                                  is_causal=memory_is_causal, cache=cross_cache)
 
         x = residual(tgt, self_attention, self.norm1, self.dropout1, self.norm_first)
         x = residual(x, cross_attention, self.norm2, self.dropout2, self.norm_first)

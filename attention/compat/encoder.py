@@ -13,11 +13,15 @@ from torch import Tensor, nn
 
 from .._checks import check_size, check_tensor
 from ..layers import feed_forward, get_activation, layer_norm, residual
-from .errors import torch_errors
+from .errors import InvalidInputError, InvalidTypeError, torch_errors
 from .multihead import MultiheadAttention
 
 __all__ = ["TransformerEncoder", "TransformerEncoderLayer", "activation_code",
-           "check_layer_input", "clones", "is_causal_mask", "load_core_layer_names"]
+           "call_attention", "check_layer_input", "clones", "is_causal_mask",
+           "load_core_layer_names"]
+
+# The encoder layer's arguments, by the name its self-attention gives them.
+SRC_NAMES = {"attn_mask": "src_mask", "key_padding_mask": "src_key_padding_mask"}
 
 # torch.nn's class as it was at import: a test harness may put ours in its place later.
 TORCH_ENCODER_LAYER = nn.TransformerEncoderLayer
@@ -67,6 +71,21 @@ def load_core_layer_names(module: nn.Module, state_dict: dict[str, Tensor], pref
         for old, new in renames.items():
             if key.startswith(old):
                 state_dict[new + key.removeprefix(old)] = state_dict.pop(key)
+
+
+def call_attention(attention: nn.Module, names: dict[str, str], *args: Any, **kwargs: Any
+                   ) -> Tensor:
+    """``attention(*args, **kwargs)[0]``, its input errors naming the layer's arguments
+    (``tgt_mask`` rather than the attention's ``attn_mask``)."""
+    try:
+        return attention(*args, **kwargs)[0]
+    except (InvalidInputError, InvalidTypeError) as error:
+        message = str(error)
+        for inner, outer in names.items():
+            if message.startswith(inner + ":"):
+                raise type(error)(f"{outer} (the attention's {inner}):"
+                                  f"{message[len(inner) + 1:]}") from error
+        raise
 
 
 def clones(layer: nn.Module, num_layers: int) -> nn.ModuleList:
@@ -131,9 +150,9 @@ class TransformerEncoderLayer(nn.Module):
         check_layer_input("src", src, self.self_attn.embed_dim, self.self_attn.batch_first)
 
         def self_attention(x: Tensor) -> Tensor:
-            return self.self_attn(x, x, x, attn_mask=src_mask,
+            return call_attention(self.self_attn, SRC_NAMES, x, x, x, attn_mask=src_mask,
                                   key_padding_mask=src_key_padding_mask,
-                                  need_weights=False, is_causal=is_causal)[0]
+                                  need_weights=False, is_causal=is_causal)
 
         x = residual(src, self_attention, self.norm1, self.dropout1, self.norm_first)
         return residual(x, self._feed_forward, self.norm2, self.dropout2, self.norm_first)
