@@ -16,15 +16,14 @@ from typing import Any
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from ..layers import feed_forward, get_activation, layer_norm, residual
+from ..layers import feed_forward, residual
 from ..multihead import KVCache
 from .encoder import (
-    activation_code,
+    add_layer_parts,
     call_attention,
     check_layer_input,
     clones,
     is_causal_mask,
-    load_core_layer_names,
 )
 from .errors import torch_errors
 from .multihead import MultiheadAttention
@@ -108,20 +107,8 @@ class TransformerDecoderLayer(nn.Module):
                                             batch_first=batch_first, **factory)
         self.multihead_attn = MultiheadAttention(d_model, nhead, dropout=dropout, bias=bias,
                                                  batch_first=batch_first, **factory)
-        self.linear1 = nn.Linear(d_model, dim_feedforward, bias=bias, **factory)
-        self.dropout = nn.Dropout(dropout)
-        self.linear2 = nn.Linear(dim_feedforward, d_model, bias=bias, **factory)
-        self.norm_first = norm_first
-        self.norm1 = layer_norm(d_model, layer_norm_eps, bias, **factory)
-        self.norm2 = layer_norm(d_model, layer_norm_eps, bias, **factory)
-        self.norm3 = layer_norm(d_model, layer_norm_eps, bias, **factory)
-        self.dropout1 = nn.Dropout(dropout)
-        self.dropout2 = nn.Dropout(dropout)
-        self.dropout3 = nn.Dropout(dropout)
-        activation = get_activation(activation)
-        self.activation_relu_or_gelu = activation_code(activation)
-        self.activation = activation
-        self.register_load_state_dict_pre_hook(load_core_layer_names)
+        add_layer_parts(self, 3, d_model, dim_feedforward, dropout, activation, layer_norm_eps,
+                        norm_first, bias, factory)
 
     def new_cache(self) -> LayerCache:
         """An empty cache for ``forward(…, cache=)``."""

@@ -17,7 +17,7 @@ from .errors import InvalidInputError, InvalidTypeError, torch_errors
 from .multihead import MultiheadAttention
 
 __all__ = ["TransformerEncoder", "TransformerEncoderLayer", "activation_code",
-           "call_attention", "check_layer_input", "clones", "is_causal_mask",
+           "add_layer_parts", "call_attention", "check_layer_input", "clones", "is_causal_mask",
            "load_core_layer_names"]
 
 # The encoder layer's arguments, by the name its self-attention gives them.
@@ -73,6 +73,28 @@ def load_core_layer_names(module: nn.Module, state_dict: dict[str, Tensor], pref
                 state_dict[new + key.removeprefix(old)] = state_dict.pop(key)
 
 
+def add_layer_parts(layer: nn.Module, sublayers: int, d_model: int, dim_feedforward: int,
+                    dropout: float, activation: str | Callable[[Tensor], Tensor],
+                    layer_norm_eps: float, norm_first: bool, bias: bool,
+                    factory: dict[str, Any]) -> None:
+    """What torch.nn's encoder and decoder layers hold after their attention, registered in
+    torch.nn's order (so parameters() lines up): ``linear1``, ``dropout``, ``linear2``,
+    ``norm1``… and ``dropout1``… (one per sub-layer), ``activation``; and the hook that loads
+    this package's core layer names."""
+    layer.linear1 = nn.Linear(d_model, dim_feedforward, bias=bias, **factory)
+    layer.dropout = nn.Dropout(dropout)
+    layer.linear2 = nn.Linear(dim_feedforward, d_model, bias=bias, **factory)
+    layer.norm_first = norm_first
+    for i in range(1, sublayers + 1):
+        setattr(layer, f"norm{i}", layer_norm(d_model, layer_norm_eps, bias, **factory))
+    for i in range(1, sublayers + 1):
+        setattr(layer, f"dropout{i}", nn.Dropout(dropout))
+    activation = get_activation(activation)
+    layer.activation_relu_or_gelu = activation_code(activation)
+    layer.activation = activation
+    layer.register_load_state_dict_pre_hook(load_core_layer_names)
+
+
 def call_attention(attention: nn.Module, names: dict[str, str], *args: Any, **kwargs: Any
                    ) -> Tensor:
     """``attention(*args, **kwargs)[0]``, its input errors naming the layer's arguments
@@ -123,18 +145,8 @@ class TransformerEncoderLayer(nn.Module):
         super().__init__()
         self.self_attn = MultiheadAttention(d_model, nhead, dropout=dropout, bias=bias,
                                             batch_first=batch_first, **factory)
-        self.linear1 = nn.Linear(d_model, dim_feedforward, bias=bias, **factory)
-        self.dropout = nn.Dropout(dropout)
-        self.linear2 = nn.Linear(dim_feedforward, d_model, bias=bias, **factory)
-        self.norm_first = norm_first
-        self.norm1 = layer_norm(d_model, layer_norm_eps, bias, **factory)
-        self.norm2 = layer_norm(d_model, layer_norm_eps, bias, **factory)
-        self.dropout1 = nn.Dropout(dropout)
-        self.dropout2 = nn.Dropout(dropout)
-        activation = get_activation(activation)
-        self.activation_relu_or_gelu = activation_code(activation)
-        self.activation = activation
-        self.register_load_state_dict_pre_hook(load_core_layer_names)
+        add_layer_parts(self, 2, d_model, dim_feedforward, dropout, activation, layer_norm_eps,
+                        norm_first, bias, factory)
 
     @torch_errors
     def forward(
