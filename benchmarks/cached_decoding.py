@@ -21,7 +21,6 @@ import os
 import platform
 import statistics
 import sys
-import tempfile
 import time
 from datetime import date
 from pathlib import Path
@@ -30,6 +29,7 @@ import torch
 from torch import Tensor, nn
 
 from attention import compat
+from attention.translation.files import write_atomic
 
 RESULTS = Path(__file__).resolve().parent / "results"
 
@@ -121,10 +121,7 @@ def markdown(report: dict) -> str:
 
 
 def write_atomically(path: Path, text: str) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    with tempfile.NamedTemporaryFile("w", dir=path.parent, delete=False, suffix=".tmp") as f:
-        f.write(text)
-    os.replace(f.name, path)
+    write_atomic(path, lambda file: file.write(text.encode()))
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:

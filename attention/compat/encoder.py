@@ -12,6 +12,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from .._checks import check_size, check_tensor
+from ..functional import causal_mask
 from ..layers import feed_forward, get_activation, layer_norm, residual
 from .errors import InvalidInputError, InvalidTypeError, torch_errors
 from .multihead import MultiheadAttention
@@ -56,8 +57,7 @@ def is_causal_mask(mask: Tensor | None, is_causal: bool | None, length: int) -> 
     masked = mask if mask.dtype == torch.bool else mask == float("-inf")
     if mask.dtype != torch.bool and not bool(((mask == 0) | masked).all()):
         return False
-    causal = torch.ones(length, length, dtype=torch.bool, device=mask.device).triu(1)
-    return bool((masked == causal).all())
+    return bool((masked == causal_mask(length, length, mask.device)).all())
 
 
 def load_core_layer_names(module: nn.Module, state_dict: dict[str, Tensor], prefix: str,

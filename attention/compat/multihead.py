@@ -16,14 +16,14 @@ from torch import Tensor, nn
 from torch.nn.modules.linear import NonDynamicallyQuantizableLinear
 
 from .._checks import check_divisible, check_positive_int, check_size, check_tensor, shape_of
-from ..functional import attend
+from ..functional import attend, causal_mask
 from ..multihead import KVCache
 from .errors import InvalidInputError, torch_errors
 
-__all__ = ["MultiheadAttention", "load_separate_projections", "to_batch_first"]
+__all__ = ["MultiheadAttention", "load_separate_projections"]
 
 
-def to_batch_first(x: Tensor, batch_first: bool, batched: bool) -> Tensor:
+def _to_batch_first(x: Tensor, batch_first: bool, batched: bool) -> Tensor:
     """torch.nn's layouts (``(L, N, E)``, ``(N, L, E)`` or unbatched ``(L, E)``) →
     ``(N, L, E)``."""
     if not batched:
@@ -41,11 +41,11 @@ def _as_int(value: Any) -> Any:
         return value  # refused, by name, by the checks that follow
 
 
-def _causal_mask(q_len: int, k_len: int, top_left: bool, device: torch.device) -> Tensor:
-    """Boolean ``(q_len, k_len)``, ``True`` = masked: query ``i`` sees keys up to ``i``
-    (``top_left``, torch.nn's hint) or up to ``k_len - q_len + i`` (the last key aligned)."""
-    offset = 1 if top_left else k_len - q_len + 1
-    return torch.ones(q_len, k_len, dtype=torch.bool, device=device).triu(offset)
+def _first_key_causal_mask(q_len: int, k_len: int, device: torch.device) -> Tensor:
+    """Boolean ``(q_len, k_len)``, ``True`` = masked, query ``i`` seeing keys ``0 … i``:
+    torch.nn's causal hint, aligned to the first key (:func:`causal_mask` aligns to the
+    last, as a cache needs)."""
+    return torch.ones(q_len, k_len, dtype=torch.bool, device=device).triu(1)
 
 
 def _pad_keys(mask: Tensor | None) -> Tensor | None:
@@ -193,7 +193,7 @@ class MultiheadAttention(nn.Module):
                 "is_causal: Need attn_mask if specifying the is_causal hint. You may use the "
                 "Transformer module method `generate_square_subsequent_mask` to create this "
                 "mask (with a self-attention cache=, is_causal=True needs no mask)")
-        query, key, value = (to_batch_first(x, self.batch_first, batched)
+        query, key, value = (_to_batch_first(x, self.batch_first, batched)
                              for x in (query, key, value))
         if key_padding_mask is not None and not batched and key_padding_mask.dim() == 1:
             key_padding_mask = key_padding_mask.unsqueeze(0)  # torch.nn's unbatched (S,)
@@ -213,10 +213,11 @@ class MultiheadAttention(nn.Module):
         if is_causal and not top_left and (self.bias_k is not None or self.add_zero_attn):
             # A cache's causal mask (aligned to the last cached key) spelled out before the
             # extra keys are added, so that they stay visible.
-            attn_mask, is_causal = _causal_mask(q.shape[-2], k.shape[-2], False, q.device), False
+            attn_mask, is_causal = causal_mask(q.shape[-2], k.shape[-2], q.device), False
         k, v, attn_mask, key_padding_mask = self._extra_keys(k, v, attn_mask, key_padding_mask)
         if top_left and q.shape[-2] != k.shape[-2]:
-            attn_mask, is_causal = _causal_mask(q.shape[-2], k.shape[-2], True, q.device), False
+            attn_mask = _first_key_causal_mask(q.shape[-2], k.shape[-2], q.device)
+            is_causal = False
 
         out, weights = attend(
             q, k, v,
@@ -308,19 +309,18 @@ class MultiheadAttention(nn.Module):
     def _project(self, query: Tensor, key: Tensor, value: Tensor, self_attention: bool,
                  cache: KVCache | None) -> tuple[Tensor, Tensor, Tensor]:
         """q ``(b, h, L, d)``, and k, v ``(b, h, S, d)`` with the cache's positions."""
-        w_q, w_k, w_v = self._in_proj_weights()
-        b_q, b_k, b_v = (None,) * 3 if self.in_proj_bias is None else \
-            self.in_proj_bias.chunk(3)
         if self_attention and self.in_proj_weight is not None:  # one matmul for q, k and v
             q, k, v = F.linear(query, self.in_proj_weight, self.in_proj_bias).chunk(3, dim=-1)
         else:
+            w_q, w_k, w_v = self._in_proj_weights()
+            b_q, b_k, b_v = (None,) * 3 if self.in_proj_bias is None else \
+                self.in_proj_bias.chunk(3)
             q = F.linear(query, w_q, b_q)
-            k = v = None
-            if not (cache is not None and not self_attention and cache.k is not None):
-                k, v = F.linear(key, w_k, b_k), F.linear(value, w_v, b_v)
+            if cache is not None and not self_attention and cache.k is not None:
+                # cross-attention: the memory was projected on the first step
+                return rearrange(q, "b n (h d) -> b h n d", h=self.num_heads), cache.k, cache.v
+            k, v = F.linear(key, w_k, b_k), F.linear(value, w_v, b_v)
         q = rearrange(q, "b n (h d) -> b h n d", h=self.num_heads)
-        if k is None:  # cross-attention: the memory was projected on the first step
-            return q, cache.k, cache.v
         k = rearrange(k, "b n (h d) -> b h n d", h=self.num_heads)
         v = rearrange(v, "b n (h d) -> b h n d", h=self.num_heads)
         if cache is not None:
