@@ -1,0 +1,241 @@
+"""attention.quantization: int8 copies of a Transformer's Linear layers that decode as the
+float32 model does, leave it untouched, and refuse what they cannot quantize by name."""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+import sys
+import warnings
+from pathlib import Path
+
+import pytest
+import torch
+from torch import nn
+from torch.ao.nn.quantized import dynamic as quantized_dynamic
+
+from attention import quantization
+from attention.models import Transformer
+from attention.multihead import MultiHeadAttention
+from attention.quantization import quantize_dynamic
+
+ROOT = Path(__file__).resolve().parents[1]
+VOCAB = 32
+BOS, EOS = 1, 2
+
+
+def tiny_transformer(*, tie_embeddings: bool = False, head_scale: float = 1.0) -> Transformer:
+    """Seeded, no dropout; ``head_scale`` widens the gaps between the logits, so that int8
+    rounding rarely changes which token is the most likely."""
+    torch.manual_seed(0)
+    model = Transformer(VOCAB, VOCAB, d_model=16, n_heads=2, n_encoder_layers=2,
+                        n_decoder_layers=2, d_ff=32, dropout=0.0,
+                        tie_embeddings=tie_embeddings).eval()
+    with torch.no_grad():
+        model.lm_head.weight.mul_(head_scale)
+    return model
+
+
+def ids(batch: int, length: int, seed: int) -> torch.Tensor:
+    generator = torch.Generator().manual_seed(seed)
+    return torch.randint(3, VOCAB, (batch, length), generator=generator)
+
+
+def linear_types(model: nn.Module) -> dict[str, type]:
+    return {name: type(module) for name, module in model.named_modules()
+            if isinstance(module, (nn.Linear, quantized_dynamic.Linear))}
+
+
+def test_every_linear_layer_becomes_a_dynamic_int8_one():
+    quantized = quantize_dynamic(tiny_transformer())
+    types = linear_types(quantized)
+    # 2 encoder layers x 6, 2 decoder layers x 10 (self- and cross-attention), the head.
+    assert len(types) == 2 * 6 + 2 * 10 + 1
+    assert set(types.values()) == {quantized_dynamic.Linear}
+    assert quantized.lm_head.weight().dtype == torch.qint8
+    assert quantized.src_embed.weight.dtype == torch.float32  # only Linear layers change
+
+
+def test_logits_stay_within_int8_rounding_of_float32():
+    model = tiny_transformer()
+    src, tgt = ids(4, 7, seed=1), ids(4, 6, seed=2)
+    expected = model(src, tgt)
+    got = quantize_dynamic(model)(src, tgt)
+    assert not torch.equal(got, expected)  # it did quantize
+    torch.testing.assert_close(got, expected, atol=0.05 * expected.abs().max().item(), rtol=0)
+
+
+@pytest.mark.parametrize("beam_size", [1, 3])
+def test_generation_agrees_with_float32_on_a_model_with_clear_margins(beam_size):
+    model = tiny_transformer(head_scale=4.0)
+    src = torch.cat((ids(6, 7, seed=3), torch.full((6, 1), EOS)), dim=1)
+    expected = model.generate(src, 10, BOS, EOS, beam_size=beam_size)
+    got = quantize_dynamic(model).generate(src, 10, BOS, EOS, beam_size=beam_size)
+    assert got.shape == expected.shape
+    assert (got == expected).float().mean().item() >= 0.9
+
+
+def test_the_model_given_is_untouched_and_its_mode_kept():
+    model = tiny_transformer().train()
+    state = {name: tensor.clone() for name, tensor in model.state_dict().items()}
+    quantized = quantize_dynamic(model)
+    assert quantized is not model
+    assert set(linear_types(model).values()) == {nn.Linear}
+    assert model.training and not quantized.training
+    for name, tensor in model.state_dict().items():
+        assert torch.equal(tensor, state[name]), name
+
+
+def test_inplace_quantizes_the_model_itself_into_eval_mode():
+    model = tiny_transformer().train()
+    quantized = quantize_dynamic(model, inplace=True)
+    assert quantized is model
+    assert set(linear_types(model).values()) == {quantized_dynamic.Linear}
+    assert not any(module.training for module in model.modules())
+
+
+def test_tied_embeddings_are_untied_by_quantizing_the_head():
+    model = tiny_transformer(tie_embeddings=True)
+    assert model.lm_head.weight is model.tgt_embed.weight
+    quantized = quantize_dynamic(model)
+    assert model.lm_head.weight is model.tgt_embed.weight  # the original keeps its tie
+    assert quantized.tgt_embed.weight.dtype == torch.float32
+    assert quantized.lm_head.weight().dtype == torch.qint8
+    src, tgt = ids(2, 5, seed=4), ids(2, 4, seed=5)
+    torch.testing.assert_close(quantized(src, tgt), model(src, tgt),
+                               atol=0.05 * model(src, tgt).abs().max().item(), rtol=0)
+
+
+def test_quantized_projections_run_their_own_forward_instead_of_the_fused_matmul():
+    torch.manual_seed(0)
+    attention = MultiHeadAttention(16, 2).eval()
+    quantized = quantize_dynamic(attention)
+    assert attention._plain_projections() and not quantized._plain_projections()
+    x = torch.randn(2, 5, 16)
+    torch.testing.assert_close(
+        quantized.project_qkv(x),
+        torch.cat((quantized.q_proj(x), quantized.k_proj(x), quantized.v_proj(x)), dim=-1),
+        atol=0, rtol=0)
+    expected, _ = attention(x)
+    got, _ = quantized(x)
+    torch.testing.assert_close(got, expected, atol=0.05 * expected.abs().max().item(), rtol=0)
+
+
+def test_runs_eagerly_without_torch_compile(monkeypatch):
+    def refuse(*args, **kwargs):
+        raise AssertionError("torch.compile was called")
+
+    monkeypatch.setattr(torch, "compile", refuse)
+    quantized = quantize_dynamic(tiny_transformer())
+    out = quantized.generate(ids(2, 5, seed=6), 4, BOS, EOS)
+    assert out.shape[0] == 2
+
+
+def test_silences_torchs_deprecation_warnings_and_no_others(monkeypatch):
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        quantize_dynamic(tiny_transformer())
+    assert [str(w.message) for w in caught] == []
+
+    real = torch.ao.quantization.quantize_dynamic
+
+    def noisy(*args, **kwargs):
+        warnings.warn("torch.ao.quantization is deprecated and will be removed",
+                      DeprecationWarning, stacklevel=2)
+        warnings.warn("a warning about the caller's model", UserWarning, stacklevel=2)
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(torch.ao.quantization, "quantize_dynamic", noisy)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        quantize_dynamic(tiny_transformer())
+    assert [str(w.message) for w in caught] == ["a warning about the caller's model"]
+
+
+def test_a_model_off_the_cpu_is_refused_by_name_with_its_device():
+    with torch.device("meta"):
+        model = nn.Sequential(nn.Linear(4, 4))
+    with pytest.raises(ValueError, match=r"^model: expected a model on the CPU .* on meta"):
+        quantize_dynamic(model)
+
+
+def test_linear_weights_that_are_not_float32_are_refused_by_name():
+    model = nn.Sequential(nn.Linear(4, 4)).to(torch.bfloat16)
+    with pytest.raises(ValueError, match=r"^model: expected float32 .* got torch\.bfloat16 "
+                                         r"in '0'"):
+        quantize_dynamic(model)
+
+
+def test_an_unknown_dtype_and_a_non_module_are_refused_by_name():
+    with pytest.raises(ValueError, match=r"^dtype: expected one of \['int8'\], got 'int4'"):
+        quantize_dynamic(nn.Linear(4, 4), dtype="int4")
+    with pytest.raises(TypeError, match=r"^model: expected an nn.Module, got dict"):
+        quantize_dynamic({"weight": torch.zeros(4, 4)})
+
+
+def test_the_choices_are_listed_once():
+    assert list(quantization.DTYPES) == ["int8"]
+
+
+# benchmarks/int8_quality.py, on a real (barely trained) checkpoint of the application.
+
+def load_benchmark():
+    spec = importlib.util.spec_from_file_location("benchmarks_int8_quality",
+                                                  ROOT / "benchmarks" / "int8_quality.py")
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = module
+    spec.loader.exec_module(module)
+    return module
+
+
+@pytest.fixture(scope="module")
+def checkpoint(tmp_path_factory):
+    from attention.translation.config import load_config
+    from attention.translation.training import train
+
+    config = load_config(ROOT / "configs" / "tiny.yaml", [
+        f"train.run_dir={tmp_path_factory.mktemp('runs')}", "train.threads=1",
+        "train.max_steps=2", "train.eval_every=1000", "eval.val_sentences=2",
+        "model.d_model=16", "model.n_heads=2", "model.d_ff=32"])
+    train(config, progress_bar=False, log=lambda message: None)
+    return config.run_path / "checkpoint_best.pt"
+
+
+def test_benchmark_translates_both_ways_and_writes_both_reports(checkpoint, tmp_path):
+    import gzip
+
+    sources = ["the dog sees a cat", "a cat runs", "the big dog sleeps", "", "the girls run"]
+    references = ["der hund sieht eine katze", "eine katze rennt", "der große hund schläft",
+                  "", "die mädchen rennen"]
+    source, reference = tmp_path / "test.src", tmp_path / "test.ref.gz"
+    source.write_text("\n".join(sources) + "\n", encoding="utf-8")
+    with gzip.open(reference, "wt", encoding="utf-8") as file:
+        file.write("\n".join(references) + "\n")
+    out = tmp_path / "int8"
+    benchmark = load_benchmark()
+    benchmark.main(["--checkpoint", str(checkpoint), "--source", str(source), "--reference",
+                    str(reference), "--limit", "4", "--rounds", "2", "--threads", "1",
+                    "--beams", "1", "2", "--out", str(out)])
+    report = json.loads(out.with_suffix(".json").read_text(encoding="utf-8"))
+    assert report["sentences"] == 4 and report["threads"] == 1
+    assert [row["beam_size"] for row in report["results"]] == [1, 2]
+    for row in report["results"]:
+        assert len(row["rounds"]) == 2 and row["speedup"] > 0
+        for side in ("fp32", "int8"):
+            assert 0 <= row[side]["bleu"] <= 100 and row[side]["seconds"] > 0
+        assert 0 <= row["identical_translations"] <= 1
+    # The checkpoint lies outside the clone: named by its last two parts, not this machine's path.
+    assert report["checkpoint"] == f"{checkpoint.parent.name}/checkpoint_best.pt"
+    assert str(tmp_path) not in report["command"]
+    markdown = out.with_suffix(".md").read_text(encoding="utf-8")
+    assert "| 2 |" in markdown and "int8" in markdown
+
+
+@pytest.mark.parametrize("bad", [["--rounds", "0"], ["--limit", "0"], ["--threads", "0"],
+                                 ["--beams", "0"]])
+def test_benchmark_refuses_bad_arguments_by_name(bad, capsys):
+    benchmark = load_benchmark()
+    with pytest.raises(SystemExit):
+        benchmark.parse_args(["--checkpoint", "c.pt", "--source", "s", "--reference", "r",
+                              *bad])
+    assert bad[0] in capsys.readouterr().err
