@@ -393,7 +393,13 @@ def markdown(report: dict) -> str:
         f"sentences of {s['src_len']} source tokens, exactly {s['new_tokens']} new tokens "
         "each (end of sentence suppressed), fp32 unless said, CPU. Times: median of "
         f"{s['rounds']} rounds rotating the systems' order; ratio: the median of the rounds' "
-        "peer ÷ ours (> 1: ours faster). tokens/s counts output tokens.",
+        "peer ÷ ours (> 1: ours faster). tokens/s counts output tokens"
+        f"{' (fewer than 5 rounds: smoke figures)' if s['rounds'] < 5 else ''}.",
+        "",
+        "The same steps everywhere (one encoder pass, then one position per decoder step on "
+        "batch × beam rows), with these differences: CTranslate2's beam search on the CPU "
+        "runs its first step on the batch before copying it to the beams; BART adds biases, "
+        "an embedding LayerNorm and a final logits bias, and learns its positions.",
         "",
     ]
     if report["skipped"]:
