@@ -21,6 +21,8 @@ from collections.abc import Callable
 import torch
 from torch import Tensor
 
+from .next_token import Sampler, TokenRules
+
 __all__ = ["beam_search", "greedy_search", "sequence_score"]
 
 StepFn = Callable[[Tensor], Tensor]
@@ -41,30 +43,72 @@ def greedy_search(
     max_new_tokens: int,
     *,
     device: torch.device | str = "cpu",
-) -> Tensor:
-    """Pick the most probable token at every step until each row has produced ``eos_id``.
+    rules: TokenRules | None = None,
+    sampler: Sampler | None = None,
+    return_scores: bool = False,
+    length_penalty: float = 1.0,
+    drop_rows: Callable[[Tensor], None] | None = None,
+) -> Tensor | tuple[Tensor, Tensor]:
+    """Pick the most probable token at every step (or draw it with a ``sampler``) until
+    each row has produced ``eos_id``.
 
-    Returns ``(batch, T)`` ids, ``T ≤ max_new_tokens``, ``pad_id`` after each row's eos.
+    ``step`` may return logits rather than log-probabilities: only their order counts,
+    unless ``return_scores``, which normalises them. ``rules`` forbid tokens
+    (:class:`~attention.next_token.TokenRules`). ``drop_rows(index)``, when given, lets the
+    search drop finished rows from the batch on the CPU: it is called with the rows to keep
+    (of those ``step`` saw last), and must make ``step`` see only those from then on.
+
+    Returns ``(batch, T)`` ids, ``T ≤ max_new_tokens``, ``pad_id`` after each row's eos;
+    with ``return_scores`` also ``(batch,)`` scores, the :func:`sequence_score` of each row's
+    log-probability (of the scores after the rules, before the sampler's changes).
     """
+    rules = rules if rules is not None else TokenRules(eos_id)
+    history = torch.full((batch, max_new_tokens), pad_id, dtype=torch.long, device=device)
     last = torch.full((batch, 1), bos_id, dtype=torch.long, device=device)
-    finished = torch.zeros(batch, dtype=torch.bool, device=device)
+    finished = torch.zeros(batch, dtype=torch.bool, device=device)  # of the rows step sees
     all_finished = torch.zeros((), dtype=torch.bool, device=device)
+    log_prob = torch.zeros(batch, device=device)
+    # The rows step sees, as rows of the batch: all of them until finished ones are dropped
+    # (only on the CPU, where knowing which rows finished costs no wait for the device).
+    rows: Tensor | None = None
+    can_drop = drop_rows is not None and torch.device(device).type == "cpu"
     # The steps taken while some row was unfinished: the output's width. Steps taken after
     # that (the stop flag may be read late) only add padding, trimmed at the end.
     width = torch.zeros((), dtype=torch.long, device=device)
     stop = _StopFlag(device)
-    generated: list[Tensor] = []
-    for _ in range(max_new_tokens):
+    for t in range(max_new_tokens):
         width += ~all_finished
-        next_ids = step(last).argmax(dim=-1)  # (N,)
+        scores = step(last)  # (N, V)
+        if rules.active:
+            rules.apply(scores, history if rows is None else history[rows], t)
+        next_ids = scores.argmax(dim=-1) if sampler is None else sampler(scores)  # (N,)
+        if return_scores:
+            chosen = scores.float().log_softmax(dim=-1).gather(-1, next_ids[:, None])[:, 0]
+            chosen = chosen.masked_fill(finished, 0.0)
+            if rows is None:
+                log_prob += chosen
+            else:
+                log_prob[rows] += chosen
         next_ids = next_ids.masked_fill(finished, pad_id)
-        generated.append(next_ids)
+        if rows is None:
+            history[:, t] = next_ids
+        else:
+            history[rows, t] = next_ids
         finished = finished | (next_ids == eos_id)
         all_finished = finished.all()
         last = next_ids.unsqueeze(-1)
         if stop(all_finished):
             break
-    return torch.stack(generated, dim=1)[:, : int(width)]
+        if can_drop and bool(finished.any()):
+            keep = (~finished).nonzero()[:, 0]
+            drop_rows(keep)
+            rows = keep if rows is None else rows[keep]
+            finished, last = finished[keep], last[keep]
+    out = history[:, : int(width)]
+    if not return_scores:
+        return out
+    lengths = (out != pad_id).sum(dim=-1).clamp(min=1)
+    return out, log_prob.double().div(lengths.double() ** length_penalty).float()
 
 
 def beam_search(
@@ -79,7 +123,10 @@ def beam_search(
     length_penalty: float = 1.0,
     *,
     device: torch.device | str = "cpu",
-) -> Tensor:
+    rules: TokenRules | None = None,
+    num_return_sequences: int = 1,
+    return_scores: bool = False,
+) -> Tensor | tuple[Tensor, Tensor]:
     """Keep the ``beam_size`` most probable prefixes per sentence at every step.
 
     ``step`` sees ``batch * beam_size`` rows, hypothesis ``k`` of sentence ``b`` in row
@@ -92,9 +139,16 @@ def beam_search(
     finished hypothesis with the best :func:`sequence_score`. Like any beam search it
     prunes, so it can, rarely, end below greedy decoding's score.
 
-    Returns ``(batch, T)`` ids, ``T ≤ max_new_tokens``, padded with ``pad_id``.
+    ``rules`` forbid tokens (:class:`~attention.next_token.TokenRules`), as ``-inf``
+    log-probabilities.
+
+    Returns ``(batch * num_return_sequences, T)`` ids, ``T ≤ max_new_tokens``, padded with
+    ``pad_id``: each sentence's ``num_return_sequences`` best hypotheses (at most
+    ``beam_size``), best first, sentence ``b``'s ``i``-th in row ``b * n + i``. With
+    ``return_scores`` also their :func:`sequence_score` s, ``(batch * n,)``.
     """
     k = beam_size
+    rules = rules if rules is not None else TokenRules(eos_id)
     rows = torch.arange(batch, device=device).unsqueeze(-1) * k  # (b, 1) first row per sentence
     last = torch.full((batch * k, 1), bos_id, dtype=torch.long, device=device)
     # Each row's tokens so far, pad_id after them: step t writes column t.
@@ -107,6 +161,8 @@ def beam_search(
 
     for t in range(max_new_tokens):
         log_probs = step(last).float()  # (b*k, V)
+        if rules.active:
+            rules.apply(log_probs, history, t)
         vocab = log_probs.shape[-1]
         candidates = (scores.reshape(-1, 1) + log_probs).reshape(batch, k * vocab)
         top_scores, top_index = candidates.topk(min(2 * k, k * vocab), dim=-1)  # (b, 2k)
@@ -126,7 +182,8 @@ def beam_search(
         reorder(source_rows)
     else:
         hypotheses.add_live(history, scores, max_new_tokens)
-    return hypotheses.best()
+    tokens, best_scores = hypotheses.best(num_return_sequences)
+    return (tokens, best_scores.float()) if return_scores else tokens
 
 
 class _StopFlag:
@@ -234,11 +291,12 @@ class _Finished:
         self.tokens = torch.cat((self.tokens, history.view(self.tokens.shape)), dim=1)
         self.lengths = torch.cat((self.lengths, torch.full_like(self.lengths, length)), dim=1)
 
-    def best(self) -> Tensor:
-        """``(batch, T)``: each sentence's best hypothesis (the first of equal scores),
-        padded with ``pad_id``; ``T`` is the longest of them."""
-        first = self.scores.sort(dim=1, descending=True, stable=True).indices[:, :1]  # (b, 1)
+    def best(self, n: int = 1) -> tuple[Tensor, Tensor]:
+        """``(batch * n, T)`` tokens and ``(batch * n,)`` scores: each sentence's ``n`` best
+        hypotheses, best first (the first of equal scores first), padded with ``pad_id``;
+        ``T`` is the longest of them."""
+        order = self.scores.sort(dim=1, descending=True, stable=True).indices[:, :n]  # (b, n)
         tokens = self.tokens.gather(
-            1, first.unsqueeze(-1).expand(-1, -1, self.tokens.shape[-1]))[:, 0]  # (b, T)
-        width = int(self.lengths.gather(1, first).max())  # the one read-back of the result
-        return tokens[:, :width]
+            1, order.unsqueeze(-1).expand(-1, -1, self.tokens.shape[-1]))  # (b, n, T)
+        width = int(self.lengths.gather(1, order).max())  # the one read-back of the result
+        return tokens[:, :, :width].flatten(0, 1), self.scores.gather(1, order).flatten()

@@ -12,7 +12,8 @@ from torch import Tensor, nn
 from ._checks import check_positive_int, check_size, check_tensor, shape_of
 from .decoding import beam_search, greedy_search
 from .layers import DecoderLayer, EncoderLayer, layer_norm, pack_padding
-from .multihead import KVCache
+from .multihead import KVCache, frozen_projections
+from .next_token import Sampler, TokenRules, check_return_sequences
 from .positional import LearnedPositionalEncoding, build_positional_encoding
 
 __all__ = ["Decoder", "DecoderCache", "Encoder", "Transformer"]
@@ -144,8 +145,10 @@ class Encoder(_LayerStack):
 class DecoderCache:
     """Per-layer key/value caches of a :class:`Decoder`, for incremental decoding."""
 
-    def __init__(self, n_layers: int) -> None:
-        self.layers = [(KVCache(), KVCache()) for _ in range(n_layers)]
+    def __init__(self, n_layers: int, capacity: int | None = None) -> None:
+        # capacity: the target positions to preallocate (self-attention; the memory's
+        # cross-attention keys are projected once, at their own length).
+        self.layers = [(KVCache(capacity), KVCache()) for _ in range(n_layers)]
 
     def __len__(self) -> int:
         """Number of target positions decoded so far."""
@@ -170,8 +173,10 @@ class Decoder(_LayerStack):
 
     layer_type = DecoderLayer
 
-    def new_cache(self) -> DecoderCache:
-        return DecoderCache(len(self.layers))
+    def new_cache(self, capacity: int | None = None) -> DecoderCache:
+        """An empty cache for incremental decoding; ``capacity`` preallocates room for
+        that many target positions (it grows past them if needed)."""
+        return DecoderCache(len(self.layers), capacity)
 
     def forward(
         self,
@@ -351,17 +356,41 @@ class Transformer(nn.Module):
         eos_id: int,
         beam_size: int = 1,
         length_penalty: float = 1.0,
-    ) -> Tensor:
-        """Translate ``src_ids`` by greedy (``beam_size=1``) or beam search on a KV cache.
+        *,
+        min_new_tokens: int = 0,
+        no_repeat_ngram_size: int = 0,
+        num_return_sequences: int = 1,
+        return_scores: bool = False,
+        do_sample: bool = False,
+        temperature: float = 1.0,
+        top_k: int = 0,
+        top_p: float = 1.0,
+        generator: torch.Generator | None = None,
+    ) -> Tensor | tuple[Tensor, Tensor]:
+        """Translate ``src_ids`` by greedy search (``beam_size=1``), beam search or sampling,
+        on a key/value cache.
 
         Runs in evaluation mode (no dropout) and restores the module's mode afterwards.
         Each step runs the decoder over the newest position only; earlier positions' keys
         and values come from the cache. ``pad_id`` and ``bos_id`` are never generated.
         Beam search ranks finished hypotheses by ``sum log p / length ** length_penalty``.
 
+        Options, as in Hugging Face ``generate``:
+
+        - ``min_new_tokens``: no ``eos_id`` before that many tokens;
+        - ``no_repeat_ngram_size``: no n-gram of that size twice in an output (0: off);
+        - ``num_return_sequences``: outputs per sentence, the n best of beam search (at most
+          ``beam_size``) or n independent samples;
+        - ``return_scores``: also each output's ``sum log p / length ** length_penalty``;
+        - ``do_sample`` with ``temperature``, ``top_k`` (0: off) and ``top_p`` (1.0: off):
+          draw each token (``beam_size`` must be 1); ``generator`` seeds the draws.
+
         Returns:
-            ``(B, T)`` generated ids, without ``bos_id``, each row ending at its ``eos_id``
-            (included) and padded with ``pad_id`` after it; ``T ≤ max_new_tokens``.
+            ``(B * num_return_sequences, T)`` generated ids, sentence ``b``'s ``i``-th
+            output in row ``b * num_return_sequences + i`` (beam search: best first),
+            without ``bos_id``, each row ending at its ``eos_id`` (included) and padded with
+            ``pad_id`` after it, ``T ≤ max_new_tokens``; with ``return_scores``, also the
+            ``(B * num_return_sequences,)`` float32 scores.
         """
         src_ids = _check_ids("src_ids", src_ids, self.src_vocab_size)
         check_positive_int("max_new_tokens", max_new_tokens)
@@ -382,36 +411,61 @@ class Transformer(nn.Module):
                 max_new_tokens > max_len:
             raise ValueError(f"max_new_tokens: expected at most max_len={max_len} (the learned "
                              f"positions of the decoder), got {max_new_tokens}")
+        rules = TokenRules(eos_id, min_new_tokens, no_repeat_ngram_size)
+        if min_new_tokens > max_new_tokens:
+            raise ValueError(f"min_new_tokens: expected at most max_new_tokens="
+                             f"{max_new_tokens}, got {min_new_tokens}")
+        sampler = None
+        if do_sample:
+            if beam_size != 1:
+                raise ValueError(f"beam_size: expected 1 with do_sample=True (sampling draws "
+                                 f"one token per step), got {beam_size}")
+            sampler = Sampler(temperature, top_k, top_p, generator)
+        n = check_return_sequences(num_return_sequences, beam_size, do_sample)
         was_training = self.training
         self.eval()  # no dropout while decoding
         try:
-            return self._generate(src_ids, max_new_tokens, bos_id, eos_id, beam_size,
-                                  length_penalty)
+            with frozen_projections(self):
+                return self._generate(src_ids, max_new_tokens, bos_id, eos_id, beam_size,
+                                      length_penalty, rules, sampler, n, return_scores)
         finally:
             self.train(was_training)
 
     def _generate(self, src_ids: Tensor, max_new_tokens: int, bos_id: int, eos_id: int,
-                  beam_size: int, length_penalty: float) -> Tensor:
-        batch = src_ids.shape[0]
+                  beam_size: int, length_penalty: float, rules: TokenRules,
+                  sampler: Sampler | None, num_return_sequences: int, return_scores: bool
+                  ) -> Tensor | tuple[Tensor, Tensor]:
         memory_mask = self.padding_mask(src_ids)
         memory = self._encode(src_ids, memory_mask, return_attention=False)  # ids checked
-        if beam_size > 1:  # one row per hypothesis
-            memory = memory.repeat_interleave(beam_size, dim=0)
-            memory_mask = memory_mask.repeat_interleave(beam_size, dim=0)
-        cache = self.decoder.new_cache()
+        rows_per_sentence = beam_size if beam_size > 1 else num_return_sequences
+        if rows_per_sentence > 1:  # one row per hypothesis, or per sample
+            memory = memory.repeat_interleave(rows_per_sentence, dim=0)
+            memory_mask = memory_mask.repeat_interleave(rows_per_sentence, dim=0)
+        cache = self.decoder.new_cache(capacity=max_new_tokens)
         # Padding and BOS are never outputs; padding also fills rows after their EOS. Their
         # ids go to the device once: a Python list as an index would be copied there, and
         # waited for, at every step.
         banned = torch.tensor([self.pad_id, bos_id], device=src_ids.device)
+        device = src_ids.device
 
-        def step(last_ids: Tensor) -> Tensor:  # (N, 1) -> (N, V) log-probabilities
+        def logits(last_ids: Tensor) -> Tensor:  # (N, 1) -> (N, V) float32
             # The ids are the search's own picks: no range check needed.
-            logits = self._decode(last_ids, memory, memory_mask, cache=cache,
-                                  return_attention=False)[:, -1].float()
-            return logits.index_fill_(-1, banned, float("-inf")).log_softmax(dim=-1)
+            out = self._decode(last_ids, memory, memory_mask, cache=cache,
+                               return_attention=False)[:, -1].float()
+            return out.index_fill_(-1, banned, float("-inf"))
+
+        def drop_rows(keep: Tensor) -> None:  # greedy search's finished rows leave the batch
+            nonlocal memory, memory_mask
+            memory, memory_mask = memory[keep], memory_mask[keep]
+            cache.reorder(keep)
 
         if beam_size == 1:
-            return greedy_search(step, batch, bos_id, eos_id, self.pad_id, max_new_tokens,
-                                 device=src_ids.device)
-        return beam_search(step, cache.reorder, batch, bos_id, eos_id, self.pad_id,
-                           max_new_tokens, beam_size, length_penalty, device=src_ids.device)
+            return greedy_search(
+                logits, memory.shape[0], bos_id, eos_id, self.pad_id, max_new_tokens,
+                device=device, rules=rules, sampler=sampler, return_scores=return_scores,
+                length_penalty=length_penalty, drop_rows=drop_rows)
+        return beam_search(
+            lambda last_ids: logits(last_ids).log_softmax(dim=-1), cache.reorder,
+            src_ids.shape[0], bos_id, eos_id, self.pad_id, max_new_tokens, beam_size,
+            length_penalty, device=device, rules=rules,
+            num_return_sequences=num_return_sequences, return_scores=return_scores)

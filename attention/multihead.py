@@ -7,7 +7,8 @@ dimension (``d_head = d_model // n_heads``).
 from __future__ import annotations
 
 import inspect
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from typing import Any
 
 import torch
@@ -28,7 +29,7 @@ from .functional import attend
 from .packing import Packing
 from .positional import RotaryEmbedding, apply_rotary
 
-__all__ = ["KVCache", "MultiHeadAttention", "can_use_varlen"]
+__all__ = ["KVCache", "MultiHeadAttention", "can_use_varlen", "frozen_projections"]
 
 # torch's variable-length flash kernel (torch >= 2.10, CUDA only), imported on first use on a
 # GPU: its module imports torch._dynamo, which would add about a second to `import attention`.
@@ -101,32 +102,70 @@ class KVCache:
     - in cross-attention (``key`` given) the first call projects the memory and later calls
       reuse it, since the encoder output does not change while decoding.
 
+    The positions live in preallocated buffers that appends write into, so a step copies
+    only its own positions, not the whole prefix as a concatenation would. ``capacity``
+    (optional) sizes the buffers for the positions a search will take at most (``generate``
+    knows them); otherwise, or once exceeded, they grow by doubling.
+
     Shape:
-        k, v: ``(batch, heads, length, d_head)``.
+        k, v: ``(batch, heads, length, d_head)``: views of the filled positions.
     """
 
-    def __init__(self) -> None:
-        self.k: Tensor | None = None
-        self.v: Tensor | None = None
+    def __init__(self, capacity: int | None = None) -> None:
+        self.capacity = None if capacity is None else check_positive_int("capacity", capacity)
+        self.length = 0
+        self._k: Tensor | None = None  # (b, h, room, d) buffers, room >= length
+        self._v: Tensor | None = None
 
     def __len__(self) -> int:
-        return 0 if self.k is None else self.k.shape[-2]
+        return self.length
+
+    @property
+    def k(self) -> Tensor | None:
+        return None if self._k is None else self._k[:, :, : self.length]
+
+    @property
+    def v(self) -> Tensor | None:
+        return None if self._v is None else self._v[:, :, : self.length]
 
     def append(self, k: Tensor, v: Tensor) -> tuple[Tensor, Tensor]:
         """Add new positions after the cached ones; return all keys and values."""
-        if self.k is not None and self.v is not None:
-            k = torch.cat((self.k, k), dim=-2)  # (b h n d) ++ (b h m d) -> (b h n+m d)
-            v = torch.cat((self.v, v), dim=-2)
-        else:  # own copies: k and v may be views into a larger fused q/k/v output
-            k, v = k.contiguous(), v.contiguous()
-        self.k, self.v = k, v
-        return k, v
+        if self._k is not None and k.shape[0] != self._k.shape[0]:
+            raise ValueError(f"cache: expected new keys for batch={self._k.shape[0]} (as "
+                             f"cached), got shape {shape_of(k)}")
+        start, end = self.length, self.length + k.shape[-2]
+        if self._k is None or self._v is None or end > self._k.shape[-2]:
+            room = max(end, self.capacity or 0)
+            if self._k is not None:
+                room = max(room, 2 * self._k.shape[-2])  # grow by doubling: amortised O(1)
+            self._k = self._grow(self._k, k, room)
+            self._v = self._grow(self._v, v, room)
+        self._k[:, :, start:end] = k
+        self._v[:, :, start:end] = v
+        self.length = end
+        return self.k, self.v
+
+    def _grow(self, old: Tensor | None, new: Tensor, room: int) -> Tensor:
+        """A buffer of ``room`` positions for rows like ``new``, holding ``old``'s."""
+        batch, heads, _, d_head = new.shape
+        buffer = new.new_empty((batch, heads, room, d_head))
+        if old is not None and self.length:
+            buffer[:, :, : self.length] = old[:, :, : self.length]
+        return buffer
 
     def reorder(self, index: Tensor) -> None:
         """Keep batch rows ``index``, in that order (beam search reorders hypotheses)."""
-        if self.k is not None and self.v is not None:
-            self.k = self.k.index_select(0, index)
-            self.v = self.v.index_select(0, index)
+        if self._k is None or self._v is None:
+            return
+        self._k = self._select_rows(self._k, index)
+        self._v = self._select_rows(self._v, index)
+
+    def _select_rows(self, buffer: Tensor, index: Tensor) -> Tensor:
+        """Rows ``index`` of ``buffer``'s filled positions, in a buffer of the same room."""
+        selected = buffer.new_empty((index.shape[0], *buffer.shape[1:]))
+        torch.index_select(buffer[:, :, : self.length], 0, index,
+                           out=selected[:, :, : self.length])
+        return selected
 
 
 class MultiHeadAttention(nn.Module):
@@ -169,6 +208,8 @@ class MultiHeadAttention(nn.Module):
         self.v_proj = nn.Linear(self.vdim, d_model, bias=bias)
         self.out_proj = nn.Linear(d_model, d_model, bias=bias)
         self.rotary = RotaryEmbedding(self.d_head) if rotary else None
+        # q/k/v weights stacked once for a loop of inference calls (see frozen_projections)
+        self._frozen_qkv: tuple[Tensor, Tensor | None] | None = None
 
     def forward(
         self,
@@ -286,13 +327,19 @@ class MultiHeadAttention(nn.Module):
         (quantized, pruned, wrapped, hooked) runs its own forward instead, so what it adds
         is kept.
         """
+        if self._frozen_qkv is not None:
+            return F.linear(x, *self._frozen_qkv)
         if not self._plain_projections():
             return torch.cat((self.q_proj(x), self.k_proj(x), self.v_proj(x)), dim=-1)
+        return F.linear(x, *self._concatenated_qkv())
+
+    def _concatenated_qkv(self) -> tuple[Tensor, Tensor | None]:
+        """The weight and bias of ``q_proj``, ``k_proj`` and ``v_proj`` stacked."""
         weight = torch.cat((self.q_proj.weight, self.k_proj.weight, self.v_proj.weight))
         bias = None
         if self.q_proj.bias is not None:
             bias = torch.cat((self.q_proj.bias, self.k_proj.bias, self.v_proj.bias))
-        return F.linear(x, weight, bias)
+        return weight, bias
 
     def _plain_projections(self) -> bool:
         """Whether q/k/v_proj may be read as bare weights: exactly ``nn.Linear``, no hooks."""
@@ -381,3 +428,25 @@ class MultiHeadAttention(nn.Module):
             f", kdim={self.kdim}, vdim={self.vdim}"
         return (f"d_model={self.d_model}, n_heads={self.n_heads}, dropout={self.dropout}"
                 f"{extra}, rotary={self.rotary is not None}")
+
+
+@contextmanager
+def frozen_projections(module: nn.Module) -> Iterator[None]:
+    """Within the block, each :class:`MultiHeadAttention` in ``module`` projects queries,
+    keys and values with its three weights stacked once, instead of at every call.
+
+    For inference loops such as decoding, which call self-attention once per step: the
+    weights must not change inside the block (they are read on entry), and no gradient
+    flows to them through the stacked copy. Projections that are not plain ``nn.Linear``
+    (quantized, hooked) keep running their own forward.
+    """
+    frozen = [m for m in module.modules()
+              if isinstance(m, MultiHeadAttention) and m._plain_projections()]
+    with torch.no_grad():
+        for attention in frozen:
+            attention._frozen_qkv = attention._concatenated_qkv()
+    try:
+        yield
+    finally:
+        for attention in frozen:
+            attention._frozen_qkv = None
