@@ -150,3 +150,41 @@ def plot_attention_main(argv: list[str] | None = None) -> int:
     for path in paths:
         print(f"wrote {path}", file=sys.stderr)
     return 0
+
+
+def export_main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(
+        prog="attention-export",
+        description="Write a trained checkpoint as a model folder (safetensors weights, JSON "
+                    "config and tokenizers; load with Translator.from_pretrained) or as a "
+                    "CTranslate2 model folder.",
+        epilog="Example: attention-export --checkpoint runs/toy_translation/checkpoint_best.pt "
+               "--out toy_ct2 --format ctranslate2 --quantization int8")
+    parser.add_argument("--checkpoint", required=True, help="checkpoint_best.pt of a run")
+    parser.add_argument("--out", required=True, type=Path, help="the folder to write")
+    parser.add_argument("--format", choices=("folder", "ctranslate2"), default="folder")
+    parser.add_argument("--quantization", default=None,
+                        help="ctranslate2 only: int8, int8_float32, int16, float16, ...")
+    parser.add_argument("--force", action="store_true", help="replace an existing folder")
+    args = parser.parse_args(argv)
+    if args.quantization is not None and args.format != "ctranslate2":
+        parser.error("--quantization: expected only with --format ctranslate2, got "
+                     f"--format {args.format}")
+
+    from .translator import Translator
+
+    try:
+        translator = Translator.from_checkpoint(args.checkpoint, device="cpu")
+        if args.format == "folder":
+            from .export.folder import save_pretrained
+
+            out = save_pretrained(translator, args.out, overwrite=args.force)
+        else:
+            from .export.ctranslate2 import export_ctranslate2
+
+            out = export_ctranslate2(translator, args.out, args.quantization,
+                                     overwrite=args.force)
+    except (OSError, ValueError, ImportError) as error:  # the checkpoint, the folder, a choice
+        return _fail(str(error), 2)
+    print(f"wrote {out}", file=sys.stderr)
+    return 0

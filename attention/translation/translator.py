@@ -79,6 +79,18 @@ class Translator:
         return cls(model.to(device).eval(), src_tokenizer, tgt_tokenizer, config.eval,
                    precision=precision)
 
+    @classmethod
+    def from_pretrained(cls, path: str | Path, device: str | torch.device = "auto", *,
+                        precision: str | None = None) -> Translator:
+        """Load a model folder written by :func:`attention.translation.export.save_pretrained`
+        (safetensors weights and JSON: nothing in it runs code when loaded).
+
+        ``precision`` defaults to the saved translator's (``fp16`` becomes ``auto`` off CUDA).
+        """
+        from .export.folder import load_pretrained
+
+        return load_pretrained(path, device, precision=precision, translator_type=cls)
+
     @property
     def device(self) -> torch.device:
         return next(self.model.parameters()).device

@@ -1,0 +1,239 @@
+"""Does a model exported to CTranslate2 translate as ours does? Token agreement and BLEU.
+
+The checkpoint is converted (``attention.translation.export.export_ctranslate2``) to a
+float32 and an int8 CTranslate2 model; the test sentences are translated by ours (float32)
+and by both conversions, greedily and with beam search, each search given the same length
+limit as ours (``eval.max_len_a * source length + eval.max_len_b`` over the same batches).
+Reported: the fraction of sentences whose output tokens are identical to ours, and sacreBLEU
+of each against the references.
+
+    python benchmarks/ctranslate2_agreement.py --checkpoint RUN/checkpoint_best.pt \\
+        [--source test.de.gz --reference test.en.gz] --out benchmarks/results/NAME
+
+Without ``--source``/``--reference`` the test split of the checkpoint's own data config is
+used (the toy corpus regenerated from its seed, or its Multi30k/parallel files).
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import math
+import os
+import platform
+import sys
+import tempfile
+import time
+from collections.abc import Sequence
+from datetime import date
+from pathlib import Path
+
+import ctranslate2
+import torch
+
+from attention.translation.checkpoint import config_from_checkpoint, load_checkpoint
+from attention.translation.config import Config
+from attention.translation.data.corpus import read_lines
+from attention.translation.data.dataset import load_splits
+from attention.translation.data.tokenizer import BOS_ID, PAD_ID, SPECIAL_TOKENS
+from attention.translation.export import export_ctranslate2
+from attention.translation.files import write_atomic
+from attention.translation.metrics import bleu
+from attention.translation.translator import Translator
+
+RESULTS = Path(__file__).resolve().parent / "results"
+QUANTIZATIONS = ("float32", "int8")
+# Our searches never write padding or BOS; CTranslate2 is told the same.
+SUPPRESSED = [[SPECIAL_TOKENS[PAD_ID]], [SPECIAL_TOKENS[BOS_ID]]]
+
+
+def read_test_set(args: argparse.Namespace, config: Config
+                   ) -> tuple[list[str], list[str], str]:
+    """Sources, references and a description of where they come from."""
+    if args.source is not None:
+        sources, references = read_lines(args.source), read_lines(args.reference)
+        if len(sources) != len(references):
+            raise SystemExit(f"error: --reference: expected {len(sources)} lines (as "
+                             f"--source), got {len(references)}")
+        described = f"{Path(args.source).name} / {Path(args.reference).name}"
+    else:
+        pairs = load_splits(config.data)["test"]
+        sources, references = [p.source for p in pairs], [p.target for p in pairs]
+        described = f"the checkpoint's {config.data.corpus} test split"
+    if args.limit is not None:
+        sources, references = sources[:args.limit], references[:args.limit]
+    return sources, references, described
+
+
+def batches_like_ours(sources: Sequence[Sequence[int]], translator: Translator
+                      ) -> list[tuple[list[int], int]]:
+    """The batches :meth:`Translator.generate_ids` makes (longest first, ``batch_size``
+    each) and the length limit of each: ``(indices, max_new_tokens)``."""
+    cfg = translator.eval_config
+    order = sorted(range(len(sources)), key=lambda i: -len(sources[i]))
+    batches = []
+    for start in range(0, len(order), cfg.batch_size):
+        chunk = order[start:start + cfg.batch_size]
+        longest = max(len(sources[i]) for i in chunk)
+        max_new = math.ceil(cfg.max_len_a * longest + cfg.max_len_b)
+        if translator.model.decoder.max_positions is not None:
+            max_new = min(max_new, translator.model.decoder.max_positions)
+        batches.append((chunk, max_new))
+    return batches
+
+
+def ctranslate2_ids(model: ctranslate2.Translator, translator: Translator,
+                    sources: Sequence[Sequence[int]], beam_size: int) -> list[list[int]]:
+    """CTranslate2's output ids (up to and with ``<eos>``), searched as ours searches."""
+    src, tgt = translator.src_tokenizer, translator.tgt_tokenizer
+    results: list[list[int]] = [[] for _ in sources]
+    for chunk, max_new in batches_like_ours(sources, translator):
+        # The model appends <eos> itself (add_source_eos), as Translator.encode did.
+        tokens = [[src.id_to_token(i) for i in sources[index][:-1]] for index in chunk]
+        outputs = model.translate_batch(
+            tokens, beam_size=beam_size, length_penalty=translator.eval_config.length_penalty,
+            max_decoding_length=max_new, min_decoding_length=0, max_input_length=0,
+            suppress_sequences=SUPPRESSED, return_end_token=True)
+        for index, output in zip(chunk, outputs, strict=True):
+            results[index] = [tgt.token_to_id(t) for t in output.hypotheses[0]]
+    return results
+
+
+def with_empty(sentences: Sequence[str], real: list[int], texts: list[str]) -> list[str]:
+    """Translations of all ``sentences``: ``texts`` for the ``real`` ones, "" for the others
+    (as :meth:`Translator.translate` does)."""
+    out = [""] * len(sentences)
+    for index, text in zip(real, texts, strict=True):
+        out[index] = text
+    return out
+
+
+def measure(args: argparse.Namespace) -> dict:
+    config = config_from_checkpoint(load_checkpoint(args.checkpoint))
+    sources, references, described = read_test_set(args, config)
+    translator = Translator.from_checkpoint(args.checkpoint, "cpu", precision="fp32")
+    real = [i for i, sentence in enumerate(sources) if sentence.strip()]
+    ids = translator.encode([sources[i] for i in real])
+    rows, ours = [], {}
+    for beam in args.beam_sizes:
+        start = time.perf_counter()
+        ours[beam] = translator.generate_ids(ids, beam_size=beam)
+        seconds = time.perf_counter() - start
+        rows.append(row("ours", "float32", beam, ours[beam], ours[beam], seconds, translator,
+                        sources, real, references))
+        print(f"ours float32 beam {beam}: BLEU {rows[-1]['bleu']:.2f}", flush=True)
+    sizes = {}
+    with tempfile.TemporaryDirectory() as scratch:
+        for quantization in QUANTIZATIONS:
+            folder = export_ctranslate2(translator, Path(scratch) / quantization,
+                                        quantization=quantization)
+            sizes[quantization] = (folder / "model.bin").stat().st_size
+            model = ctranslate2.Translator(str(folder), device="cpu", inter_threads=1,
+                                           intra_threads=torch.get_num_threads())
+            for beam in args.beam_sizes:
+                start = time.perf_counter()
+                theirs = ctranslate2_ids(model, translator, ids, beam)
+                seconds = time.perf_counter() - start
+                rows.append(row("ctranslate2", quantization, beam, theirs, ours[beam],
+                                seconds, translator, sources, real, references))
+                print(f"ctranslate2 {quantization} beam {beam}: identical "
+                      f"{rows[-1]['identical_to_ours']:.2%}, BLEU {rows[-1]['bleu']:.2f}",
+                      flush=True)
+    return {"test_set": described, "sentences": len(sources),
+            "model": dataclasses.asdict(config.model), "eval": dataclasses.asdict(config.eval),
+            "model_bin_bytes": sizes, "results": rows}
+
+
+def row(engine: str, weights: str, beam: int, ids: list[list[int]], ours: list[list[int]],
+        seconds: float, translator: Translator, sources: Sequence[str], real: list[int],
+        references: Sequence[str]) -> dict:
+    translations = with_empty(sources, real, translator.decode(ids))
+    scores = bleu(translations, references)
+    identical = sum(a == b for a, b in zip(ids, ours, strict=True))
+    return {"engine": engine, "weights": weights, "beam_size": beam,
+            "identical_to_ours": identical / max(len(ids), 1),
+            "identical_sentences": identical,
+            "bleu": round(scores["bleu"], 2), "bleu_lowercase": round(scores["bleu_lowercase"], 2),
+            "seconds": round(seconds, 3)}
+
+
+def markdown(report: dict) -> str:
+    model = report["model"]
+    lines = [
+        f"# CTranslate2 export: agreement with ours ({report['date']})",
+        "",
+        f"`{report['command']}` on {report['machine']}, torch {report['torch']}, ctranslate2 "
+        f"{report['ctranslate2']}, {report['threads']} threads. Checkpoint "
+        f"`{report['checkpoint']}` (d_model {model['d_model']}, {model['n_heads']} heads, "
+        f"{model['n_encoder_layers']}+{model['n_decoder_layers']} layers, "
+        f"{model['positional']} positions, {'pre' if model['norm_first'] else 'post'}-norm, "
+        f"{model['activation']}); {report['sentences']} sentences of {report['test_set']}. "
+        "Each search gets our length limit over our batches; CTranslate2 with "
+        "`suppress_sequences=[['<pad>'], ['<bos>']]`, `min_decoding_length=0`. "
+        "Identical: the output tokens equal ours at the same beam size. Seconds: wall time "
+        "of the whole test set on a machine shared with other work (indicative only).",
+        "",
+        "| engine | weights | beam | identical to ours | BLEU | BLEU (lowercased) | seconds |",
+        "| --- | --- | ---: | ---: | ---: | ---: | ---: |",
+    ]
+    for r in report["results"]:
+        lines.append(f"| {r['engine']} | {r['weights']} | {r['beam_size']} | "
+                     f"{r['identical_to_ours']:.2%} ({r['identical_sentences']}) | "
+                     f"{r['bleu']:.2f} | {r['bleu_lowercase']:.2f} | {r['seconds']:.2f} |")
+    sizes = report["model_bin_bytes"]
+    lines += ["", "model.bin: " + ", ".join(f"{name} {size / 1e6:.2f} MB"
+                                            for name, size in sizes.items())]
+    return "\n".join(lines) + "\n"
+
+
+def shown(argument: str) -> str:
+    """An absolute path as its folder's name and its own (a reader's machine has others)."""
+    path = Path(argument)
+    return f"{path.parent.name}/{path.name}" if path.is_absolute() else argument
+
+
+def write_atomically(path: Path, text: str) -> None:
+    write_atomic(path, lambda file: file.write(text.encode()))
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--checkpoint", type=Path, required=True)
+    parser.add_argument("--source", type=Path, help="source sentences, one a line (.gz too)")
+    parser.add_argument("--reference", type=Path, help="their reference translations")
+    parser.add_argument("--beam-sizes", type=int, nargs="+", default=[1, 4])
+    parser.add_argument("--limit", type=int, help="only the first N sentences")
+    parser.add_argument("--out", type=Path, help="results path, without suffix",
+                        default=RESULTS / f"ctranslate2-agreement-{date.today()}")
+    args = parser.parse_args(argv)
+    if (args.source is None) != (args.reference is None):
+        parser.error("--source, --reference: expected both or neither, got one")
+    if any(b < 1 for b in args.beam_sizes):
+        parser.error(f"--beam-sizes: expected positive ints, got {args.beam_sizes}")
+    if args.limit is not None and args.limit < 1:
+        parser.error(f"--limit: expected a positive int, got {args.limit}")
+    return args
+
+
+def main(argv: list[str] | None = None) -> dict:
+    args = parse_args(argv)
+    report = {
+        "date": str(date.today()),
+        "command": " ".join(["python benchmarks/ctranslate2_agreement.py",
+                             *map(shown, sys.argv[1:] if argv is None else argv)]),
+        "machine": f"{platform.machine()} CPU, {os.cpu_count()} cores",
+        "torch": torch.__version__,
+        "ctranslate2": ctranslate2.__version__,
+        "threads": torch.get_num_threads(),
+        "checkpoint": shown(str(args.checkpoint)),
+        **measure(args),
+    }
+    write_atomically(args.out.with_suffix(".json"), json.dumps(report, indent=2) + "\n")
+    write_atomically(args.out.with_suffix(".md"), markdown(report))
+    print(f"wrote {args.out}.json and .md")
+    return report
+
+
+if __name__ == "__main__":
+    main()
