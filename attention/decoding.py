@@ -53,7 +53,8 @@ def greedy_search(
     each row has produced ``eos_id``.
 
     ``step`` may return logits rather than log-probabilities: only their order counts,
-    unless ``return_scores``, which normalises them. ``rules`` forbid tokens
+    unless ``return_scores``, which normalises them. The search may write into the tensor
+    ``step`` returns (``rules`` set forbidden tokens to ``-inf``). ``rules`` forbid tokens
     (:class:`~attention.next_token.TokenRules`). ``drop_rows(index)``, when given, lets the
     search drop finished rows from the batch on the CPU: it is called with the rows to keep
     (of those ``step`` saw last), and must make ``step`` see only those from then on.
@@ -140,7 +141,8 @@ def beam_search(
     prunes, so it can, rarely, end below greedy decoding's score.
 
     ``rules`` forbid tokens (:class:`~attention.next_token.TokenRules`), as ``-inf``
-    log-probabilities.
+    log-probabilities. The search writes into the tensor ``step`` returns (a fresh one
+    each call, as a model's output is).
 
     Returns ``(batch * num_return_sequences, T)`` ids, ``T ≤ max_new_tokens``, padded with
     ``pad_id``: each sentence's ``num_return_sequences`` best hypotheses (at most
@@ -164,7 +166,8 @@ def beam_search(
         if rules.active:
             rules.apply(log_probs, history, t)
         vocab = log_probs.shape[-1]
-        candidates = (scores.reshape(-1, 1) + log_probs).reshape(batch, k * vocab)
+        # In place: a fresh (b*k, V) sum costs several times the addition itself.
+        candidates = log_probs.add_(scores.reshape(-1, 1)).reshape(batch, k * vocab)
         top_scores, top_index = candidates.topk(min(2 * k, k * vocab), dim=-1)  # (b, 2k)
         top_beam, top_token = top_index // vocab, top_index % vocab
         # Continue with the best k extensions that do not end the sentence.

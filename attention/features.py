@@ -19,6 +19,11 @@ set it to "absent" and run the fallback.
     ``DistributedDataParallel`` takes ``forward_sync_buffers`` (2.13 does, 2.11 does not).
     Without it, ``broadcast_buffers=False`` is the older spelling (deprecated where the new
     one exists); it also skips the buffers' broadcast at construction.
+``ONEDNN_LINEAR``
+    This build has oneDNN (``torch.backends.mkldnn``) with the private ops
+    ``mkldnn._reorder_linear_weight`` and ``mkldnn._linear_pointwise`` that inductor's CPU
+    freezing uses: :mod:`attention.inference` packs Linear weights in oneDNN's layout once
+    for a decoding loop. Without it, the weights are used as they are.
 
 Not detected: APIs that every torch since the floor in pyproject.toml (2.11) has, used as
 they are: ``sdpa_kernel`` and ``SDPBackend`` themselves, ``scaled_dot_product_attention``'s
@@ -35,11 +40,12 @@ from __future__ import annotations
 import inspect
 from collections.abc import Callable
 
+import torch
 from torch import nn
 from torch.nn.attention import SDPBackend, sdpa_kernel
 
-__all__ = ["CUDNN_ATTENTION", "DDP_FORWARD_SYNC_BUFFERS", "LAYER_NORM_BIAS", "SDPA_SET_PRIORITY",
-           "accepts_keyword", "has_member"]
+__all__ = ["CUDNN_ATTENTION", "DDP_FORWARD_SYNC_BUFFERS", "LAYER_NORM_BIAS", "ONEDNN_LINEAR",
+           "SDPA_SET_PRIORITY", "accepts_keyword", "has_member"]
 
 
 def accepts_keyword(function: Callable, keyword: str) -> bool:
@@ -62,3 +68,6 @@ CUDNN_ATTENTION: bool = has_member(SDPBackend, "CUDNN_ATTENTION")
 LAYER_NORM_BIAS: bool = accepts_keyword(nn.LayerNorm, "bias")
 DDP_FORWARD_SYNC_BUFFERS: bool = accepts_keyword(nn.parallel.DistributedDataParallel,
                                                  "forward_sync_buffers")
+ONEDNN_LINEAR: bool = (torch.backends.mkldnn.is_available()
+                       and hasattr(torch.ops.mkldnn, "_reorder_linear_weight")
+                       and hasattr(torch.ops.mkldnn, "_linear_pointwise"))

@@ -275,6 +275,9 @@ def attend(
     if is_causal and not explicit and attn_mask is None and key_padding_mask is None \
             and q_len == k_len:
         use_sdpa_causal = True
+    # One query aligned to the last key sees every key: no mask to build (a decoding step).
+    if is_causal and q_len == 1:
+        is_causal = use_sdpa_causal = False
     mask = merge_masks(
         batch, heads, q_len, k_len,
         attn_mask=attn_mask, key_padding_mask=key_padding_mask,

@@ -11,8 +11,9 @@ from torch import Tensor, nn
 
 from ._checks import check_positive_int, check_size, check_tensor, shape_of
 from .decoding import beam_search, greedy_search
+from .inference import prepared_for_inference
 from .layers import DecoderLayer, EncoderLayer, layer_norm, pack_padding
-from .multihead import KVCache, frozen_projections
+from .multihead import KVCache
 from .next_token import Sampler, TokenRules, check_return_sequences
 from .positional import LearnedPositionalEncoding, build_positional_encoding
 
@@ -154,11 +155,17 @@ class DecoderCache:
         """Number of target positions decoded so far."""
         return len(self.layers[0][0])
 
-    def reorder(self, index: Tensor) -> None:
-        """Keep batch rows ``index``, in that order (beam search)."""
+    def reorder(self, index: Tensor, *, cross_attention: bool = True) -> None:
+        """Keep batch rows ``index``, in that order (beam search, dropped rows).
+
+        ``cross_attention=False`` leaves the memory's keys and values where they are: for
+        an ``index`` that maps each row to one with the same memory (beam search's
+        hypotheses of one sentence), it saves copying them every step.
+        """
         for self_cache, cross_cache in self.layers:
             self_cache.reorder(index)
-            cross_cache.reorder(index)
+            if cross_attention:
+                cross_cache.reorder(index)
 
 
 class Decoder(_LayerStack):
@@ -425,7 +432,7 @@ class Transformer(nn.Module):
         was_training = self.training
         self.eval()  # no dropout while decoding
         try:
-            with frozen_projections(self):
+            with prepared_for_inference(self):
                 return self._generate(src_ids, max_new_tokens, bos_id, eos_id, beam_size,
                                       length_penalty, rules, sampler, n, return_scores)
         finally:
@@ -465,7 +472,9 @@ class Transformer(nn.Module):
                 device=device, rules=rules, sampler=sampler, return_scores=return_scores,
                 length_penalty=length_penalty, drop_rows=drop_rows)
         return beam_search(
-            lambda last_ids: logits(last_ids).log_softmax(dim=-1), cache.reorder,
+            lambda last_ids: logits(last_ids).log_softmax(dim=-1),
+            # A sentence's hypotheses share its memory: only their own keys move.
+            lambda index: cache.reorder(index, cross_attention=False),
             src_ids.shape[0], bos_id, eos_id, self.pad_id, max_new_tokens, beam_size,
             length_penalty, device=device, rules=rules,
             num_return_sequences=num_return_sequences, return_scores=return_scores)

@@ -7,8 +7,7 @@ dimension (``d_head = d_model // n_heads``).
 from __future__ import annotations
 
 import inspect
-from collections.abc import Callable, Iterator
-from contextlib import contextmanager
+from collections.abc import Callable
 from typing import Any
 
 import torch
@@ -29,7 +28,7 @@ from .functional import attend
 from .packing import Packing
 from .positional import RotaryEmbedding, apply_rotary
 
-__all__ = ["KVCache", "MultiHeadAttention", "can_use_varlen", "frozen_projections"]
+__all__ = ["KVCache", "MultiHeadAttention", "can_use_varlen"]
 
 # torch's variable-length flash kernel (torch >= 2.10, CUDA only), imported on first use on a
 # GPU: its module imports torch._dynamo, which would add about a second to `import attention`.
@@ -208,8 +207,8 @@ class MultiHeadAttention(nn.Module):
         self.v_proj = nn.Linear(self.vdim, d_model, bias=bias)
         self.out_proj = nn.Linear(d_model, d_model, bias=bias)
         self.rotary = RotaryEmbedding(self.d_head) if rotary else None
-        # q/k/v weights stacked once for a loop of inference calls (see frozen_projections)
-        self._frozen_qkv: tuple[Tensor, Tensor | None] | None = None
+        # q/k/v_proj stacked once for a loop of inference calls (attention.inference)
+        self._qkv_projection: Callable[[Tensor], Tensor] | None = None
 
     def forward(
         self,
@@ -327,8 +326,8 @@ class MultiHeadAttention(nn.Module):
         (quantized, pruned, wrapped, hooked) runs its own forward instead, so what it adds
         is kept.
         """
-        if self._frozen_qkv is not None:
-            return F.linear(x, *self._frozen_qkv)
+        if self._qkv_projection is not None:
+            return self._qkv_projection(x)
         if not self._plain_projections():
             return torch.cat((self.q_proj(x), self.k_proj(x), self.v_proj(x)), dim=-1)
         return F.linear(x, *self._concatenated_qkv())
@@ -429,24 +428,3 @@ class MultiHeadAttention(nn.Module):
         return (f"d_model={self.d_model}, n_heads={self.n_heads}, dropout={self.dropout}"
                 f"{extra}, rotary={self.rotary is not None}")
 
-
-@contextmanager
-def frozen_projections(module: nn.Module) -> Iterator[None]:
-    """Within the block, each :class:`MultiHeadAttention` in ``module`` projects queries,
-    keys and values with its three weights stacked once, instead of at every call.
-
-    For inference loops such as decoding, which call self-attention once per step: the
-    weights must not change inside the block (they are read on entry), and no gradient
-    flows to them through the stacked copy. Projections that are not plain ``nn.Linear``
-    (quantized, hooked) keep running their own forward.
-    """
-    frozen = [m for m in module.modules()
-              if isinstance(m, MultiHeadAttention) and m._plain_projections()]
-    with torch.no_grad():
-        for attention in frozen:
-            attention._frozen_qkv = attention._concatenated_qkv()
-    try:
-        yield
-    finally:
-        for attention in frozen:
-            attention._frozen_qkv = None
