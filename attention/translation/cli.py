@@ -78,39 +78,80 @@ def translate_main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(
         prog="attention-translate",
         description="Translate sentences (arguments, or standard input one per line) with a "
-                    "trained checkpoint; writes one translation per line.")
-    parser.add_argument("--checkpoint", required=True, help="checkpoint_best.pt of a run")
+                    "trained checkpoint or model folder; writes one translation per line, or "
+                    "with --nbest/--scores the lines 'index ||| translation ||| score' "
+                    "(fairseq's and Marian's n-best layout; index counts sentences from 0).")
+    model = parser.add_mutually_exclusive_group(required=True)
+    model.add_argument("--checkpoint", help="checkpoint_best.pt of a run")
+    model.add_argument("--model", help="a model folder written by attention-export")
     parser.add_argument("sentences", nargs="*", help="sentences; none: read standard input")
     parser.add_argument("--beam-size", type=int, default=None, help="1 is greedy search")
     parser.add_argument("--length-penalty", type=float, default=None)
+    parser.add_argument("--nbest", type=int, default=1,
+                        help="translations per sentence: beam search's n best, or n samples")
+    parser.add_argument("--scores", action="store_true",
+                        help="print each translation's score (sum log p / length ** lp)")
+    parser.add_argument("--min-new-tokens", type=int, default=0)
+    parser.add_argument("--no-repeat-ngram-size", type=int, default=0)
+    parser.add_argument("--sample", action="store_true",
+                        help="draw each token (with --temperature, --top-k, --top-p)")
+    parser.add_argument("--temperature", type=float, default=1.0)
+    parser.add_argument("--top-k", type=int, default=0, help="0: no cut")
+    parser.add_argument("--top-p", type=float, default=1.0, help="1.0: no cut")
+    parser.add_argument("--seed", type=int, default=None, help="makes --sample reproducible")
+    parser.add_argument("--int8", action="store_true",
+                        help="CPU only: int8 dynamic quantization of the Linear layers")
     parser.add_argument("--device", default="auto")
     parser.add_argument("--references", type=Path, default=None,
-                        help="file of reference translations: print BLEU and exact match")
+                        help="file of reference translations: print BLEU and exact match "
+                             "(of each sentence's first translation)")
     args = parser.parse_args(argv)
     if args.beam_size is not None and args.beam_size < 1:
         parser.error(f"--beam-size: expected a positive integer, got {args.beam_size}")
+    if args.nbest < 1:
+        parser.error(f"--nbest: expected a positive integer, got {args.nbest}")
+    sampling = {"do_sample": True, "temperature": args.temperature, "top_k": args.top_k,
+                "top_p": args.top_p} if args.sample else {}
 
     from .translator import Translator
 
     try:
-        translator = Translator.from_checkpoint(args.checkpoint, device=args.device)
-    except (OSError, ValueError) as error:  # missing, unreadable, or not a whole checkpoint
+        if args.checkpoint is not None:
+            translator = Translator.from_checkpoint(args.checkpoint, device=args.device)
+        else:
+            translator = Translator.from_pretrained(args.model, device=args.device)
+        if args.int8:
+            from ..quantization import quantize_dynamic
+
+            translator.model = quantize_dynamic(translator.model)
+    except (OSError, ValueError) as error:  # missing, unreadable, or not a whole model
         return _fail(str(error), 2)
     sentences = args.sentences or [line.rstrip("\n") for line in sys.stdin]
-    translations = translator.translate(sentences, beam_size=args.beam_size,
-                                        length_penalty=args.length_penalty)
-    sys.stdout.write("".join(t + "\n" for t in translations))
+    try:
+        translations = translator.translate(
+            sentences, beam_size=args.beam_size, length_penalty=args.length_penalty,
+            num_return_sequences=args.nbest, return_scores=True, seed=args.seed,
+            min_new_tokens=args.min_new_tokens, no_repeat_ngram_size=args.no_repeat_ngram_size,
+            **sampling)
+    except (ValueError, TypeError) as error:  # an option the search refuses, by name
+        return _fail(str(error), 2)
+    if args.nbest > 1 or args.scores:
+        sys.stdout.write("".join(f"{index} ||| {t.text} ||| {t.score:.4f}\n"
+                                 for index, group in enumerate(translations) for t in group))
+    else:
+        sys.stdout.write("".join(group[0].text + "\n" for group in translations))
     if args.references is not None:
         from .data.corpus import read_lines
         from .metrics import bleu, exact_match
 
         references = read_lines(args.references)
-        if len(references) != len(translations):
-            return _fail(f"--references: expected {len(translations)} lines (one per "
+        best = [group[0].text for group in translations]
+        if len(references) != len(best):
+            return _fail(f"--references: expected {len(best)} lines (one per "
                          f"sentence), got {len(references)}", 2)
-        scores = bleu(translations, references)
+        scores = bleu(best, references)
         print(f"BLEU {scores['bleu']:.2f} (lowercased {scores['bleu_lowercase']:.2f}), exact "
-              f"match {exact_match(translations, references):.2%}", file=sys.stderr)
+              f"match {exact_match(best, references):.2%}", file=sys.stderr)
     return 0
 
 

@@ -151,7 +151,10 @@ class EvalConfig:
     max_len_a: float = 1.5  # generate at most a * source_length + b tokens
     max_len_b: int = 10
     val_sentences: int = 500
-    batch_size: int = 128
+    batch_size: int = 128  # sentences per decoding batch, at most
+    # Padded source tokens per decoding batch, at most (None: batch_size alone decides).
+    # Sources are sorted by length, so batches of short sentences hold more of them.
+    batch_tokens: int | None = None
 
 
 SECTIONS = {"model": ModelConfig, "data": DataConfig, "train": TrainConfig, "eval": EvalConfig}

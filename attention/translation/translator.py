@@ -6,9 +6,11 @@ is the whole use; training uses the same class to score its validation and test 
 
 from __future__ import annotations
 
+import itertools
 import math
-from collections.abc import Sequence
+from collections.abc import Iterable, Iterator, Sequence
 from pathlib import Path
+from typing import Any, NamedTuple
 
 import torch
 from tokenizers import Tokenizer
@@ -21,7 +23,7 @@ from .data.batching import collate
 from .data.tokenizer import BOS_ID, EOS_ID, PAD_ID
 from .precision import autocast, resolve_precision
 
-__all__ = ["Translator", "resolve_device"]
+__all__ = ["Translation", "Translator", "resolve_device"]
 
 
 def resolve_device(name: str | torch.device) -> torch.device:
@@ -115,46 +117,98 @@ class Translator:
         return self.tgt_tokenizer.decode_batch(cut, skip_special_tokens=True)
 
     def generate_ids(self, sources: Sequence[Sequence[int]], *, beam_size: int | None = None,
-                     length_penalty: float | None = None) -> list[list[int]]:
-        """Search for the translation of each id list; returns ids up to and with ``eos``."""
+                     length_penalty: float | None = None, **options: Any) -> list[list[int]]:
+        """Search for the translation of each id list; returns ids up to and with ``eos``.
+
+        ``options`` are :meth:`search`'s (one output per source: no
+        ``num_return_sequences``).
+        """
+        hypotheses = self.search(sources, beam_size=beam_size, length_penalty=length_penalty,
+                                 **options)
+        return [ids for ((ids, _score),) in hypotheses]
+
+    def search(self, sources: Sequence[Sequence[int]], *, beam_size: int | None = None,
+               length_penalty: float | None = None, num_return_sequences: int = 1,
+               seed: int | None = None, **options: Any) -> list[list[tuple[list[int], float]]]:
+        """The ``num_return_sequences`` best (or sampled) translations of each id list, as
+        ``(ids up to and with eos, score)`` pairs, best first for beam search.
+
+        ``options`` go to :meth:`attention.models.Transformer.generate`
+        (``min_new_tokens``, ``no_repeat_ngram_size``, ``do_sample``, ``temperature``,
+        ``top_k``, ``top_p``); ``seed`` seeds sampling (``None``: torch's global generator).
+        Sources are decoded longest first in batches of at most ``eval.batch_size``
+        sentences and ``eval.batch_tokens`` padded tokens.
+        """
         cfg = self.eval_config
         beam_size = cfg.beam_size if beam_size is None else beam_size
         length_penalty = cfg.length_penalty if length_penalty is None else length_penalty
-        # Longest first, so that batches hold similar lengths and the first shows memory use.
-        order = sorted(range(len(sources)), key=lambda i: -len(sources[i]))
-        results: list[list[int]] = [[] for _ in sources]
         device = self.device
-        for start in range(0, len(order), cfg.batch_size):
-            chunk = order[start:start + cfg.batch_size]
+        if seed is not None:
+            options["generator"] = torch.Generator(device).manual_seed(seed)
+        results: list[list[tuple[list[int], float]]] = [[] for _ in sources]
+        for chunk in self._batches(sources):
             src = collate([list(sources[i]) for i in chunk], PAD_ID).to(device)
             max_new = math.ceil(cfg.max_len_a * src.shape[1] + cfg.max_len_b)
             if self.model.decoder.max_positions is not None:
                 max_new = min(max_new, self.model.decoder.max_positions)
             with autocast(device, self.autocast_dtype):
-                out = self.model.generate(src, max_new, BOS_ID, EOS_ID, beam_size=beam_size,
-                                          length_penalty=length_penalty)
-            for row, index in zip(out.tolist(), chunk, strict=True):
-                results[index] = row[:row.index(EOS_ID) + 1] if EOS_ID in row else \
-                    [t for t in row if t != PAD_ID]
+                out, scores = self.model.generate(
+                    src, max_new, BOS_ID, EOS_ID, beam_size=beam_size,
+                    length_penalty=length_penalty, num_return_sequences=num_return_sequences,
+                    return_scores=True, **options)
+            rows = zip(out.tolist(), scores.tolist(), strict=True)
+            for index, group in zip(chunk, _groups(rows, num_return_sequences), strict=True):
+                results[index] = [(_until_eos(row), score) for row, score in group]
         return results
 
-    def translate(self, sentences: Sequence[str] | str, *, beam_size: int | None = None,
-                  length_penalty: float | None = None) -> list[str]:
-        """Translate sentences (a single string is one sentence); one output per input.
+    def _batches(self, sources: Sequence[Sequence[int]]) -> list[list[int]]:
+        """Indices of ``sources``, longest first, cut into batches by ``eval.batch_size``
+        and ``eval.batch_tokens``: similar lengths together, and the first batch shows the
+        memory a run needs."""
+        cfg = self.eval_config
+        order = sorted(range(len(sources)), key=lambda i: -len(sources[i]))
+        batches: list[list[int]] = [[]]
+        for index in order:
+            batch = batches[-1]
+            longest = len(sources[batch[0]]) if batch else len(sources[index])
+            full = len(batch) >= cfg.batch_size or (
+                cfg.batch_tokens is not None and (len(batch) + 1) * longest > cfg.batch_tokens)
+            if batch and full:
+                batches.append([])
+            batches[-1].append(index)
+        return [batch for batch in batches if batch]
 
-        An empty or whitespace-only sentence translates to ``""`` without decoding (the model
-        would still write words for it). ``beam_size`` 1 is greedy search; both default to
-        the checkpoint's ``eval`` section.
+    def translate(self, sentences: Sequence[str] | str, *, beam_size: int | None = None,
+                  length_penalty: float | None = None, num_return_sequences: int = 1,
+                  return_scores: bool = False, seed: int | None = None, **options: Any
+                  ) -> list[str] | list[list[Translation]]:
+        """Translate sentences (a single string is one sentence).
+
+        Returns one translation per sentence; with ``num_return_sequences`` above 1 or
+        ``return_scores``, a list of :class:`Translation` (text, score) per sentence instead:
+        beam search's n best, best first, or n samples. The score is the search's
+        ``sum log p / length ** length_penalty``. ``beam_size`` 1 is greedy search; both
+        default to the checkpoint's ``eval`` section. ``seed`` and ``options``
+        (``min_new_tokens``, ``no_repeat_ngram_size``, ``do_sample``, ``temperature``,
+        ``top_k``, ``top_p``) are :meth:`search`'s.
+
+        An empty or whitespace-only sentence translates to ``""`` (score 0.0) without
+        decoding (the model would still write words for it).
         """
         if isinstance(sentences, str):
             sentences = [sentences]
-        translations = [""] * len(sentences)
+        n = num_return_sequences
+        translations = [[Translation("", 0.0)] * n for _ in sentences]
         real = [i for i, sentence in enumerate(sentences) if sentence.strip()]
         if real:
-            ids = self.generate_ids(self.encode([sentences[i] for i in real]),
-                                    beam_size=beam_size, length_penalty=length_penalty)
-            for i, translation in zip(real, self.decode(ids), strict=True):
-                translations[i] = translation
+            hypotheses = self.search(self.encode([sentences[i] for i in real]),
+                                     beam_size=beam_size, length_penalty=length_penalty,
+                                     num_return_sequences=n, seed=seed, **options)
+            texts = iter(self.decode([ids for group in hypotheses for ids, _ in group]))
+            for i, group in zip(real, hypotheses, strict=True):
+                translations[i] = [Translation(next(texts), score) for _, score in group]
+        if n == 1 and not return_scores:
+            return [group[0].text for group in translations]
         return translations
 
     @torch.no_grad()
@@ -190,3 +244,22 @@ class Translator:
             "encoder": torch.stack(encoder)[:, 0].float().cpu(),
             "cross": torch.stack(cross)[:, 0].float().cpu(),
         }
+
+
+class Translation(NamedTuple):
+    """One translation of a sentence and its search score (``sum log p / length ** lp``)."""
+
+    text: str
+    score: float
+
+
+def _until_eos(row: list[int]) -> list[int]:
+    """Generated ids up to and with ``eos`` (padding dropped when there is none)."""
+    return row[:row.index(EOS_ID) + 1] if EOS_ID in row else [t for t in row if t != PAD_ID]
+
+
+def _groups(rows: Iterable[Any], size: int) -> Iterator[list[Any]]:
+    """Consecutive groups of ``size`` items: a sentence's ``num_return_sequences`` rows."""
+    rows = iter(rows)
+    while group := list(itertools.islice(rows, size)):
+        yield group

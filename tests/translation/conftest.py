@@ -5,7 +5,8 @@ from pathlib import Path
 import pytest
 
 from attention.translation.config import load_config
-from attention.translation.training import Trainer
+from attention.translation.training import Trainer, train
+from attention.translation.translator import Translator
 
 TINY = Path(__file__).resolve().parents[2] / "configs" / "tiny.yaml"
 # configs/tiny.yaml at d_model=16 on a hundred toy pairs, seeded, one thread, no dropout.
@@ -30,3 +31,20 @@ def make_trainer(tmp_path):
     yield make
     for trainer in made:
         trainer.close()
+
+
+@pytest.fixture(scope="session")
+def checkpoint(tmp_path_factory):
+    """A run of two steps whose config decodes with beam 4: seconds, and the checkpoint is a
+    real one. Barely trained, the model writes long sentences, and greedy and beam search
+    write different ones."""
+    config = load_config(TINY, [f"train.run_dir={tmp_path_factory.mktemp('runs')}",
+                                "train.threads=1", "train.max_steps=2", "train.eval_every=1000",
+                                "eval.val_sentences=2", "eval.beam_size=4"])
+    train(config, progress_bar=False, log=lambda message: None)
+    return config.run_path / "checkpoint_best.pt"
+
+
+@pytest.fixture
+def translator(checkpoint):
+    return Translator.from_checkpoint(checkpoint, device="cpu")

@@ -215,8 +215,8 @@ def test_bf16_generation_keeps_the_memory_fp32_and_caches_keys_in_bf16(trained):
     caches, memories, scores = [], [], []
     new_cache, encode, decode = model.decoder.new_cache, model._encode, model._decode
 
-    def spy_cache():
-        caches.append(new_cache())
+    def spy_cache(*args, **kwargs):
+        caches.append(new_cache(*args, **kwargs))
         return caches[-1]
 
     def spy_encode(*args, **kwargs):

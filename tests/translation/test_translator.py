@@ -5,35 +5,11 @@ from __future__ import annotations
 import dataclasses
 import io
 import sys
-from pathlib import Path
-
-import pytest
 
 from attention.translation.cli import translate_main
-from attention.translation.config import load_config
-from attention.translation.training import train
 from attention.translation.translator import Translator
 
-ROOT = Path(__file__).resolve().parents[2]
-TINY = ROOT / "configs" / "tiny.yaml"
 SENTENCES = ["the dog sees a cat", "a cat runs", "the big dog sleeps", "now the girls sleep"]
-
-
-@pytest.fixture(scope="module")
-def checkpoint(tmp_path_factory):
-    """A run of two steps whose config decodes with beam 4: seconds, and the checkpoint is a
-    real one. Barely trained, the model writes long sentences, and greedy and beam search
-    write different ones."""
-    config = load_config(TINY, [f"train.run_dir={tmp_path_factory.mktemp('runs')}",
-                                "train.threads=1", "train.max_steps=2", "train.eval_every=1000",
-                                "eval.val_sentences=2", "eval.beam_size=4"])
-    train(config, progress_bar=False, log=lambda message: None)
-    return config.run_path / "checkpoint_best.pt"
-
-
-@pytest.fixture
-def translator(checkpoint):
-    return Translator.from_checkpoint(checkpoint, device="cpu")
 
 
 def record_beam_sizes(translator, monkeypatch):
@@ -72,13 +48,13 @@ def test_empty_lines_translate_to_empty_lines(translator, monkeypatch):
     alone = translator.translate(["the dog sees a cat", "a cat runs"])
     assert all(alone)  # this model writes words for any sentence it decodes
     sources = []
-    generate_ids = translator.generate_ids
+    search = translator.search
 
     def spy(ids, **kwargs):
         sources.append(len(ids))
-        return generate_ids(ids, **kwargs)
+        return search(ids, **kwargs)
 
-    monkeypatch.setattr(translator, "generate_ids", spy)
+    monkeypatch.setattr(translator, "search", spy)
 
     mixed = ["", "the dog sees a cat", "   ", "\t", "a cat runs", ""]
     assert translator.translate(mixed) == ["", alone[0], "", "", alone[1], ""]

@@ -1,0 +1,112 @@
+"""Decoder options through Translator and attention-translate: n-best lists with scores
+(printed as ``index ||| text ||| score``), seeded sampling, min_new_tokens and
+no_repeat_ngram_size, batching by tokens, model folders and int8."""
+
+from __future__ import annotations
+
+import dataclasses
+import re
+
+import pytest
+
+from attention.translation.cli import translate_main
+from attention.translation.export.folder import save_pretrained
+from attention.translation.translator import Translation
+
+SENTENCES = ["the dog sees a cat", "a cat runs", "the big dog sleeps", "now the girls sleep"]
+
+
+def test_n_best_lists_come_best_first_after_the_one_best(translator):
+    best = translator.translate(SENTENCES, beam_size=4)
+    nbest = translator.translate(SENTENCES, beam_size=4, num_return_sequences=3)
+    assert [len(group) for group in nbest] == [3] * len(SENTENCES)
+    assert all(isinstance(t, Translation) for group in nbest for t in group)
+    assert [group[0].text for group in nbest] == best
+    for group in nbest:
+        scores = [t.score for t in group]
+        assert scores == sorted(scores, reverse=True) and all(s < 0 for s in scores)
+    one = translator.translate(SENTENCES, beam_size=4, return_scores=True)
+    assert [[t.text for t in group] for group in one] == [[text] for text in best]
+    assert [g[0].score for g in one] == pytest.approx([g[0].score for g in nbest])
+
+
+def test_sampling_with_a_seed_is_reproducible(translator):
+    def sample(seed):
+        return translator.translate(SENTENCES, beam_size=1, num_return_sequences=2,
+                                    do_sample=True, temperature=1.5, top_p=0.95, seed=seed)
+
+    assert sample(1) == sample(1)
+    assert sample(1) != sample(2)
+
+
+def test_length_rules_reach_the_search(translator, monkeypatch):
+    ids = translator.encode(SENTENCES)
+    repeating = translator.generate_ids(ids, beam_size=4)
+    assert any(len(set(zip(r, r[1:], strict=False))) < len(r) - 1 for r in repeating)
+    unique = translator.generate_ids(ids, beam_size=4, no_repeat_ngram_size=2)
+    for row in unique:
+        pairs = list(zip(row, row[1:], strict=False))
+        assert len(pairs) == len(set(pairs))
+    calls = []
+    generate = translator.model.generate
+    monkeypatch.setattr(translator.model, "generate",
+                        lambda *a, **kw: calls.append(kw) or generate(*a, **kw))
+    translator.translate(SENTENCES, min_new_tokens=3)
+    assert calls and all(kw["min_new_tokens"] == 3 for kw in calls)
+
+
+def test_batches_by_tokens_hold_the_limits_and_change_no_translation(translator):
+    sources = translator.encode(SENTENCES * 5)
+    # A length limit that does not depend on the batch's longest source (this model never
+    # ends a sentence before it).
+    translator.eval_config = dataclasses.replace(translator.eval_config, max_len_a=0.0,
+                                                 max_len_b=12)
+    plain = translator.generate_ids(sources)
+    translator.eval_config = dataclasses.replace(translator.eval_config, batch_size=6,
+                                                 batch_tokens=40)
+    batches = translator._batches(sources)
+    assert sorted(i for batch in batches for i in batch) == list(range(len(sources)))
+    for batch in batches:
+        lengths = [len(sources[i]) for i in batch]
+        assert len(batch) <= 6 and (len(batch) == 1 or len(batch) * max(lengths) <= 40)
+    assert len({len(batch) for batch in batches}) > 1  # short sentences: fuller batches
+    assert translator.generate_ids(sources) == plain
+
+
+def test_the_command_prints_n_best_lines_with_scores(checkpoint, translator, capsys):
+    expected = translator.translate(SENTENCES[:2], beam_size=4, num_return_sequences=3)
+    assert translate_main(["--checkpoint", str(checkpoint), "--device", "cpu",
+                           "--beam-size", "4", "--nbest", "3", *SENTENCES[:2]]) == 0
+    lines = capsys.readouterr().out.splitlines()
+    assert len(lines) == 6
+    for line, (index, t) in zip(lines, [(i, t) for i, g in enumerate(expected) for t in g],
+                                strict=True):
+        match = re.fullmatch(r"(\d+) \|\|\| (.*) \|\|\| (-?\d+\.\d{4})", line)
+        assert match, line
+        assert (int(match[1]), match[2]) == (index, t.text)
+        assert float(match[3]) == pytest.approx(t.score, abs=1e-4)
+    assert translate_main(["--checkpoint", str(checkpoint), "--device", "cpu", "--scores",
+                           SENTENCES[0]]) == 0
+    assert re.fullmatch(r"0 \|\|\| .* \|\|\| -?\d+\.\d{4}\n", capsys.readouterr().out)
+
+
+def test_the_command_samples_reproducibly_and_refuses_bad_options(checkpoint, capsys):
+    command = ["--checkpoint", str(checkpoint), "--device", "cpu", "--beam-size", "1",
+               "--sample", "--top-k", "5", "--seed", "3", *SENTENCES]
+    assert translate_main(command) == 0
+    first = capsys.readouterr().out
+    assert translate_main(command) == 0
+    assert capsys.readouterr().out == first
+    assert translate_main(["--checkpoint", str(checkpoint), "--device", "cpu",
+                           "--beam-size", "2", "--nbest", "3", SENTENCES[0]]) == 2
+    assert "num_return_sequences: expected at most beam_size=2" in capsys.readouterr().err
+
+
+def test_the_command_reads_model_folders_and_quantizes(checkpoint, translator, tmp_path,
+                                                       capsys):
+    folder = save_pretrained(translator, tmp_path / "model")
+    assert translate_main(["--model", str(folder), "--device", "cpu", *SENTENCES]) == 0
+    assert capsys.readouterr().out.splitlines() == translator.translate(SENTENCES)
+    assert translate_main(["--checkpoint", str(checkpoint), "--device", "cpu", "--int8",
+                           *SENTENCES]) == 0
+    assert len(capsys.readouterr().out.splitlines()) == len(SENTENCES)
