@@ -127,6 +127,7 @@ def beam_search(
     rules: TokenRules | None = None,
     num_return_sequences: int = 1,
     return_scores: bool = False,
+    expand_after_first_step: bool = False,
 ) -> Tensor | tuple[Tensor, Tensor]:
     """Keep the ``beam_size`` most probable prefixes per sentence at every step.
 
@@ -140,6 +141,11 @@ def beam_search(
     finished hypothesis with the best :func:`sequence_score`. Like any beam search it
     prunes, so it can, rarely, end below greedy decoding's score.
 
+    With ``expand_after_first_step``, the first step sees one row per sentence (its beams
+    would all be the same: the empty prefix), and the first ``reorder`` grows the rows to
+    ``batch * beam_size`` (its index repeats each sentence's row), as CTranslate2 does: the
+    first step costs one row per sentence, not ``beam_size``.
+
     ``rules`` forbid tokens (:class:`~attention.next_token.TokenRules`), as ``-inf``
     log-probabilities. The search writes into the tensor ``step`` returns (a fresh one
     each call, as a model's output is).
@@ -152,7 +158,9 @@ def beam_search(
     k = beam_size
     rules = rules if rules is not None else TokenRules(eos_id)
     rows = torch.arange(batch, device=device).unsqueeze(-1) * k  # (b, 1) first row per sentence
-    last = torch.full((batch * k, 1), bos_id, dtype=torch.long, device=device)
+    sentences = torch.arange(batch, device=device).unsqueeze(-1)  # (b, 1)
+    last = torch.full((batch * (1 if expand_after_first_step else k), 1), bos_id,
+                      dtype=torch.long, device=device)
     # Each row's tokens so far, pad_id after them: step t writes column t.
     history = torch.full((batch * k, max_new_tokens), pad_id, dtype=torch.long, device=device)
     # Identical beams at the start: only the first may be extended, or they'd repeat.
@@ -162,12 +170,17 @@ def beam_search(
     stop = _StopFlag(device)
 
     for t in range(max_new_tokens):
-        log_probs = step(last).float()  # (b*k, V)
+        beams = 1 if expand_after_first_step and t == 0 else k  # rows per sentence now
+        log_probs = step(last).float()  # (b*beams, V)
         if rules.active:
             rules.apply(log_probs, history, t)
         vocab = log_probs.shape[-1]
-        # In place: a fresh (b*k, V) sum costs several times the addition itself.
-        candidates = log_probs.add_(scores.reshape(-1, 1)).reshape(batch, k * vocab)
+        if beams == k:
+            # In place: a fresh (b*k, V) sum costs several times the addition itself.
+            candidates = log_probs.add_(scores.reshape(-1, 1)).reshape(batch, k * vocab)
+        else:  # laid out as k beams, the others -inf: topk then breaks ties as it would
+            candidates = log_probs.new_full((batch, k * vocab), NEG_INF)
+            candidates[:, :vocab] = log_probs
         top_scores, top_index = candidates.topk(min(2 * k, k * vocab), dim=-1)  # (b, 2k)
         top_beam, top_token = top_index // vocab, top_index % vocab
         # Continue with the best k extensions that do not end the sentence.
@@ -178,11 +191,13 @@ def beam_search(
         hypotheses.update_done(scores, t + 1)
         if stop(hypotheses.done.all()):
             break
-        source_rows = (rows + top_beam.gather(-1, keep)).reshape(-1)  # (b*k,)
+        kept_beam = top_beam.gather(-1, keep)  # (b, k)
+        source_rows = (rows + kept_beam).reshape(-1)  # (b*k,) rows of history
         last = top_token.gather(-1, keep).reshape(-1, 1)
         history = history.index_select(0, source_rows)
         history[:, t] = last[:, 0]
-        reorder(source_rows)
+        # The rows step saw: one per sentence on an expanded first step.
+        reorder(source_rows if beams == k else (sentences + kept_beam).reshape(-1))
     else:
         hypotheses.add_live(history, scores, max_new_tokens)
     tokens, best_scores = hypotheses.best(num_return_sequences)

@@ -444,10 +444,9 @@ class Transformer(nn.Module):
                   ) -> Tensor | tuple[Tensor, Tensor]:
         memory_mask = self.padding_mask(src_ids)
         memory = self._encode(src_ids, memory_mask, return_attention=False)  # ids checked
-        rows_per_sentence = beam_size if beam_size > 1 else num_return_sequences
-        if rows_per_sentence > 1:  # one row per hypothesis, or per sample
-            memory = memory.repeat_interleave(rows_per_sentence, dim=0)
-            memory_mask = memory_mask.repeat_interleave(rows_per_sentence, dim=0)
+        if beam_size == 1 and num_return_sequences > 1:  # one row per sample
+            memory = memory.repeat_interleave(num_return_sequences, dim=0)
+            memory_mask = memory_mask.repeat_interleave(num_return_sequences, dim=0)
         cache = self.decoder.new_cache(capacity=max_new_tokens)
         # Padding and BOS are never outputs; padding also fills rows after their EOS. Their
         # ids go to the device once: a Python list as an index would be copied there, and
@@ -461,20 +460,25 @@ class Transformer(nn.Module):
                                return_attention=False)[:, -1].float()
             return out.index_fill_(-1, banned, float("-inf"))
 
-        def drop_rows(keep: Tensor) -> None:  # greedy search's finished rows leave the batch
+        def select_rows(index: Tensor) -> None:  # rows dropped, or grown into beams
             nonlocal memory, memory_mask
-            memory, memory_mask = memory[keep], memory_mask[keep]
-            cache.reorder(keep)
+            memory, memory_mask = memory[index], memory_mask[index]
+            cache.reorder(index)
+
+        def reorder_beams(index: Tensor) -> None:
+            if memory.shape[0] != index.shape[0]:  # after the first step: one row per beam
+                select_rows(index)
+            else:  # a sentence's hypotheses share its memory: only their own keys move
+                cache.reorder(index, cross_attention=False)
 
         if beam_size == 1:
             return greedy_search(
                 logits, memory.shape[0], bos_id, eos_id, self.pad_id, max_new_tokens,
                 device=device, rules=rules, sampler=sampler, return_scores=return_scores,
-                length_penalty=length_penalty, drop_rows=drop_rows)
+                length_penalty=length_penalty, drop_rows=select_rows)
         return beam_search(
-            lambda last_ids: logits(last_ids).log_softmax(dim=-1),
-            # A sentence's hypotheses share its memory: only their own keys move.
-            lambda index: cache.reorder(index, cross_attention=False),
+            lambda last_ids: logits(last_ids).log_softmax(dim=-1), reorder_beams,
             src_ids.shape[0], bos_id, eos_id, self.pad_id, max_new_tokens, beam_size,
             length_penalty, device=device, rules=rules,
-            num_return_sequences=num_return_sequences, return_scores=return_scores)
+            num_return_sequences=num_return_sequences, return_scores=return_scores,
+            expand_after_first_step=True)
