@@ -128,6 +128,7 @@ def beam_search(
     num_return_sequences: int = 1,
     return_scores: bool = False,
     expand_after_first_step: bool = False,
+    drop_finished: bool = False,
 ) -> Tensor | tuple[Tensor, Tensor]:
     """Keep the ``beam_size`` most probable prefixes per sentence at every step.
 
@@ -144,7 +145,9 @@ def beam_search(
     With ``expand_after_first_step``, the first step sees one row per sentence (its beams
     would all be the same: the empty prefix), and the first ``reorder`` grows the rows to
     ``batch * beam_size`` (its index repeats each sentence's row), as CTranslate2 does: the
-    first step costs one row per sentence, not ``beam_size``.
+    first step costs one row per sentence, not ``beam_size``. With ``drop_finished``, on
+    the CPU, the rows of sentences that are done leave the batch: ``reorder`` is then called
+    with fewer rows than ``step`` saw, and ``step`` must see only those from then on.
 
     ``rules`` forbid tokens (:class:`~attention.next_token.TokenRules`), as ``-inf``
     log-probabilities. The search writes into the tensor ``step`` returns (a fresh one
@@ -157,8 +160,10 @@ def beam_search(
     """
     k = beam_size
     rules = rules if rules is not None else TokenRules(eos_id)
-    rows = torch.arange(batch, device=device).unsqueeze(-1) * k  # (b, 1) first row per sentence
-    sentences = torch.arange(batch, device=device).unsqueeze(-1)  # (b, 1)
+    # The sentences still searched, once done ones have left the batch (None: all). Rows of
+    # step, history and scores are those sentences' in that order.
+    live: Tensor | None = None
+    can_drop = drop_finished and torch.device(device).type == "cpu"
     last = torch.full((batch * (1 if expand_after_first_step else k), 1), bos_id,
                       dtype=torch.long, device=device)
     # Each row's tokens so far, pad_id after them: step t writes column t.
@@ -175,11 +180,14 @@ def beam_search(
         if rules.active:
             rules.apply(log_probs, history, t)
         vocab = log_probs.shape[-1]
+        searched = scores.shape[0]  # sentences in the batch now
+        sentences = torch.arange(searched, device=device).unsqueeze(-1)  # (b, 1)
+        rows = sentences * k  # (b, 1) each sentence's first row
         if beams == k:
             # In place: a fresh (b*k, V) sum costs several times the addition itself.
-            candidates = log_probs.add_(scores.reshape(-1, 1)).reshape(batch, k * vocab)
+            candidates = log_probs.add_(scores.reshape(-1, 1)).reshape(searched, k * vocab)
         else:  # laid out as k beams, the others -inf: topk then breaks ties as it would
-            candidates = log_probs.new_full((batch, k * vocab), NEG_INF)
+            candidates = log_probs.new_full((searched, k * vocab), NEG_INF)
             candidates[:, :vocab] = log_probs
         top_scores, top_index = candidates.topk(min(2 * k, k * vocab), dim=-1)  # (b, 2k)
         top_beam, top_token = top_index // vocab, top_index % vocab
@@ -187,19 +195,28 @@ def beam_search(
         continuing = top_scores.masked_fill(top_token == eos_id, NEG_INF)
         keep = continuing.topk(k, dim=-1).indices  # (b, k) positions among the 2k
         scores = continuing.gather(-1, keep)
-        hypotheses.add_ended(history, top_scores, rows + top_beam, top_token, eos_id, t + 1)
-        hypotheses.update_done(scores, t + 1)
-        if stop(hypotheses.done.all()):
+        hypotheses.add_ended(history, top_scores, rows + top_beam, top_token, eos_id, t + 1,
+                             live)
+        hypotheses.update_done(scores, t + 1, live)
+        done = hypotheses.done if live is None else hypotheses.done[live]  # (b,)
+        if stop(done.all()):
             break
         kept_beam = top_beam.gather(-1, keep)  # (b, k)
-        source_rows = (rows + kept_beam).reshape(-1)  # (b*k,) rows of history
-        last = top_token.gather(-1, keep).reshape(-1, 1)
-        history = history.index_select(0, source_rows)
-        history[:, t] = last[:, 0]
+        source_rows = rows + kept_beam  # (b, k) rows of history
         # The rows step saw: one per sentence on an expanded first step.
-        reorder(source_rows if beams == k else (sentences + kept_beam).reshape(-1))
+        step_rows = source_rows if beams == k else sentences + kept_beam
+        last = top_token.gather(-1, keep)
+        if can_drop and bool(done.any()):  # done sentences leave the batch
+            still = (~done).nonzero()[:, 0]
+            source_rows, step_rows, last = source_rows[still], step_rows[still], last[still]
+            scores = scores[still]
+            live = still if live is None else live[still]
+        last = last.reshape(-1, 1)
+        history = history.index_select(0, source_rows.reshape(-1))
+        history[:, t] = last[:, 0]
+        reorder(step_rows.reshape(-1))
     else:
-        hypotheses.add_live(history, scores, max_new_tokens)
+        hypotheses.add_live(history, scores, max_new_tokens, live)
     tokens, best_scores = hypotheses.best(num_return_sequences)
     return (tokens, best_scores.float()) if return_scores else tokens
 
@@ -260,6 +277,7 @@ class _Finished:
                  pad_id: int, device: torch.device | str) -> None:
         self.k = k
         self.length_penalty = length_penalty
+        self.pad_id = pad_id
         self.scores = torch.full((batch, k), NEG_INF, dtype=torch.float64, device=device)
         self.tokens = torch.full((batch, k, max_new_tokens), pad_id, dtype=torch.long,
                                  device=device)
@@ -271,42 +289,64 @@ class _Finished:
         return log_probs.double() / (length**self.length_penalty)
 
     def add_ended(self, history: Tensor, top_scores: Tensor, top_rows: Tensor,
-                  top_token: Tensor, eos_id: int, length: int) -> None:
+                  top_token: Tensor, eos_id: int, length: int, live: Tensor | None) -> None:
         """Extensions ending in ``eos_id`` among each sentence's first ``k`` finish.
 
-        ``history`` ``(b*k, T)``; ``top_scores``, ``top_rows`` (the history row each extends)
-        and ``top_token``: ``(b, 2k)``, best first; ``length``: the hypotheses' length.
+        ``live`` ``(a,)``: the sentences still searched (``None``: all ``b``); the other
+        arguments are theirs. ``history`` ``(a*k, T)``; ``top_scores``, ``top_rows`` (the
+        history row each extends) and ``top_token``: ``(a, 2k)``, best first; ``length``:
+        the hypotheses' length.
         """
         k = self.k
         ends = (top_token[:, :k] == eos_id) & (top_scores[:, :k] > NEG_INF) \
-            & ~self.done.unsqueeze(-1)  # (b, k)
+            & ~self._of(self.done, live).unsqueeze(-1)  # (a, k)
         scores = self._score(top_scores[:, :k], length).masked_fill(~ends, NEG_INF)
-        tokens = history[top_rows[:, :k]]  # (b, k, T)
+        tokens = history[top_rows[:, :k]]  # (a, k, T)
         tokens[:, :, length - 1] = top_token[:, :k]
-        self._keep_best(torch.cat((self.scores, scores), dim=1),
-                        torch.cat((self.tokens, tokens), dim=1),
-                        torch.cat((self.lengths, torch.full_like(self.lengths, length)), dim=1))
+        lengths = self._of(self.lengths, live)
+        best = self._keep_best(torch.cat((self._of(self.scores, live), scores), dim=1),
+                               torch.cat((self._of(self.tokens, live), tokens), dim=1),
+                               torch.cat((lengths, torch.full_like(lengths, length)), dim=1))
+        if live is None:
+            self.scores, self.tokens, self.lengths = best
+        else:
+            self.scores[live], self.tokens[live], self.lengths[live] = best
 
-    def _keep_best(self, scores: Tensor, tokens: Tensor, lengths: Tensor) -> None:
-        """The ``k`` best of ``(b, n)`` candidates, old ones first among equal scores."""
+    @staticmethod
+    def _of(state: Tensor, live: Tensor | None) -> Tensor:
+        """The rows of a ``(b, …)`` state for the sentences still searched."""
+        return state if live is None else state[live]
+
+    def _keep_best(self, scores: Tensor, tokens: Tensor, lengths: Tensor
+                   ) -> tuple[Tensor, Tensor, Tensor]:
+        """The ``k`` best of ``(a, n)`` candidates, old ones first among equal scores."""
         order = scores.sort(dim=1, descending=True, stable=True).indices[:, : self.k]
-        self.scores = scores.gather(1, order)
-        self.tokens = tokens.gather(1, order.unsqueeze(-1).expand(-1, -1, tokens.shape[-1]))
-        self.lengths = lengths.gather(1, order)
+        return (scores.gather(1, order),
+                tokens.gather(1, order.unsqueeze(-1).expand(-1, -1, tokens.shape[-1])),
+                lengths.gather(1, order))
 
-    def update_done(self, live_scores: Tensor, length: int) -> None:
+    def update_done(self, live_scores: Tensor, length: int, live: Tensor | None) -> None:
         """A sentence is done with ``k`` finished hypotheses none of its live ones beats."""
-        worst = self.scores[:, -1]  # -inf unless all k slots are filled
+        worst = self._of(self.scores, live)[:, -1]  # -inf unless all k slots are filled
         best_alive = self._score(live_scores.max(dim=-1).values, length)
-        self.done |= (worst > NEG_INF) & (worst >= best_alive)
+        done = (worst > NEG_INF) & (worst >= best_alive)
+        if live is None:
+            self.done |= done
+        else:
+            self.done[live] |= done
 
-    def add_live(self, history: Tensor, live_scores: Tensor, length: int) -> None:
+    def add_live(self, history: Tensor, live_scores: Tensor, length: int,
+                 live: Tensor | None) -> None:
         """At the length limit, the live hypotheses of unfinished sentences finish as they
         are (all of them: :meth:`best` then chooses among up to ``2k``)."""
-        alive = (live_scores > NEG_INF) & ~self.done.unsqueeze(-1)  # (b, k)
+        alive = (live_scores > NEG_INF) & ~self._of(self.done, live).unsqueeze(-1)  # (a, k)
         scores = self._score(live_scores, length).masked_fill(~alive, NEG_INF)
+        tokens = history.view(scores.shape[0], self.k, -1)
+        if live is not None:  # the sentences dropped before add nothing
+            scores = torch.full_like(self.scores, NEG_INF).index_copy_(0, live, scores)
+            tokens = torch.full_like(self.tokens, self.pad_id).index_copy_(0, live, tokens)
         self.scores = torch.cat((self.scores, scores), dim=1)
-        self.tokens = torch.cat((self.tokens, history.view(self.tokens.shape)), dim=1)
+        self.tokens = torch.cat((self.tokens, tokens), dim=1)
         self.lengths = torch.cat((self.lengths, torch.full_like(self.lengths, length)), dim=1)
 
     def best(self, n: int = 1) -> tuple[Tensor, Tensor]:

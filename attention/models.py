@@ -465,8 +465,14 @@ class Transformer(nn.Module):
             memory, memory_mask = memory[index], memory_mask[index]
             cache.reorder(index)
 
+        expanded = False
+
         def reorder_beams(index: Tensor) -> None:
-            if memory.shape[0] != index.shape[0]:  # after the first step: one row per beam
+            nonlocal expanded
+            # After the first step (one row per sentence, grown into beams), or when done
+            # sentences leave the batch, the memory's rows change too.
+            if not expanded or index.shape[0] != memory.shape[0]:
+                expanded = True
                 select_rows(index)
             else:  # a sentence's hypotheses share its memory: only their own keys move
                 cache.reorder(index, cross_attention=False)
@@ -481,4 +487,4 @@ class Transformer(nn.Module):
             src_ids.shape[0], bos_id, eos_id, self.pad_id, max_new_tokens, beam_size,
             length_penalty, device=device, rules=rules,
             num_return_sequences=num_return_sequences, return_scores=return_scores,
-            expand_after_first_step=True)
+            expand_after_first_step=True, drop_finished=True)

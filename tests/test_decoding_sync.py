@@ -252,23 +252,29 @@ def test_generate_synchronizes_a_fixed_number_of_times_on_cuda(device, beam_size
 
 
 @pytest.mark.parametrize("beam_size", [2, 3, 5])
-def test_a_first_step_on_one_row_per_sentence_gives_the_same_search(beam_size):
+def test_a_first_step_on_one_row_per_sentence_and_dropped_sentences_change_nothing(beam_size):
     """``expand_after_first_step``: the first step sees ``batch`` rows, which the first
-    reorder grows to ``batch * beam_size``; the results are those of the full first step."""
-    for seed, batch, max_new_tokens, length_penalty, eos_bias in CASES[::5]:
+    reorder grows to ``batch * beam_size``; ``drop_finished``: done sentences' rows leave.
+    The results are the full search's. (This table's sentences are all alike, so none is
+    done before the others: tests/test_generate_options.py sees a model's rows shrink.)"""
+    for seed, batch, max_new_tokens, length_penalty, eos_bias in CASES[::3]:
         full = TableModel(batch * beam_size, seed, "cpu", eos_bias=eos_bias)
-        expanded = TableModel(batch, seed, "cpu", eos_bias=eos_bias)
-        rows_seen = []
-
-        def step(last, model=expanded, rows_seen=rows_seen):
-            rows_seen.append(last.shape[0])
-            return model(last)
-
         args = (batch, BOS, EOS, PAD, max_new_tokens, beam_size, length_penalty)
         expected = beam_search(full, full.reorder, *args, return_scores=True)
-        out = beam_search(step, expanded.reorder, *args, return_scores=True,
-                          expand_after_first_step=True)
-        assert out[0].tolist() == expected[0].tolist()
-        assert out[1].tolist() == expected[1].tolist()
-        assert rows_seen[0] == batch
-        assert set(rows_seen[1:]) <= {batch * beam_size}
+        for expand, drop in ((True, False), (False, True), (True, True)):
+            model = TableModel(batch * (1 if expand else beam_size), seed, "cpu",
+                               eos_bias=eos_bias)
+            rows_seen = []
+
+            def step(last, model=model, rows_seen=rows_seen):
+                rows_seen.append(last.shape[0])
+                return model(last)
+
+            out = beam_search(step, model.reorder, *args, return_scores=True,
+                              expand_after_first_step=expand, drop_finished=drop)
+            assert out[0].tolist() == expected[0].tolist()
+            assert out[1].tolist() == expected[1].tolist()
+            assert rows_seen[0] == batch * (1 if expand else beam_size)
+            assert max(rows_seen[1:], default=0) <= batch * beam_size
+            if not drop:
+                assert set(rows_seen[1:]) <= {batch * beam_size}

@@ -175,6 +175,20 @@ def test_greedy_search_drops_finished_rows_and_gives_the_same_tokens():
     assert kept.seen == [5, 4, 3, 2, 1] and full.seen == [5] * 5
 
 
+def test_beam_search_decodes_one_row_per_sentence_first_and_drops_done_sentences(monkeypatch):
+    model, src = make_model()
+    rows = []
+    decode = model._decode
+    monkeypatch.setattr(model, "_decode",
+                        lambda ids, *a, **kw: rows.append(ids.shape[0]) or decode(ids, *a, **kw))
+    out = model.generate(src, 14, BOS, EOS, beam_size=4)
+    lengths = [len(until_eos(r)) for r in out.tolist()]
+    assert len(set(lengths)) > 1  # sentences end at different steps
+    assert rows[0] == 5 and rows[1] == 20  # the empty prefix once per sentence, then beams
+    assert rows[-1] < 20  # done sentences left the batch
+    assert all(later <= earlier for earlier, later in zip(rows[1:], rows[2:], strict=False))
+
+
 @pytest.mark.parametrize("options,match", [
     ({"num_return_sequences": 2}, "num_return_sequences: expected 1 for greedy"),
     ({"num_return_sequences": 5, "beam_size": 4}, "at most beam_size=4"),
