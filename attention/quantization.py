@@ -10,8 +10,9 @@ which are most of a Transformer's time, then run in int8 with float32 outputs.
     int8_model = quantize_dynamic(model)   # model: float32, on the CPU
     int8_model.generate(src_ids, 64, bos_id, eos_id)
 
-:class:`~attention.multihead.MultiHeadAttention` fuses q/k/v into one matmul only for plain
-``nn.Linear`` projections; quantized ones run their own forward, one after the other.
+:class:`~attention.multihead.MultiHeadAttention` fuses q/k/v into one matmul, and
+:func:`~attention.inference.prepared_for_inference` packs weights for decoding, only for plain
+``nn.Linear`` layers; quantized ones run their own forward (q, k and v one after the other).
 """
 
 from __future__ import annotations

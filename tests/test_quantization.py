@@ -15,6 +15,7 @@ from torch import nn
 from torch.ao.nn.quantized import dynamic as quantized_dynamic
 
 from attention import quantization
+from attention.inference import prepared_for_inference
 from attention.models import Transformer
 from attention.multihead import MultiHeadAttention
 from attention.quantization import quantize_dynamic
@@ -119,6 +120,15 @@ def test_quantized_projections_run_their_own_forward_instead_of_the_fused_matmul
     expected, _ = attention(x)
     got, _ = quantized(x)
     torch.testing.assert_close(got, expected, atol=0.05 * expected.abs().max().item(), rtol=0)
+
+
+def test_inference_preparation_leaves_quantized_layers_to_their_own_forward():
+    quantized = quantize_dynamic(tiny_transformer())
+    src, tgt = ids(2, 5, seed=7), ids(2, 4, seed=8)
+    expected = quantized(src, tgt)
+    with torch.no_grad(), prepared_for_inference(quantized):
+        got = quantized(src, tgt)
+    torch.testing.assert_close(got, expected, atol=0, rtol=0)
 
 
 def test_runs_eagerly_without_torch_compile(monkeypatch):
