@@ -110,7 +110,8 @@ def with_empty(sentences: Sequence[str], real: list[int], texts: list[str]) -> l
 
 
 def measure(args: argparse.Namespace) -> dict:
-    config = config_from_checkpoint(load_checkpoint(args.checkpoint))
+    checkpoint = load_checkpoint(args.checkpoint)
+    config = config_from_checkpoint(checkpoint)
     sources, references, described = read_test_set(args, config)
     translator = Translator.from_checkpoint(args.checkpoint, "cpu", precision="fp32")
     real = [i for i, sentence in enumerate(sources) if sentence.strip()]
@@ -140,7 +141,8 @@ def measure(args: argparse.Namespace) -> dict:
                 print(f"ctranslate2 {quantization} beam {beam}: identical "
                       f"{rows[-1]['identical_to_ours']:.2%}, BLEU {rows[-1]['bleu']:.2f}",
                       flush=True)
-    return {"test_set": described, "sentences": len(sources),
+    return {"checkpoint_step": checkpoint["progress"]["step"],
+            "test_set": described, "sentences": len(sources),
             "model": dataclasses.asdict(config.model), "eval": dataclasses.asdict(config.eval),
             "model_bin_bytes": sizes, "results": rows}
 
@@ -164,8 +166,9 @@ def markdown(report: dict) -> str:
         f"# CTranslate2 export: agreement with ours ({report['date']})",
         "",
         f"`{report['command']}` on {report['machine']}, torch {report['torch']}, ctranslate2 "
-        f"{report['ctranslate2']}, {report['threads']} threads. Checkpoint "
-        f"`{report['checkpoint']}` (d_model {model['d_model']}, {model['n_heads']} heads, "
+        f"{report['ctranslate2']}, {report['threads']} thread"
+        f"{'s' if report['threads'] != 1 else ''}. Checkpoint `{report['checkpoint']}` of "
+        f"step {report['checkpoint_step']} (d_model {model['d_model']}, {model['n_heads']} heads, "
         f"{model['n_encoder_layers']}+{model['n_decoder_layers']} layers, "
         f"{model['positional']} positions, {'pre' if model['norm_first'] else 'post'}-norm, "
         f"{model['activation']}); {report['sentences']} sentences of {report['test_set']}. "
@@ -178,8 +181,9 @@ def markdown(report: dict) -> str:
         "| --- | --- | ---: | ---: | ---: | ---: | ---: |",
     ]
     for r in report["results"]:
-        lines.append(f"| {r['engine']} | {r['weights']} | {r['beam_size']} | "
-                     f"{r['identical_to_ours']:.2%} ({r['identical_sentences']}) | "
+        identical = "(reference)" if r["engine"] == "ours" else \
+            f"{r['identical_to_ours']:.2%} ({r['identical_sentences']})"
+        lines.append(f"| {r['engine']} | {r['weights']} | {r['beam_size']} | {identical} | "
                      f"{r['bleu']:.2f} | {r['bleu_lowercase']:.2f} | {r['seconds']:.2f} |")
     sizes = report["model_bin_bytes"]
     lines += ["", "model.bin: " + ", ".join(f"{name} {size / 1e6:.2f} MB"
@@ -204,6 +208,10 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--reference", type=Path, help="their reference translations")
     parser.add_argument("--beam-sizes", type=int, nargs="+", default=[1, 4])
     parser.add_argument("--limit", type=int, help="only the first N sentences")
+    parser.add_argument("--threads", type=int,
+                        help="CPU threads of torch and CTranslate2 (default: torch's); on a "
+                             "machine shared with other work, 1 avoids threads that spin "
+                             "waiting for a busy core")
     parser.add_argument("--out", type=Path, help="results path, without suffix",
                         default=RESULTS / f"ctranslate2-agreement-{date.today()}")
     args = parser.parse_args(argv)
@@ -211,13 +219,16 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         parser.error("--source, --reference: expected both or neither, got one")
     if any(b < 1 for b in args.beam_sizes):
         parser.error(f"--beam-sizes: expected positive ints, got {args.beam_sizes}")
-    if args.limit is not None and args.limit < 1:
-        parser.error(f"--limit: expected a positive int, got {args.limit}")
+    for name in ("limit", "threads"):
+        if getattr(args, name) is not None and getattr(args, name) < 1:
+            parser.error(f"--{name}: expected a positive int, got {getattr(args, name)}")
     return args
 
 
 def main(argv: list[str] | None = None) -> dict:
     args = parse_args(argv)
+    if args.threads is not None:
+        torch.set_num_threads(args.threads)
     report = {
         "date": str(date.today()),
         "command": " ".join(["python benchmarks/ctranslate2_agreement.py",

@@ -388,9 +388,14 @@ def test_agreement_benchmark_reports_identical_float32_greedy_tokens(tmp_path, c
     source.write_text("\n".join([*SENTENCES, ""]) + "\n")
     reference.write_text("\n".join(["der hund", "eine katze", "der hund schläft", ""]) + "\n")
     out = tmp_path / "agreement"
-    report = benchmark.main(["--checkpoint", str(checkpoint), "--source", str(source),
-                             "--reference", str(reference), "--beam-sizes", "1", "2",
-                             "--out", str(out)])
+    threads = torch.get_num_threads()
+    try:
+        report = benchmark.main(["--checkpoint", str(checkpoint), "--source", str(source),
+                                 "--reference", str(reference), "--beam-sizes", "1", "2",
+                                 "--threads", "1", "--out", str(out)])
+    finally:
+        torch.set_num_threads(threads)
+    assert report["threads"] == 1
     rows = {(r["engine"], r["weights"], r["beam_size"]): r for r in report["results"]}
     assert set(rows) == {(engine, weights, beam) for beam in (1, 2) for engine, weights in
                          (("ours", "float32"), ("ctranslate2", "float32"),

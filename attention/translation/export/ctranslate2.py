@@ -23,8 +23,9 @@ searches never generate ``<pad>`` or ``<bos>`` (``suppress_sequences`` above) an
 translation at once (``min_decoding_length=0``; CTranslate2's default is 1). With those,
 greedy search gives our tokens (the tests check it in float32). Beam search ranks finished
 hypotheses as ours does (log-probability over length, ``<eos>`` counted), but a sentence
-that reaches ``max_decoding_length`` unfinished ends differently (ours keeps its unfinished
-hypotheses, CTranslate2 only finished ones), so beam outputs can differ there.
+that reaches ``max_decoding_length`` ends differently: ours ranks its unfinished hypotheses
+with the finished ones, CTranslate2 returns a finished one if it has any, so beam outputs can
+differ there.
 
 How the weights map:
 
