@@ -290,8 +290,12 @@ def test_ctranslate2_beam_search_equals_ours_where_ours_finishes(tmp_path, ctran
 
 def test_ctranslate2_int8_loads_and_translates(tmp_path, ctranslate2):
     translator = tiny_translator()
+    before = {name: tensor.clone() for name, tensor in translator.model.state_dict().items()}
     float32 = export_ctranslate2(translator, tmp_path / "float32")
     int8 = export_ctranslate2(translator, tmp_path / "int8", quantization="int8")
+    # Quantizing the exported copy leaves the model's own weights as they were.
+    after = translator.model.state_dict()
+    assert all(torch.equal(after[name], tensor) for name, tensor in before.items())
     assert (int8 / "model.bin").stat().st_size < (float32 / "model.bin").stat().st_size
     model = ctranslate2.Translator(str(int8), device="cpu", compute_type="int8")
     sources = random_sources(8)

@@ -95,7 +95,9 @@ def tokens_by_id(tokenizer: Tokenizer, vocab_size: int, name: str) -> list[str]:
 
 
 def _weight(tensor: Tensor) -> Tensor:
-    return tensor.detach().cpu().contiguous()
+    """A copy of ``tensor`` for the spec: CTranslate2 quantizes the spec's arrays in place,
+    which must not reach the model's own weights."""
+    return tensor.detach().cpu().clone(memory_format=torch.contiguous_format)
 
 
 def _linear(spec: Any, *linears: nn.Linear) -> None:
