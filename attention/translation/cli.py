@@ -11,7 +11,7 @@ import argparse
 import sys
 from pathlib import Path
 
-__all__ = ["plot_attention_main", "train_main", "translate_main"]
+__all__ = ["export_main", "plot_attention_main", "train_main", "translate_main"]
 
 
 def _fail(message: str, status: int) -> int:
