@@ -138,7 +138,7 @@ def markdown(report: dict) -> str:
         lines.append(
             f"| {row['beam_size']} | {fp32['bleu']:.2f} | {int8['bleu']:.2f} | "
             f"{row['bleu_difference']:+.2f} | {fp32['bleu_lowercase']:.2f} | "
-            f"{int8['bleu_lowercase']:.2f} | {fp32['seconds']:.1f} | {int8['seconds']:.1f} | "
+            f"{int8['bleu_lowercase']:.2f} | {fp32['seconds']:.2f} | {int8['seconds']:.2f} | "
             f"{row['speedup']:.2f}× | {row['identical_translations']:.1%} |")
     return "\n".join(lines) + "\n"
 
