@@ -6,11 +6,13 @@ loop:
 
 - each :class:`~attention.multihead.MultiHeadAttention` stacks its ``q_proj``, ``k_proj``
   and ``v_proj`` weights once, not at every call;
-- on the CPU in float32, every weight is reordered once into oneDNN's blocked layout and
-  multiplied by oneDNN (the packing inductor's CPU freezing does). On the 2-core AMD EPYC
-  (AVX-512) these products ran 2.3-2.6× faster than ``F.linear`` (MKL) at 1-128 rows: see
-  ``benchmarks/NOTES.md``. The sums are accumulated in another order, so outputs differ
-  from ``F.linear``'s in the last bits (about 1e-6 relative).
+- on the CPU in float32, every weight is also reordered once into oneDNN's blocked layout,
+  and products of at least :data:`PACKED_MIN_MACS` multiply-adds run on it (the packing
+  inductor's CPU freezing does). On the 2-core AMD EPYC (AVX-512) these ran 1.5-2.5×
+  faster than ``F.linear`` (MKL) from 8-32 rows up, and slower on one row of a small
+  weight, which keeps ``F.linear``: ``benchmarks/results/onednn-linear-cpu-2026-11-30.md``.
+  The sums are accumulated in another order, so outputs differ from ``F.linear``'s in the
+  last bits (about 1e-6 relative).
 
 Inside the block the weights must not change (they are read on entry) and nothing is
 differentiated through them; the modules are restored on exit. The prepared weights are
@@ -32,7 +34,12 @@ from torch import Tensor, nn
 from . import features
 from .multihead import MultiHeadAttention
 
-__all__ = ["PreparedLinear", "prepared_for_inference"]
+__all__ = ["PACKED_MIN_MACS", "PreparedLinear", "prepared_for_inference"]
+
+# Products smaller than this (rows × out × in multiply-adds) keep F.linear: below it oneDNN's
+# call costs more than it saves (one row of a 256×256 weight ran at 0.32× F.linear's speed,
+# eight rows at 0.93×; one row of the 8000×256 output head at 1.25×).
+PACKED_MIN_MACS = 1_000_000
 
 
 def onednn_applies(weight: Tensor) -> bool:
@@ -52,7 +59,8 @@ class PreparedLinear:
             if onednn_applies(self.weight) else None
 
     def __call__(self, x: Tensor) -> Tensor:
-        if self.packed is not None and x.dtype == torch.float32 and x.device.type == "cpu":
+        if self.packed is not None and x.dtype == torch.float32 and x.device.type == "cpu" \
+                and x.numel() * self.weight.shape[0] >= PACKED_MIN_MACS:
             return torch.ops.mkldnn._linear_pointwise(x, self.packed, self.bias, "none", [], "")
         return F.linear(x, self.weight, self.bias)
 

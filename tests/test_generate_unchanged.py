@@ -51,3 +51,25 @@ def test_generate_gives_the_tokens_it_gave_before(index, name):
         out = model.generate(src, 14, BOS, EOS, beam_size=beam_size,
                              length_penalty=length_penalty)
         assert out.tolist() == case["out"], (name, beam_size, length_penalty)
+
+
+def test_generate_on_onednn_packed_weights_gives_the_tokens_it_gave_before():
+    """At d_model 256 with 12 sentences every decoder product is big enough to run on the
+    weights attention.inference packs for oneDNN (on a torch that has it), whose sums are
+    accumulated in another order than F.linear's."""
+    torch.manual_seed(100)
+    model = Transformer(500, 400, d_model=256, n_heads=4, n_encoder_layers=2,
+                        n_decoder_layers=2, d_ff=1024, dropout=0.0, pad_id=PAD).eval()
+    with torch.no_grad():
+        model.lm_head.weight.mul_(4.0)
+        model.lm_head.weight[EOS] *= 2.0
+    src = torch.randint(3, 500, (12, 10))
+    for row, length in enumerate((10, 4, 7, 2, 9, 10, 5, 3, 8, 6, 10, 1)):
+        src[row, length:] = PAD
+    expected = [case for case in GOLDEN["cases"] if case["model"] == "d256_packed"]
+    assert [(c["beam_size"], c["length_penalty"]) for c in expected] == \
+        [(1, 1.0), (4, 1.0), (4, 0.6)]
+    for case in expected:
+        out = model.generate(src, 20, BOS, EOS, beam_size=case["beam_size"],
+                             length_penalty=case["length_penalty"])
+        assert out.tolist() == case["out"], (case["beam_size"], case["length_penalty"])

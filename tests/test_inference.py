@@ -7,11 +7,17 @@ import pytest
 import torch
 from torch import nn
 
-from attention import Transformer, features
+from attention import Transformer, features, inference
 from attention.inference import PreparedLinear, prepared_for_inference
 from attention.multihead import MultiHeadAttention
 
 BOS, EOS = 1, 2
+
+
+@pytest.fixture
+def pack_every_product(monkeypatch):
+    """The tests' tiny products are below PACKED_MIN_MACS: pack them all the same."""
+    monkeypatch.setattr(inference, "PACKED_MIN_MACS", 0)
 
 
 def small_model(**kwargs):
@@ -20,7 +26,8 @@ def small_model(**kwargs):
                        dropout=0.0, **kwargs).eval()
 
 
-def test_outputs_match_the_modules_own_forward_and_the_modules_are_restored():
+def test_outputs_match_the_modules_own_forward_and_the_modules_are_restored(
+        pack_every_product):
     model = small_model(bias=True)
     src, tgt = torch.randint(3, 30, (3, 7)), torch.randint(3, 30, (3, 5))
     expected = model(src, tgt)
@@ -34,7 +41,7 @@ def test_outputs_match_the_modules_own_forward_and_the_modules_are_restored():
     assert torch.equal(model(src, tgt), expected)  # back to the plain path
 
 
-def test_weights_are_prepared_once_and_again_after_they_change():
+def test_weights_are_prepared_once_and_again_after_they_change(pack_every_product):
     model = small_model()
     with prepared_for_inference(model):
         first = model.lm_head.forward
@@ -95,3 +102,13 @@ def test_a_model_that_has_decoded_can_be_copied_and_saved(tmp_path):
     twin = copy.deepcopy(model)
     torch.save(model, tmp_path / "model.pt")
     assert torch.equal(twin.lm_head.weight, model.lm_head.weight)
+
+
+def test_small_products_keep_f_linear():
+    """Below PACKED_MIN_MACS (one row of a small weight) oneDNN is slower: F.linear runs,
+    with its own sums."""
+    model = small_model()
+    src, tgt = torch.randint(3, 30, (1, 7)), torch.randint(3, 30, (1, 1))
+    expected = model(src, tgt)
+    with prepared_for_inference(model):
+        assert torch.equal(model(src, tgt), expected)
