@@ -22,6 +22,7 @@ import json
 import math
 import os
 import platform
+import statistics
 import sys
 import tempfile
 import time
@@ -68,13 +69,11 @@ def read_test_set(args: argparse.Namespace, config: Config
 
 def batches_like_ours(sources: Sequence[Sequence[int]], translator: Translator
                       ) -> list[tuple[list[int], int]]:
-    """The batches :meth:`Translator.generate_ids` makes (longest first, ``batch_size``
-    each) and the length limit of each: ``(indices, max_new_tokens)``."""
+    """The batches :meth:`Translator.search` makes (longest first, by ``eval.batch_size``
+    and ``eval.batch_tokens``) and the length limit of each: ``(indices, max_new_tokens)``."""
     cfg = translator.eval_config
-    order = sorted(range(len(sources)), key=lambda i: -len(sources[i]))
     batches = []
-    for start in range(0, len(order), cfg.batch_size):
-        chunk = order[start:start + cfg.batch_size]
+    for chunk in translator._batches(sources):
         longest = max(len(sources[i]) for i in chunk)
         max_new = math.ceil(cfg.max_len_a * longest + cfg.max_len_b)
         if translator.model.decoder.max_positions is not None:
@@ -124,7 +123,7 @@ def measure(args: argparse.Namespace) -> dict:
         rows.append(row("ours", "float32", beam, ours[beam], ours[beam], seconds, translator,
                         sources, real, references))
         print(f"ours float32 beam {beam}: BLEU {rows[-1]['bleu']:.2f}", flush=True)
-    sizes = {}
+    sizes, models = {}, {}
     with tempfile.TemporaryDirectory() as scratch:
         for quantization in QUANTIZATIONS:
             folder = export_ctranslate2(translator, Path(scratch) / quantization,
@@ -132,6 +131,7 @@ def measure(args: argparse.Namespace) -> dict:
             sizes[quantization] = (folder / "model.bin").stat().st_size
             model = ctranslate2.Translator(str(folder), device="cpu", inter_threads=1,
                                            intra_threads=torch.get_num_threads())
+            models[quantization] = model
             for beam in args.beam_sizes:
                 start = time.perf_counter()
                 theirs = ctranslate2_ids(model, translator, ids, beam)
@@ -141,10 +141,38 @@ def measure(args: argparse.Namespace) -> dict:
                 print(f"ctranslate2 {quantization} beam {beam}: identical "
                       f"{rows[-1]['identical_to_ours']:.2%}, BLEU {rows[-1]['bleu']:.2f}",
                       flush=True)
+        speed = [alternated(translator, models, ids, beam, args.rounds)
+                 for beam in args.beam_sizes] if args.rounds else []
     return {"checkpoint_step": checkpoint["progress"]["step"],
             "test_set": described, "sentences": len(sources),
             "model": dataclasses.asdict(config.model), "eval": dataclasses.asdict(config.eval),
-            "model_bin_bytes": sizes, "results": rows}
+            "model_bin_bytes": sizes, "results": rows, "speed": speed}
+
+
+def alternated(translator: Translator, models: dict[str, ctranslate2.Translator],
+               ids: Sequence[Sequence[int]], beam: int, rounds: int) -> dict:
+    """Seconds to translate the whole test set, ours and each CTranslate2 model in turn,
+    ``rounds`` times (the order rotating); medians, and each peer's median per-round ratio
+    (its time ÷ ours: above 1, ours is faster)."""
+    runs = {"ours": lambda: translator.generate_ids(ids, beam_size=beam)}
+    for name, model in models.items():
+        runs[f"ctranslate2 {name}"] = lambda m=model: ctranslate2_ids(m, translator, ids, beam)
+    names = list(runs)
+    seconds: dict[str, list[float]] = {name: [] for name in names}
+    for run in runs.values():  # warm-up
+        run()
+    for index in range(rounds):
+        for name in names[index % len(names):] + names[:index % len(names)]:
+            start = time.perf_counter()
+            runs[name]()
+            seconds[name].append(time.perf_counter() - start)
+    print(f"beam {beam}: " + ", ".join(f"{n} {statistics.median(t):.2f} s"
+                                       for n, t in seconds.items()), flush=True)
+    return {"beam_size": beam, "rounds": rounds, "seconds": seconds,
+            "median_seconds": {n: statistics.median(t) for n, t in seconds.items()},
+            "ratio_to_ours": {n: statistics.median(a / b for a, b in
+                                                   zip(t, seconds["ours"], strict=True))
+                              for n, t in seconds.items() if n != "ours"}}
 
 
 def row(engine: str, weights: str, beam: int, ids: list[list[int]], ours: list[list[int]],
@@ -188,6 +216,16 @@ def markdown(report: dict) -> str:
     sizes = report["model_bin_bytes"]
     lines += ["", "model.bin: " + ", ".join(f"{name} {size / 1e6:.2f} MB"
                                             for name, size in sizes.items())]
+    if report.get("speed"):
+        lines += ["", "Speed, alternated: the whole test set translated by each in turn, "
+                  f"{report['speed'][0]['rounds']} rounds; medians, and each peer's median "
+                  "per-round ratio, its time ÷ ours (above 1: ours faster).", "",
+                  "| beam | engine | seconds | time ÷ ours |", "| ---: | --- | ---: | ---: |"]
+        for cell in report["speed"]:
+            for name, median in cell["median_seconds"].items():
+                ratio = cell["ratio_to_ours"].get(name)
+                lines.append(f"| {cell['beam_size']} | {name} | {median:.2f} | "
+                             f"{'-' if ratio is None else f'{ratio:.2f}×'} |")
     return "\n".join(lines) + "\n"
 
 
@@ -208,6 +246,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--reference", type=Path, help="their reference translations")
     parser.add_argument("--beam-sizes", type=int, nargs="+", default=[1, 4])
     parser.add_argument("--limit", type=int, help="only the first N sentences")
+    parser.add_argument("--rounds", type=int, default=0,
+                        help="also time ours and CTranslate2 alternately this many rounds")
     parser.add_argument("--threads", type=int,
                         help="CPU threads of torch and CTranslate2 (default: torch's); on a "
                              "machine shared with other work, 1 avoids threads that spin "
