@@ -203,8 +203,9 @@ def beam_search(
             break
         kept_beam = top_beam.gather(-1, keep)  # (b, k)
         source_rows = rows + kept_beam  # (b, k) rows of history
-        # The rows step saw: one per sentence on an expanded first step.
-        step_rows = source_rows if beams == k else sentences + kept_beam
+        # The rows step saw: one per sentence on an expanded first step (a kept candidate
+        # of another beam there is a -inf one, from a vocabulary smaller than the beam).
+        step_rows = source_rows if beams == k else sentences.expand(-1, k)
         last = top_token.gather(-1, keep)
         if can_drop and bool(done.any()):  # done sentences leave the batch
             still = (~done).nonzero()[:, 0]

@@ -128,7 +128,14 @@ class KVCache:
         return None if self._v is None else self._v[:, :, : self.length]
 
     def append(self, k: Tensor, v: Tensor) -> tuple[Tensor, Tensor]:
-        """Add new positions after the cached ones; return all keys and values."""
+        """Add new positions after the cached ones; return all keys and values.
+
+        When autograd records them (grad enabled and ``k`` or ``v`` requiring grad), they
+        are concatenated instead: writing into the buffer would overwrite what earlier
+        steps saved for the backward pass.
+        """
+        if torch.is_grad_enabled() and (k.requires_grad or v.requires_grad):
+            return self._concatenate(k, v)
         if self._k is not None and k.shape[0] != self._k.shape[0]:
             raise ValueError(f"cache: expected new keys for batch={self._k.shape[0]} (as "
                              f"cached), got shape {shape_of(k)}")
@@ -144,6 +151,17 @@ class KVCache:
         self.length = end
         return self.k, self.v
 
+    def _concatenate(self, k: Tensor, v: Tensor) -> tuple[Tensor, Tensor]:
+        """The differentiable append: new tensors holding the cached positions and ``k``,
+        ``v`` (own copies: they may be views into a fused q/k/v output)."""
+        if self._k is not None and self._v is not None and self.length:
+            k = torch.cat((self.k, k), dim=-2)  # (b h n d) ++ (b h m d) -> (b h n+m d)
+            v = torch.cat((self.v, v), dim=-2)
+        else:
+            k, v = k.contiguous(), v.contiguous()
+        self._k, self._v, self.length = k, v, k.shape[-2]
+        return k, v
+
     def _grow(self, old: Tensor | None, new: Tensor, room: int) -> Tensor:
         """A buffer of ``room`` positions for rows like ``new``, holding ``old``'s."""
         batch, heads, _, d_head = new.shape
@@ -155,6 +173,10 @@ class KVCache:
     def reorder(self, index: Tensor) -> None:
         """Keep batch rows ``index``, in that order (beam search reorders hypotheses)."""
         if self._k is None or self._v is None:
+            return
+        if torch.is_grad_enabled() and (self._k.requires_grad or self._v.requires_grad):
+            self._k = self.k.index_select(0, index)  # differentiable, as in append
+            self._v = self.v.index_select(0, index)
             return
         self._k = self._select_rows(self._k, index)
         self._v = self._select_rows(self._v, index)
@@ -183,6 +205,10 @@ class MultiHeadAttention(nn.Module):
         rotary: rotate queries and keys by their positions (self-attention only).
     """
 
+    # q/k/v_proj stacked once for a loop of inference calls (attention.inference); a class
+    # default too, for modules pickled before the attribute existed.
+    _qkv_projection: Callable[[Tensor], Tensor] | None = None
+
     def __init__(
         self,
         d_model: int,
@@ -207,8 +233,7 @@ class MultiHeadAttention(nn.Module):
         self.v_proj = nn.Linear(self.vdim, d_model, bias=bias)
         self.out_proj = nn.Linear(d_model, d_model, bias=bias)
         self.rotary = RotaryEmbedding(self.d_head) if rotary else None
-        # q/k/v_proj stacked once for a loop of inference calls (attention.inference)
-        self._qkv_projection: Callable[[Tensor], Tensor] | None = None
+        self._qkv_projection = None
 
     def forward(
         self,

@@ -214,3 +214,14 @@ def test_token_rules_forbid_only_what_they_say():
         scores = rules.apply(torch.zeros(1, 8), history, step)
         assert {i for i, s in enumerate(scores[0].tolist()) if math.isinf(s)} == banned
     assert not TokenRules(EOS).active
+
+
+@pytest.mark.parametrize("vocab,beam_size", [(5, 3), (6, 4), (4, 2)])
+def test_beam_search_with_fewer_tokens_than_beams_decodes(vocab, beam_size):
+    """pad, bos and eos banned leave fewer candidates than beams on the first step."""
+    torch.manual_seed(0)
+    model = Transformer(vocab, vocab, d_model=16, n_heads=2, n_encoder_layers=1,
+                        n_decoder_layers=1, dropout=0.0).eval()
+    src = torch.randint(3, vocab, (3, 4))
+    out = model.generate(src, 5, BOS, EOS, beam_size=beam_size)
+    assert out.shape[0] == 3 and out.shape[1] <= 5

@@ -41,12 +41,12 @@ def test_outputs_match_the_modules_own_forward_and_the_modules_are_restored(
     assert torch.equal(model(src, tgt), expected)  # back to the plain path
 
 
-def test_weights_are_prepared_once_and_again_after_they_change(pack_every_product):
+def test_each_block_prepares_the_weights_it_finds_on_entry(pack_every_product):
     model = small_model()
     with prepared_for_inference(model):
         first = model.lm_head.forward
-    with prepared_for_inference(model):
-        assert model.lm_head.forward is first  # kept from the block before
+        with prepared_for_inference(model):  # nested: the enclosing block's weights
+            assert model.lm_head.forward is first
     optimizer = torch.optim.SGD(model.parameters(), lr=0.5)
     src, tgt = torch.randint(3, 30, (2, 6)), torch.randint(3, 30, (2, 4))
     model(src, tgt).square().mean().backward()
@@ -55,11 +55,6 @@ def test_weights_are_prepared_once_and_again_after_they_change(pack_every_produc
         expected = model(src, tgt)
     with prepared_for_inference(model):
         assert model.lm_head.forward is not first
-        torch.testing.assert_close(model(src, tgt), expected, rtol=1e-5, atol=1e-5)
-    model.load_state_dict(small_model().state_dict())
-    with torch.no_grad():
-        expected = model(src, tgt)
-    with prepared_for_inference(model):
         torch.testing.assert_close(model(src, tgt), expected, rtol=1e-5, atol=1e-5)
 
 
@@ -75,13 +70,19 @@ def test_hooked_layers_keep_their_own_forward():
 
 
 @pytest.mark.skipif(not features.ONEDNN_LINEAR, reason="this torch has no oneDNN linear ops")
-def test_float32_cpu_weights_are_packed_for_onednn_outside_autocast():
-    linear = nn.Linear(16, 24)
-    assert PreparedLinear(linear.weight, linear.bias).packed is not None
+def test_float32_cpu_weights_are_packed_on_their_first_big_product_outside_autocast():
+    linear = nn.Linear(256, 512)
+    prepared = PreparedLinear(linear.weight, linear.bias)
+    assert prepared.packs and prepared.packed is None  # nothing packed before it is needed
+    prepared(torch.randn(1, 256))  # 131k multiply-adds: F.linear
+    assert prepared.packed is None
+    x = torch.randn(16, 256)
+    out = prepared(x)  # 2.1M: packed, and kept
+    assert prepared.packed is not None
+    torch.testing.assert_close(out, linear(x), rtol=1e-5, atol=1e-5)
     with torch.autocast("cpu", dtype=torch.bfloat16):
-        assert PreparedLinear(linear.weight, linear.bias).packed is None
-    half = PreparedLinear(linear.weight.bfloat16(), None)
-    assert half.packed is None
+        assert not PreparedLinear(linear.weight, linear.bias).packs
+    assert not PreparedLinear(linear.weight.bfloat16(), None).packs
 
 
 def test_without_onednn_the_weights_are_used_as_they_are(monkeypatch):
@@ -92,7 +93,7 @@ def test_without_onednn_the_weights_are_used_as_they_are(monkeypatch):
     monkeypatch.setattr(features, "ONEDNN_LINEAR", False)
     expected = model(src, tgt)
     with prepared_for_inference(model):  # prepared again, unpacked: F.linear's own sums
-        assert model.lm_head.forward.packed is None
+        assert not model.lm_head.forward.packs
         assert torch.equal(model(src, tgt), expected)
 
 
@@ -112,3 +113,53 @@ def test_small_products_keep_f_linear():
     expected = model(src, tgt)
     with prepared_for_inference(model):
         assert torch.equal(model(src, tgt), expected)
+
+
+def test_a_weight_changed_between_calls_is_seen_however_it_was_changed():
+    """Each generate prepares the weights afresh: updates that leave a tensor's version
+    counter alone (writes through .data, fused optimizers) are seen too."""
+    model = small_model()
+    src = torch.randint(3, 30, (4, 6))
+    before = model.generate(src, 6, BOS, EOS, return_scores=True)[1]
+    with torch.no_grad():
+        for parameter in model.parameters():
+            parameter.data.mul_(1.5)  # no version bump
+    after = model.generate(src, 6, BOS, EOS, return_scores=True)[1]
+    assert not torch.equal(before, after)
+    assert torch.equal(after, copy.deepcopy(model).generate(src, 6, BOS, EOS,
+                                                           return_scores=True)[1])
+
+
+def test_a_model_made_under_inference_mode_decodes():
+    with torch.inference_mode():
+        model = small_model()
+        src = torch.randint(3, 30, (2, 5))
+    assert model.generate(src, 4, BOS, EOS).shape[0] == 2
+    with torch.inference_mode():
+        assert model.generate(src, 4, BOS, EOS, beam_size=2).shape[0] == 2
+
+
+def test_a_failure_while_preparing_restores_every_module(monkeypatch):
+    model = small_model()
+    made = []
+    real_init = PreparedLinear.__init__
+
+    def failing(self, weight, bias):
+        made.append(1)
+        if len(made) == 4:
+            raise MemoryError("while packing")
+        real_init(self, weight, bias)
+
+    monkeypatch.setattr(PreparedLinear, "__init__", failing)
+    with pytest.raises(MemoryError), prepared_for_inference(model):
+        pass
+    assert not any("forward" in m.__dict__ for m in model.modules())
+    assert all(m._qkv_projection is None for m in model.modules()
+               if isinstance(m, MultiHeadAttention))
+
+
+def test_modules_pickled_before_the_prepared_projection_existed_still_run():
+    model = small_model()
+    for module in model.modules():
+        module.__dict__.pop("_qkv_projection", None)  # as unpickled from an older release
+    assert model.generate(torch.randint(3, 30, (2, 5)), 4, BOS, EOS).shape[0] == 2

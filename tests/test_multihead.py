@@ -137,6 +137,37 @@ def test_cache_reorder_keeps_selected_rows():
     assert cache.v.flatten().tolist() == [-2.0, -2.0, 0.0]
 
 
+@pytest.mark.parametrize("capacity", [None, 2, 8])
+def test_cached_steps_grow_past_their_capacity_and_keep_every_position(capacity):
+    cache = KVCache(capacity)
+    keys = [torch.randn(3, 2, n, 4) for n in (1, 2, 1, 3)]
+    for k in keys:
+        cache.append(k, 2 * k)
+    torch.testing.assert_close(cache.k, torch.cat(keys, dim=-2))
+    torch.testing.assert_close(cache.v, 2 * torch.cat(keys, dim=-2))
+    cache.reorder(torch.tensor([2, 0]))  # fewer rows: beam search dropping a sentence
+    torch.testing.assert_close(cache.k, torch.cat(keys, dim=-2)[[2, 0]])
+    with pytest.raises(ValueError, match="cache: expected new keys for batch=2"):
+        cache.append(torch.randn(3, 2, 1, 4), torch.randn(3, 2, 1, 4))
+
+
+def test_gradients_flow_through_cached_steps_and_reorders():
+    """With autograd recording, the cache concatenates instead of writing in place (which
+    would overwrite what earlier steps saved for the backward pass)."""
+    torch.manual_seed(0)
+    mha = MultiHeadAttention(16, 2)
+    x = torch.randn(2, 4, 16, requires_grad=True)
+    cache = KVCache(4)
+    steps = []
+    for t in range(4):
+        steps.append(mha(x[:, t : t + 1], is_causal=True, cache=cache)[0])
+        if t == 1:
+            cache.reorder(torch.tensor([0, 1]))
+    torch.cat(steps, dim=1).square().sum().backward()
+    expected = torch.autograd.grad(mha(x, is_causal=True)[0].square().sum(), x)[0]
+    torch.testing.assert_close(x.grad, expected, atol=1e-5, rtol=1e-5)
+
+
 def test_gradcheck_through_the_module():
     torch.manual_seed(0)
     mha = MultiHeadAttention(8, 2, rotary=True).double()

@@ -95,9 +95,9 @@ def translate_main(argv: list[str] | None = None) -> int:
     parser.add_argument("--no-repeat-ngram-size", type=int, default=0)
     parser.add_argument("--sample", action="store_true",
                         help="draw each token (with --temperature, --top-k, --top-p)")
-    parser.add_argument("--temperature", type=float, default=1.0)
-    parser.add_argument("--top-k", type=int, default=0, help="0: no cut")
-    parser.add_argument("--top-p", type=float, default=1.0, help="1.0: no cut")
+    parser.add_argument("--temperature", type=float, default=None, help="with --sample; 1.0")
+    parser.add_argument("--top-k", type=int, default=None, help="with --sample; 0: no cut")
+    parser.add_argument("--top-p", type=float, default=None, help="with --sample; 1.0: no cut")
     parser.add_argument("--seed", type=int, default=None, help="makes --sample reproducible")
     parser.add_argument("--int8", action="store_true",
                         help="CPU only: int8 dynamic quantization of the Linear layers")
@@ -110,8 +110,19 @@ def translate_main(argv: list[str] | None = None) -> int:
         parser.error(f"--beam-size: expected a positive integer, got {args.beam_size}")
     if args.nbest < 1:
         parser.error(f"--nbest: expected a positive integer, got {args.nbest}")
-    sampling = {"do_sample": True, "temperature": args.temperature, "top_k": args.top_k,
-                "top_p": args.top_p} if args.sample else {}
+    sampling_flags = {"--temperature": args.temperature, "--top-k": args.top_k,
+                      "--top-p": args.top_p, "--seed": args.seed}
+    given = [flag for flag, value in sampling_flags.items() if value is not None]
+    if given and not args.sample:
+        parser.error(f"{', '.join(given)}: expected only with --sample (they shape sampling), "
+                     f"got them without it")
+    sampling: dict[str, object] = {}
+    if args.sample:
+        if args.beam_size is None:
+            args.beam_size = 1  # sampling draws one token per step: not the config's beam
+        sampling = {"do_sample": True, "temperature": 1.0 if args.temperature is None else
+                    args.temperature, "top_k": args.top_k or 0,
+                    "top_p": 1.0 if args.top_p is None else args.top_p}
 
     from .translator import Translator
 
@@ -124,6 +135,7 @@ def translate_main(argv: list[str] | None = None) -> int:
             from ..quantization import quantize_dynamic
 
             translator.model = quantize_dynamic(translator.model)
+            translator.precision = "fp32"  # int8 layers take float32 inputs, no autocast
     except (OSError, ValueError) as error:  # missing, unreadable, or not a whole model
         return _fail(str(error), 2)
     sentences = args.sentences or [line.rstrip("\n") for line in sys.stdin]

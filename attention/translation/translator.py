@@ -16,6 +16,7 @@ import torch
 from tokenizers import Tokenizer
 from torch import Tensor
 
+from ..inference import prepared_for_inference
 from ..models import Transformer
 from .checkpoint import config_from_checkpoint, load_checkpoint, model_from_config
 from .config import EvalConfig
@@ -123,6 +124,9 @@ class Translator:
         ``options`` are :meth:`search`'s (one output per source: no
         ``num_return_sequences``).
         """
+        if "num_return_sequences" in options:
+            raise TypeError("num_return_sequences: generate_ids returns one translation per "
+                            "source; use search() or translate() for n-best lists")
         hypotheses = self.search(sources, beam_size=beam_size, length_penalty=length_penalty,
                                  **options)
         return [ids for ((ids, _score),) in hypotheses]
@@ -135,9 +139,13 @@ class Translator:
 
         ``options`` go to :meth:`attention.models.Transformer.generate`
         (``min_new_tokens``, ``no_repeat_ngram_size``, ``do_sample``, ``temperature``,
-        ``top_k``, ``top_p``); ``seed`` seeds sampling (``None``: torch's global generator).
-        Sources are decoded longest first in batches of at most ``eval.batch_size``
-        sentences and ``eval.batch_tokens`` padded tokens.
+        ``top_k``, ``top_p``); ``seed`` seeds sampling (``None``: torch's global generator):
+        the same sentences, seed and batching give the same samples (a sentence's draws
+        depend on the batch it is decoded in). Sources are decoded longest first in batches
+        of at most ``eval.batch_size`` sentences and ``eval.batch_tokens`` padded tokens;
+        each batch's length limit is ``eval.max_len_a × its longest source + max_len_b``,
+        which also caps ``min_new_tokens``. The model's weights are prepared once for all
+        the batches (:func:`attention.inference.prepared_for_inference`).
         """
         cfg = self.eval_config
         beam_size = cfg.beam_size if beam_size is None else beam_size
@@ -146,20 +154,33 @@ class Translator:
         if seed is not None:
             options["generator"] = torch.Generator(device).manual_seed(seed)
         results: list[list[tuple[list[int], float]]] = [[] for _ in sources]
-        for chunk in self._batches(sources):
-            src = collate([list(sources[i]) for i in chunk], PAD_ID).to(device)
-            max_new = math.ceil(cfg.max_len_a * src.shape[1] + cfg.max_len_b)
-            if self.model.decoder.max_positions is not None:
-                max_new = min(max_new, self.model.decoder.max_positions)
-            with autocast(device, self.autocast_dtype):
-                out, scores = self.model.generate(
-                    src, max_new, BOS_ID, EOS_ID, beam_size=beam_size,
-                    length_penalty=length_penalty, num_return_sequences=num_return_sequences,
-                    return_scores=True, **options)
-            rows = zip(out.tolist(), scores.tolist(), strict=True)
-            for index, group in zip(chunk, _groups(rows, num_return_sequences), strict=True):
-                results[index] = [(_until_eos(row), score) for row, score in group]
+        with prepared_for_inference(self.model):
+            for chunk in self._batches(sources):
+                self._search_batch(sources, chunk, results, beam_size, length_penalty,
+                                   num_return_sequences, options)
         return results
+
+    def _search_batch(self, sources: Sequence[Sequence[int]], chunk: list[int],
+                      results: list[list[tuple[list[int], float]]], beam_size: int,
+                      length_penalty: float, num_return_sequences: int,
+                      options: dict[str, Any]) -> None:
+        """Decode the sources ``chunk`` indexes, writing their hypotheses into ``results``."""
+        cfg = self.eval_config
+        device = self.device
+        src = collate([list(sources[i]) for i in chunk], PAD_ID).to(device)
+        max_new = math.ceil(cfg.max_len_a * src.shape[1] + cfg.max_len_b)
+        if self.model.decoder.max_positions is not None:
+            max_new = min(max_new, self.model.decoder.max_positions)
+        if options.get("min_new_tokens", 0) > max_new:  # no longer than the limit
+            options = {**options, "min_new_tokens": max_new}
+        with autocast(device, self.autocast_dtype):
+            out, scores = self.model.generate(
+                src, max_new, BOS_ID, EOS_ID, beam_size=beam_size,
+                length_penalty=length_penalty, num_return_sequences=num_return_sequences,
+                return_scores=True, **options)
+        rows = zip(out.tolist(), scores.tolist(), strict=True)
+        for index, group in zip(chunk, _groups(rows, num_return_sequences), strict=True):
+            results[index] = [(_until_eos(row), score) for row, score in group]
 
     def _batches(self, sources: Sequence[Sequence[int]]) -> list[list[int]]:
         """Indices of ``sources``, longest first, cut into batches by ``eval.batch_size``

@@ -34,7 +34,7 @@ def converter_available():
 def test_every_system_generates_the_same_tokens(tmp_path):
     out = tmp_path / "decoding"
     report = decoding.main([*TINY, "--out", str(out)])
-    expected = {decoding.OURS}
+    expected = {decoding.OURS, decoding.OursPrepared.name}
     expected |= {"transformers"} if installed("transformers") else set()
     expected |= set(decoding.PEERS[:2]) if converter_available() else set()
     assert [(c["threads"], c["beam"]) for c in report["cells"]] == [(1, 1), (1, 2)]
@@ -129,7 +129,8 @@ def test_missing_peers_are_skipped_with_a_notice(tmp_path, monkeypatch, capsys):
     monkeypatch.setitem(sys.modules, "ctranslate2", None)
     report = decoding.main([*TINY, "--beams", "1", "--out", str(tmp_path / "d")])
     assert set(report["skipped"]) == {"transformers", "ctranslate2", "ctranslate2-int8"}
-    assert all(set(cell["systems"]) == {decoding.OURS} for cell in report["cells"])
+    assert all(set(cell["systems"]) == {decoding.OURS, decoding.OursPrepared.name}
+               for cell in report["cells"])
     err = capsys.readouterr().err
     assert "transformers skipped: transformers is not installed" in err
     assert "ctranslate2 skipped: ctranslate2 is not installed" in err

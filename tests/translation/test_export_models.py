@@ -369,12 +369,19 @@ def test_export_command_errors_are_one_line_with_status_2(tmp_path, checkpoint, 
                         str(tmp_path / "a")]) == 2
     assert "checkpoint: file not found" in capsys.readouterr().err
     (tmp_path / "taken").mkdir()
-    (tmp_path / "taken" / "file").write_text("x")
+    (tmp_path / "taken" / "config.json").write_text("{}")  # an earlier export
     assert export_main(["--checkpoint", str(checkpoint), "--out", str(tmp_path / "taken")]) == 2
     error = capsys.readouterr().err
     assert error.startswith("error: out_dir:") and "--force" in error and error.count("\n") == 1
     assert export_main(["--checkpoint", str(checkpoint), "--out", str(tmp_path / "taken"),
                         "--force"]) == 0
+    # --force replaces an earlier export, never a folder holding anything else (here the
+    # run's own folder, with its checkpoints).
+    run = checkpoint.parent
+    kept = sorted(p.name for p in run.iterdir())
+    assert export_main(["--checkpoint", str(checkpoint), "--out", str(run), "--force"]) == 2
+    assert "holds more than an exported model" in capsys.readouterr().err
+    assert sorted(p.name for p in run.iterdir()) == kept
     with pytest.raises(SystemExit) as exited:  # quantization is for ctranslate2 only
         export_main(["--checkpoint", str(checkpoint), "--out", str(tmp_path / "b"),
                      "--quantization", "int8"])
@@ -412,3 +419,13 @@ def test_agreement_benchmark_reports_identical_float32_greedy_tokens(tmp_path, c
     report = benchmark.main(["--checkpoint", str(checkpoint), "--beam-sizes", "1",
                              "--out", str(out)])  # the checkpoint's own test split
     assert report["sentences"] == 6 and "toy test split" in report["test_set"]
+
+
+def test_a_compiled_translator_saves_the_model_it_wraps(tmp_path):
+    translator = tiny_translator()
+    translator.model = torch.compile(translator.model)  # compiles lazily: nothing runs here
+    folder = save_pretrained(translator, tmp_path / "model")
+    loaded = Translator.from_pretrained(folder, device="cpu")
+    original = translator.model._orig_mod.state_dict()
+    assert loaded.model.state_dict().keys() == original.keys()
+    assert all(torch.equal(loaded.model.state_dict()[k], v) for k, v in original.items())

@@ -6,13 +6,17 @@ from __future__ import annotations
 
 import dataclasses
 import re
+from pathlib import Path
 
 import pytest
 
 from attention.translation.cli import translate_main
+from attention.translation.config import load_config
 from attention.translation.export.folder import save_pretrained
+from attention.translation.training import train
 from attention.translation.translator import Translation
 
+TINY = Path(__file__).resolve().parents[2] / "configs" / "tiny.yaml"
 SENTENCES = ["the dog sees a cat", "a cat runs", "the big dog sleeps", "now the girls sleep"]
 
 
@@ -110,3 +114,33 @@ def test_the_command_reads_model_folders_and_quantizes(checkpoint, translator, t
     assert translate_main(["--checkpoint", str(checkpoint), "--device", "cpu", "--int8",
                            *SENTENCES]) == 0
     assert len(capsys.readouterr().out.splitlines()) == len(SENTENCES)
+
+
+def test_min_new_tokens_above_a_batchs_length_limit_is_capped_by_it(translator):
+    translator.eval_config = dataclasses.replace(translator.eval_config, max_len_a=0.0,
+                                                 max_len_b=6)
+    out = translator.generate_ids(translator.encode(SENTENCES), beam_size=1,
+                                  min_new_tokens=50)
+    assert all(len(row) == 6 for row in out)
+    with pytest.raises(TypeError, match="num_return_sequences: generate_ids returns one"):
+        translator.generate_ids(translator.encode(SENTENCES), num_return_sequences=2)
+
+
+def test_sampling_flags_need_sample_and_sample_implies_greedy_steps(checkpoint, capsys):
+    base = ["--checkpoint", str(checkpoint), "--device", "cpu", SENTENCES[0]]
+    with pytest.raises(SystemExit) as exit_info:
+        translate_main([*base, "--top-k", "5", "--seed", "1"])
+    assert exit_info.value.code == 2
+    assert "--top-k, --seed: expected only with --sample" in capsys.readouterr().err
+    # The checkpoint's config decodes with beam 4; --sample alone draws one token a step.
+    assert translate_main([*base, "--sample", "--seed", "1"]) == 0
+
+
+def test_int8_runs_on_a_checkpoint_trained_in_bf16(tmp_path, capsys):
+    config = load_config(TINY, [f"train.run_dir={tmp_path}", "train.threads=1",
+                                "train.max_steps=1", "train.eval_every=1000",
+                                "eval.val_sentences=2", "train.precision=bf16"])
+    train(config, progress_bar=False, log=lambda message: None)
+    assert translate_main(["--checkpoint", str(config.run_path / "checkpoint_best.pt"),
+                           "--device", "cpu", "--int8", *SENTENCES[:2]]) == 0
+    assert len(capsys.readouterr().out.splitlines()) == 2

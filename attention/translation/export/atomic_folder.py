@@ -11,13 +11,28 @@ from pathlib import Path
 __all__ = ["check_writable", "write_folder_atomic"]
 
 
+# What an exported model folder holds (ours: JSON, safetensors; CTranslate2's: model.bin,
+# JSON or text vocabularies). Only a folder of such files may be replaced.
+EXPORT_SUFFIXES = {".json", ".safetensors", ".bin", ".txt"}
+
+
 def check_writable(path: Path, overwrite: bool) -> None:
-    """Raise ``FileExistsError`` when ``path`` holds something that ``overwrite`` off keeps."""
+    """Raise ``FileExistsError`` when ``path`` holds something that ``overwrite`` off keeps,
+    or, with ``overwrite``, something that is not an earlier export (a run's folder with its
+    checkpoints, a folder of folders): replacing deletes what was there."""
     if path.exists() and not path.is_dir():
         raise FileExistsError(f"out_dir: {path} is a file, expected a folder to write")
-    if path.is_dir() and any(path.iterdir()) and not overwrite:
+    if not path.is_dir() or not any(path.iterdir()):
+        return
+    if not overwrite:
         raise FileExistsError(f"out_dir: {path} exists and is not empty (pass overwrite=True, "
                               f"or --force, to replace it)")
+    foreign = sorted(entry.name for entry in path.iterdir()
+                     if not entry.is_file() or entry.suffix not in EXPORT_SUFFIXES)
+    if foreign:
+        raise FileExistsError(f"out_dir: {path} holds more than an exported model "
+                              f"({', '.join(foreign[:5])}); expected an empty folder or an "
+                              f"earlier export to replace")
 
 
 def write_folder_atomic(path: str | os.PathLike, fill: Callable[[Path], object], *,

@@ -28,6 +28,7 @@ from safetensors import safe_open
 from safetensors.torch import load_file
 from safetensors.torch import save as safetensors_bytes
 from tokenizers import Tokenizer
+from torch import nn
 
 from ...models import Transformer
 from ..checkpoint import model_from_config
@@ -53,7 +54,7 @@ def save_pretrained(translator: Translator, out_dir: str | os.PathLike, *,
     An existing non-empty ``out_dir`` raises ``FileExistsError`` unless ``overwrite``.
     Returns the folder's path.
     """
-    model = translator.model
+    model = _unwrapped(translator.model)
     config = folder_config(translator)
     tensors = {name: tensor.detach().cpu().contiguous()
                for name, tensor in model.state_dict().items()
@@ -69,9 +70,14 @@ def save_pretrained(translator: Translator, out_dir: str | os.PathLike, *,
     return write_folder_atomic(out_dir, fill, overwrite=overwrite)
 
 
+def _unwrapped(model: nn.Module) -> nn.Module:
+    """The module a ``torch.compile`` wrapper holds (its state dict's keys are prefixed)."""
+    return getattr(model, "_orig_mod", model)
+
+
 def folder_config(translator: Translator) -> dict[str, Any]:
     """What ``config.json`` holds for ``translator``."""
-    model = translator.model
+    model = _unwrapped(translator.model)
     return {
         "format": FORMAT,
         "model": dataclasses.asdict(model_config_of(model)),
