@@ -182,6 +182,9 @@ BREAKAGES = {
         ValueError, "target_tokenizer.json: expected 36 tokens .*got 37"),
     "not a tokenizer": (lambda f: (f / "source_tokenizer.json").write_text("{}"),
                         ValueError, "source_tokenizer.json: not a tokenizer's JSON"),
+    "eval value out of range": (lambda f: _rewrite_json(
+        f / "config.json", lambda c: c["eval"].update(batch_size=0)),
+        ValueError, "config.json: eval.batch_size: expected a positive number, got 0"),
 }
 
 
