@@ -32,7 +32,7 @@ from torch import nn
 
 from ...models import Transformer
 from ..checkpoint import model_from_config
-from ..config import Config, ConfigError, EvalConfig, ModelConfig, check_value
+from ..config import Config, ConfigError, EvalConfig, ModelConfig, TrainConfig, check_value
 from ..data.tokenizer import PAD_ID, SPECIAL_TOKENS
 from ..files import write_atomic
 from ..translator import Translator, resolve_device
@@ -115,8 +115,11 @@ def load_pretrained(path: str | os.PathLike, device: str | torch.device = "auto"
     config = _read_config(folder / CONFIG)
     model_config = _section(ModelConfig, config, "model", folder / CONFIG)
     eval_config = _section(EvalConfig, config, "eval", folder / CONFIG)
-    try:  # ranges and choices, as a run's config is checked (eval.batch_size > 0, …)
-        Config(model=model_config, eval=eval_config).check(check_files=False)
+    # Ranges and choices, as a run's config is checked (eval.batch_size > 0, …); a folder
+    # holds no training settings, so the check gets a training section that ends.
+    try:
+        Config(model=model_config, eval=eval_config,
+               train=TrainConfig(max_steps=1)).check(check_files=False)
     except ConfigError as error:
         raise ValueError(f"{folder / CONFIG}: {error}") from None
     src_tokenizer, tgt_tokenizer = (_read_tokenizer(folder / TOKENIZERS[side])
