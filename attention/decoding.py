@@ -173,6 +173,8 @@ def beam_search(
     scores[:, 0] = 0.0
     hypotheses = _Finished(batch, k, max_new_tokens, length_penalty, pad_id, device)
     stop = _StopFlag(device)
+    sentences = torch.arange(batch, device=device).unsqueeze(-1)  # (b, 1), b searched now
+    rows = sentences * k  # (b, 1) each sentence's first row
 
     for t in range(max_new_tokens):
         beams = 1 if expand_after_first_step and t == 0 else k  # rows per sentence now
@@ -180,9 +182,7 @@ def beam_search(
         if rules.active:
             rules.apply(log_probs, history, t)
         vocab = log_probs.shape[-1]
-        searched = scores.shape[0]  # sentences in the batch now
-        sentences = torch.arange(searched, device=device).unsqueeze(-1)  # (b, 1)
-        rows = sentences * k  # (b, 1) each sentence's first row
+        searched = scores.shape[0]
         if beams == k:
             # In place: a fresh (b*k, V) sum costs several times the addition itself.
             candidates = log_probs.add_(scores.reshape(-1, 1)).reshape(searched, k * vocab)
@@ -212,6 +212,7 @@ def beam_search(
             source_rows, step_rows, last = source_rows[still], step_rows[still], last[still]
             scores = scores[still]
             live = still if live is None else live[still]
+            sentences, rows = sentences[: still.shape[0]], rows[: still.shape[0]]
         last = last.reshape(-1, 1)
         history = history.index_select(0, source_rows.reshape(-1))
         history[:, t] = last[:, 0]

@@ -451,8 +451,8 @@ class Transformer(nn.Module):
         # Padding and BOS are never outputs; padding also fills rows after their EOS. Their
         # ids go to the device once: a Python list as an index would be copied there, and
         # waited for, at every step.
-        banned = torch.tensor([self.pad_id, bos_id], device=src_ids.device)
         device = src_ids.device
+        banned = torch.tensor([self.pad_id, bos_id], device=device)
 
         def logits(last_ids: Tensor) -> Tensor:  # (N, 1) -> (N, V) float32
             # The ids are the search's own picks: no range check needed.

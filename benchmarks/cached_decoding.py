@@ -29,7 +29,7 @@ import torch
 from torch import Tensor, nn
 
 from attention import compat
-from attention.translation.files import write_atomic
+from attention.translation.files import write_text_atomic
 
 RESULTS = Path(__file__).resolve().parent / "results"
 
@@ -120,9 +120,6 @@ def markdown(report: dict) -> str:
     return "\n".join(lines) + "\n"
 
 
-def write_atomically(path: Path, text: str) -> None:
-    write_atomic(path, lambda file: file.write(text.encode()))
-
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
@@ -166,8 +163,8 @@ def main(argv: list[str] | None = None) -> None:
                                                 "batch", "memory", "new_tokens", "rounds")},
         "results": results,
     }
-    write_atomically(args.out.with_suffix(".json"), json.dumps(report, indent=2) + "\n")
-    write_atomically(args.out.with_suffix(".md"), markdown(report))
+    write_text_atomic(args.out.with_suffix(".json"), json.dumps(report, indent=2) + "\n")
+    write_text_atomic(args.out.with_suffix(".md"), markdown(report))
     print(f"wrote {args.out}.json and .md")
 
 

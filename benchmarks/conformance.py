@@ -33,7 +33,7 @@ from pathlib import Path
 
 import torch
 
-from attention.translation.files import write_atomic
+from attention.translation.files import write_text_atomic
 
 ROOT = Path(__file__).resolve().parent.parent
 BENCHMARKS = Path(__file__).resolve().parent
@@ -312,9 +312,6 @@ def render_markdown(report: dict) -> str:
     return "\n".join(lines)
 
 
-def write_atomically(path: Path, text: str) -> None:
-    write_atomic(path, lambda file: file.write(text.encode()))
-
 
 def main(argv: list[str] | None = None) -> None:
     args = parse_args(argv)
@@ -326,8 +323,8 @@ def main(argv: list[str] | None = None) -> None:
     runs = [run_one(args.tests, test_file, mode, runs_dir, env, args.timeout)
             for test_file in TEST_FILES for mode in args.modes]
     report = build_report(args, runs, read_swapped(swap_record))
-    write_atomically(args.out / "results.json", json.dumps(report, indent=2) + "\n")
-    write_atomically(args.out / "results.md", render_markdown(report))
+    write_text_atomic(args.out / "results.json", json.dumps(report, indent=2) + "\n")
+    write_text_atomic(args.out / "results.md", render_markdown(report))
     found = sum(len(items) for items in report["regressions"].values())
     print(f"{found} tests pass on torch.nn's classes and fail on ours; "
           f"see {args.out / 'results.md'}")

@@ -19,7 +19,6 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import json
-import math
 import os
 import platform
 import statistics
@@ -39,7 +38,7 @@ from attention.translation.data.corpus import read_lines
 from attention.translation.data.dataset import load_splits
 from attention.translation.data.tokenizer import BOS_ID, PAD_ID, SPECIAL_TOKENS
 from attention.translation.export import export_ctranslate2
-from attention.translation.files import write_atomic
+from attention.translation.files import write_text_atomic
 from attention.translation.metrics import bleu
 from attention.translation.translator import Translator
 
@@ -71,15 +70,8 @@ def batches_like_ours(sources: Sequence[Sequence[int]], translator: Translator
                       ) -> list[tuple[list[int], int]]:
     """The batches :meth:`Translator.search` makes (longest first, by ``eval.batch_size``
     and ``eval.batch_tokens``) and the length limit of each: ``(indices, max_new_tokens)``."""
-    cfg = translator.eval_config
-    batches = []
-    for chunk in translator._batches(sources):
-        longest = max(len(sources[i]) for i in chunk)
-        max_new = math.ceil(cfg.max_len_a * longest + cfg.max_len_b)
-        if translator.model.decoder.max_positions is not None:
-            max_new = min(max_new, translator.model.decoder.max_positions)
-        batches.append((chunk, max_new))
-    return batches
+    return [(chunk, translator.length_limit(max(len(sources[i]) for i in chunk)))
+            for chunk in translator._batches(sources)]
 
 
 def ctranslate2_ids(model: ctranslate2.Translator, translator: Translator,
@@ -235,9 +227,6 @@ def shown(argument: str) -> str:
     return f"{path.parent.name}/{path.name}" if path.is_absolute() else argument
 
 
-def write_atomically(path: Path, text: str) -> None:
-    write_atomic(path, lambda file: file.write(text.encode()))
-
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
@@ -280,8 +269,8 @@ def main(argv: list[str] | None = None) -> dict:
         "checkpoint": shown(str(args.checkpoint)),
         **measure(args),
     }
-    write_atomically(args.out.with_suffix(".json"), json.dumps(report, indent=2) + "\n")
-    write_atomically(args.out.with_suffix(".md"), markdown(report))
+    write_text_atomic(args.out.with_suffix(".json"), json.dumps(report, indent=2) + "\n")
+    write_text_atomic(args.out.with_suffix(".md"), markdown(report))
     print(f"wrote {args.out}.json and .md")
     return report
 

@@ -45,7 +45,7 @@ from torch import Tensor, nn
 from attention import Transformer
 from attention.bench.environment import environment, package_dir
 from attention.translation.data.tokenizer import BOS_ID, EOS_ID, PAD_ID, SPECIAL_TOKENS, UNK_ID
-from attention.translation.files import write_atomic
+from attention.translation.files import write_text_atomic
 
 ROOT = Path(__file__).resolve().parent.parent
 RESULTS = ROOT / "benchmarks" / "results"
@@ -448,9 +448,6 @@ def markdown(report: dict) -> str:
     return "\n".join(lines)
 
 
-def write_atomically(path: Path, text: str) -> None:
-    write_atomic(path, lambda file: file.write(text.encode()))
-
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
@@ -509,8 +506,8 @@ def main(argv: list[str] | None = None) -> dict:
         "skipped": peers.skipped,
         "cells": cells,
     }
-    write_atomically(args.out.with_suffix(".json"), json.dumps(report, indent=2) + "\n")
-    write_atomically(args.out.with_suffix(".md"), markdown(report))
+    write_text_atomic(args.out.with_suffix(".json"), json.dumps(report, indent=2) + "\n")
+    write_text_atomic(args.out.with_suffix(".md"), markdown(report))
     notice(f"wrote {args.out}.json and .md")
     return report
 

@@ -30,7 +30,7 @@ from torch import nn
 
 from attention.quantization import quantize_dynamic
 from attention.translation.data.corpus import read_lines
-from attention.translation.files import write_atomic
+from attention.translation.files import write_text_atomic
 from attention.translation.metrics import bleu
 from attention.translation.translator import Translator
 
@@ -143,9 +143,6 @@ def markdown(report: dict) -> str:
     return "\n".join(lines) + "\n"
 
 
-def write_text(path: Path, text: str) -> None:
-    write_atomic(path, lambda file: file.write(text.encode()))
-
 
 def positive_int(text: str) -> int:
     value = int(text)
@@ -211,9 +208,9 @@ def main(argv: list[str] | None = None) -> None:
                  for key in ("batch_size", "length_penalty", "max_len_a", "max_len_b")},
         "results": results,
     }
-    write_text(args.out.with_suffix(".json"), json.dumps(report, indent=2, ensure_ascii=False)
-               + "\n")
-    write_text(args.out.with_suffix(".md"), markdown(report))
+    write_text_atomic(args.out.with_suffix(".json"),
+                      json.dumps(report, indent=2, ensure_ascii=False) + "\n")
+    write_text_atomic(args.out.with_suffix(".md"), markdown(report))
     print(f"wrote {args.out}.json and .md")
 
 

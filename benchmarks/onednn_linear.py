@@ -26,7 +26,7 @@ import torch.nn.functional as F
 from attention import features
 from attention.bench.environment import environment
 from attention.inference import PreparedLinear
-from attention.translation.files import write_atomic
+from attention.translation.files import write_text_atomic
 
 RESULTS = Path(__file__).resolve().parent / "results"
 # (out_features, in_features): q/k/v stacked, an attention's q or output projection, the
@@ -99,9 +99,8 @@ def main(argv: list[str] | None = None) -> int:
               "threads": args.threads, "cpu": machine.get("device_name", "cpu"),
               "environment": machine, "rounds": args.rounds, "calls": args.calls,
               "cells": measure(args.rows, args.rounds, args.calls)}
-    write_atomic(args.out.with_suffix(".json"),
-                 lambda f: f.write(json.dumps(result, indent=2).encode()))
-    write_atomic(args.out.with_suffix(".md"), lambda f: f.write(markdown(result).encode()))
+    write_text_atomic(args.out.with_suffix(".json"), json.dumps(result, indent=2))
+    write_text_atomic(args.out.with_suffix(".md"), markdown(result))
     print(f"wrote {args.out}.json and .md", file=sys.stderr)
     return 0
 

@@ -95,9 +95,9 @@ def translate_main(argv: list[str] | None = None) -> int:
     parser.add_argument("--no-repeat-ngram-size", type=int, default=0)
     parser.add_argument("--sample", action="store_true",
                         help="draw each token (with --temperature, --top-k, --top-p)")
-    parser.add_argument("--temperature", type=float, default=None, help="with --sample; 1.0")
+    parser.add_argument("--temperature", type=float, default=None, help="with --sample")
     parser.add_argument("--top-k", type=int, default=None, help="with --sample; 0: no cut")
-    parser.add_argument("--top-p", type=float, default=None, help="with --sample; 1.0: no cut")
+    parser.add_argument("--top-p", type=float, default=None, help="with --sample; 1: no cut")
     parser.add_argument("--seed", type=int, default=None, help="makes --sample reproducible")
     parser.add_argument("--int8", action="store_true",
                         help="CPU only: int8 dynamic quantization of the Linear layers")
@@ -120,9 +120,10 @@ def translate_main(argv: list[str] | None = None) -> int:
     if args.sample:
         if args.beam_size is None:
             args.beam_size = 1  # sampling draws one token per step: not the config's beam
-        sampling = {"do_sample": True, "temperature": 1.0 if args.temperature is None else
-                    args.temperature, "top_k": args.top_k or 0,
-                    "top_p": 1.0 if args.top_p is None else args.top_p}
+        given_options = {"temperature": args.temperature, "top_k": args.top_k,
+                         "top_p": args.top_p}  # the others keep generate's defaults
+        sampling = {"do_sample": True, **{key: value for key, value in given_options.items()
+                                          if value is not None}}
 
     from .translator import Translator
 

@@ -8,7 +8,7 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import IO
 
-__all__ = ["write_atomic"]
+__all__ = ["write_atomic", "write_text_atomic"]
 
 
 def write_atomic(path: str | os.PathLike, write: Callable[[IO[bytes]], object]) -> Path:
@@ -44,3 +44,8 @@ def write_atomic(path: str | os.PathLike, write: Callable[[IO[bytes]], object]) 
     finally:
         os.close(directory)
     return path
+
+
+def write_text_atomic(path: str | os.PathLike, text: str) -> Path:
+    """:func:`write_atomic` of ``text``, UTF-8 encoded (a results file, a report)."""
+    return write_atomic(path, lambda file: file.write(text.encode("utf-8")))

@@ -160,17 +160,24 @@ class Translator:
                                    num_return_sequences, options)
         return results
 
+    def length_limit(self, longest_source: int) -> int:
+        """The most tokens a batch whose longest source has ``longest_source`` ids may
+        generate: ``eval.max_len_a × longest_source + eval.max_len_b``, within the decoder's
+        learned positions."""
+        cfg = self.eval_config
+        limit = math.ceil(cfg.max_len_a * longest_source + cfg.max_len_b)
+        if self.model.decoder.max_positions is not None:
+            limit = min(limit, self.model.decoder.max_positions)
+        return limit
+
     def _search_batch(self, sources: Sequence[Sequence[int]], chunk: list[int],
                       results: list[list[tuple[list[int], float]]], beam_size: int,
                       length_penalty: float, num_return_sequences: int,
                       options: dict[str, Any]) -> None:
         """Decode the sources ``chunk`` indexes, writing their hypotheses into ``results``."""
-        cfg = self.eval_config
         device = self.device
         src = collate([list(sources[i]) for i in chunk], PAD_ID).to(device)
-        max_new = math.ceil(cfg.max_len_a * src.shape[1] + cfg.max_len_b)
-        if self.model.decoder.max_positions is not None:
-            max_new = min(max_new, self.model.decoder.max_positions)
+        max_new = self.length_limit(src.shape[1])
         if options.get("min_new_tokens", 0) > max_new:  # no longer than the limit
             options = {**options, "min_new_tokens": max_new}
         with autocast(device, self.autocast_dtype):
