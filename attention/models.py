@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Callable
-from typing import Any
+from typing import Any, Literal
 
 import torch
 from torch import Tensor, nn
@@ -246,8 +246,9 @@ class Transformer(nn.Module):
     """The encoder-decoder Transformer for sequence-to-sequence tasks such as translation.
 
     Token embeddings (scaled by ``√d_model``), an :class:`Encoder`, a :class:`Decoder` and
-    a linear output head. Padding masks come from ``pad_id``. ``tie_embeddings`` shares the
-    target embedding with the output head (the vocabularies are the target's).
+    a linear output head. Padding masks come from ``pad_id``. ``tie_embeddings``: ``True``
+    shares the target embedding with the output head; ``"all"`` shares the source embedding
+    too, one matrix for all three (a joint vocabulary: the two sizes must be equal).
 
     Shape:
         src_ids: ``(B, Ls)``; tgt_ids: ``(B, Lt)`` → logits ``(B, Lt, tgt_vocab_size)``.
@@ -264,7 +265,7 @@ class Transformer(nn.Module):
         d_ff: int | None = None,
         dropout: float = 0.1,
         pad_id: int = 0,
-        tie_embeddings: bool = False,
+        tie_embeddings: bool | Literal["all"] = False,
         positional: str | None = "sinusoidal",
         max_len: int = 1024,
         norm_first: bool = True,
@@ -278,6 +279,13 @@ class Transformer(nn.Module):
         if not 0 <= pad_id < min(src_vocab_size, tgt_vocab_size):
             raise ValueError(f"pad_id: expected an id in [0, {min(src_vocab_size, tgt_vocab_size)})"
                              f" (inside both vocabularies), got {pad_id}")
+        if tie_embeddings not in (False, True, "all"):
+            raise ValueError(f"tie_embeddings: expected False, True (target embedding and "
+                             f"output head) or 'all', got {tie_embeddings!r}")
+        if tie_embeddings == "all" and src_vocab_size != tgt_vocab_size:
+            raise ValueError(f"tie_embeddings: 'all' needs one vocabulary for both sides, got "
+                             f"src_vocab_size={src_vocab_size} and "
+                             f"tgt_vocab_size={tgt_vocab_size}")
         self.pad_id = pad_id
         common = dict(d_ff=d_ff, dropout=dropout, positional=positional, max_len=max_len,
                       norm_first=norm_first, activation=activation, bias=bias)
@@ -293,6 +301,8 @@ class Transformer(nn.Module):
                 embedding.weight[pad_id].zero_()
         if tie_embeddings:
             self.lm_head.weight = self.tgt_embed.weight
+        if tie_embeddings == "all":
+            self.src_embed.weight = self.tgt_embed.weight
 
     def padding_mask(self, ids: Tensor) -> Tensor:
         """``(B, L)`` boolean mask, ``True`` where ``ids`` is ``pad_id``."""

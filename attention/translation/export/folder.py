@@ -32,7 +32,15 @@ from torch import nn
 
 from ...models import Transformer
 from ..checkpoint import model_from_config
-from ..config import Config, ConfigError, EvalConfig, ModelConfig, TrainConfig, check_value
+from ..config import (
+    Config,
+    ConfigError,
+    DataConfig,
+    EvalConfig,
+    ModelConfig,
+    TrainConfig,
+    check_value,
+)
 from ..data.tokenizer import PAD_ID, SPECIAL_TOKENS
 from ..files import write_atomic
 from ..translator import Translator, resolve_device
@@ -116,10 +124,12 @@ def load_pretrained(path: str | os.PathLike, device: str | torch.device = "auto"
     model_config = _section(ModelConfig, config, "model", folder / CONFIG)
     eval_config = _section(EvalConfig, config, "eval", folder / CONFIG)
     # Ranges and choices, as a run's config is checked (eval.batch_size > 0, …); a folder
-    # holds no training settings, so the check gets a training section that ends.
+    # holds no training settings, so the check gets a training section that ends, and no
+    # data settings: one tokenizer for both sides when all embeddings are tied.
     try:
-        Config(model=model_config, eval=eval_config,
-               train=TrainConfig(max_steps=1)).check(check_files=False)
+        Config(model=model_config, eval=eval_config, train=TrainConfig(max_steps=1),
+               data=DataConfig(shared_vocab=model_config.tie_embeddings == "all"),
+               ).check(check_files=False)
     except ConfigError as error:
         raise ValueError(f"{folder / CONFIG}: {error}") from None
     src_tokenizer, tgt_tokenizer = (_read_tokenizer(folder / TOKENIZERS[side])

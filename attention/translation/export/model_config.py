@@ -71,8 +71,15 @@ def model_config_of(model: Transformer) -> ModelConfig:
         max_len=encoding.max_len if encoding is not None else ModelConfig.max_len,
         norm_first=first.norm_first,
         activation=_activation_name(model),
-        tie_embeddings=model.lm_head.weight is model.tgt_embed.weight,
+        tie_embeddings=_tie_embeddings(model),
     )
+
+
+def _tie_embeddings(model: Transformer) -> bool | str:
+    """A config's ``tie_embeddings`` for the model's shared matrices."""
+    if model.src_embed.weight is model.tgt_embed.weight:
+        return "all"
+    return model.lm_head.weight is model.tgt_embed.weight
 
 
 def tied_parameters(model: nn.Module) -> dict[str, str]:
