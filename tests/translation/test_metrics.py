@@ -1,11 +1,19 @@
-"""Translation scores: BLEU (cased and lowercased), exact match, cross-attention alignment."""
+"""Translation scores: BLEU (cased and lowercased), chrF++, TER and their sacreBLEU
+signatures, exact match, cross-attention alignment."""
 
 from __future__ import annotations
 
 import pytest
+import sacrebleu
 import torch
 
-from attention.translation.metrics import alignment_hits, best_alignment_head, bleu, exact_match
+from attention.translation.metrics import (
+    alignment_hits,
+    best_alignment_head,
+    bleu,
+    corpus_scores,
+    exact_match,
+)
 
 REFERENCES = [
     "A man in a blue shirt is riding a bike down the street .",
@@ -42,10 +50,75 @@ def test_exact_match_counts_whole_sentences():
     assert exact_match([], []) == 0.0
 
 
-@pytest.mark.parametrize("score", [bleu, exact_match])
+@pytest.mark.parametrize("score", [bleu, exact_match, corpus_scores])
 def test_mismatched_lengths_raise(score):
     with pytest.raises(ValueError, match="hypotheses: expected 3 .*got 2"):
         score(REFERENCES[:2], REFERENCES)
+
+
+CLOSE = [s.replace("blue", "red").replace("snow", "rain") for s in REFERENCES]
+FAR = ["a cat sleeps .", "nothing here .", "the end ."]
+
+
+def test_corpus_scores_of_identical_text_are_perfect():
+    scores = corpus_scores(REFERENCES, REFERENCES)
+    assert set(scores) == {"bleu", "bleu_lowercase", "chrf", "ter", "signatures"}
+    assert scores["bleu"] == pytest.approx(100.0)
+    assert scores["bleu_lowercase"] == pytest.approx(100.0)
+    assert scores["chrf"] == pytest.approx(100.0)
+    assert scores["ter"] == pytest.approx(0.0)
+    assert all(type(scores[key]) is float for key in ("bleu", "bleu_lowercase", "chrf", "ter"))
+
+
+def test_corpus_scores_move_the_right_way_for_worse_hypotheses():
+    perfect, close, far = (corpus_scores(h, REFERENCES) for h in (REFERENCES, CLOSE, FAR))
+    for key in ("bleu", "bleu_lowercase", "chrf"):
+        assert perfect[key] > close[key] > far[key], key
+    assert perfect["ter"] < close["ter"] < far["ter"]
+
+
+def test_corpus_scores_equal_sacrebleus_own():
+    scores = corpus_scores(CLOSE, REFERENCES)
+    assert scores["bleu"] == sacrebleu.corpus_bleu(CLOSE, [REFERENCES]).score
+    assert scores["bleu_lowercase"] == sacrebleu.corpus_bleu(CLOSE, [REFERENCES],
+                                                             lowercase=True).score
+    assert scores["chrf"] == sacrebleu.corpus_chrf(CLOSE, [REFERENCES], word_order=2).score
+    assert scores["ter"] == sacrebleu.corpus_ter(CLOSE, [REFERENCES]).score
+    # and the BLEU of bleu(), which training reports, is the same figure
+    assert {key: scores[key] for key in ("bleu", "bleu_lowercase")} == bleu(CLOSE, REFERENCES)
+
+
+def test_corpus_scores_are_case_sensitive_where_sacrebleu_is():
+    upper = [s.upper() for s in REFERENCES]
+    scores = corpus_scores(upper, REFERENCES)
+    assert scores["bleu"] < 100.0 and scores["chrf"] < 100.0
+    assert scores["bleu_lowercase"] == pytest.approx(100.0)
+    assert scores["ter"] == pytest.approx(0.0)  # TER ignores case by default
+
+
+def test_signatures_name_each_metrics_settings():
+    signatures = corpus_scores(CLOSE, REFERENCES)["signatures"]
+    assert set(signatures) == {"bleu", "bleu_lowercase", "chrf", "ter"}
+    version = f"version:{sacrebleu.__version__}"
+    for signature in signatures.values():
+        fields = signature.split("|")
+        assert "nrefs:1" in fields and version in fields, signature
+    assert {"case:mixed", "tok:13a", "smooth:exp"} <= set(signatures["bleu"].split("|"))
+    assert {"case:lc", "tok:13a"} <= set(signatures["bleu_lowercase"].split("|"))
+    assert {"nc:6", "nw:2", "case:mixed"} <= set(signatures["chrf"].split("|"))
+    assert {"tok:tercom", "case:lc"} <= set(signatures["ter"].split("|"))
+    # the whole string, in sacreBLEU's order, as papers quote it
+    assert signatures["bleu"] == f"nrefs:1|case:mixed|eff:no|tok:13a|smooth:exp|{version}"
+
+
+def test_corpus_scores_of_nothing_raise_a_clear_error():
+    with pytest.raises(ValueError, match="expected at least one sentence to score, got none"):
+        corpus_scores([], [])
+
+
+def test_corpus_scores_accept_empty_sentences():
+    scores = corpus_scores(["", REFERENCES[1]], ["", REFERENCES[1]])
+    assert 0.0 <= scores["chrf"] <= 100.0 and scores["ter"] >= 0.0
 
 
 def peaked(argmaxes: list[int], peak: float, n_source: int) -> torch.Tensor:

@@ -144,3 +144,47 @@ def test_int8_runs_on_a_checkpoint_trained_in_bf16(tmp_path, capsys):
     assert translate_main(["--checkpoint", str(config.run_path / "checkpoint_best.pt"),
                            "--device", "cpu", "--int8", *SENTENCES[:2]]) == 0
     assert len(capsys.readouterr().out.splitlines()) == 2
+
+
+def test_the_command_prints_scores_and_signatures_for_references(checkpoint, translator,
+                                                                 tmp_path, monkeypatch, capsys):
+    import io
+
+    best = translator.translate(SENTENCES)
+    references = tmp_path / "references.txt"
+    references.write_text("\n".join(best) + "\n", encoding="utf-8")
+    command = ["--checkpoint", str(checkpoint), "--device", "cpu", "--references"]
+    assert translate_main([*command, str(references), *SENTENCES]) == 0
+    out, err = capsys.readouterr()
+    assert out.splitlines() == best  # only translations on standard output
+    lines = err.splitlines()
+    assert len(lines) == 5, err
+    assert lines[0] == ("BLEU 100.00 (lowercased 100.00), chrF++ 100.00, TER 0.00, "
+                        "exact match 100.00%")
+    labels = ["BLEU", "BLEU lowercased", "chrF++", "TER"]
+    signatures = dict(line.split(" signature: ") for line in lines[1:])
+    assert list(signatures) == labels
+    assert {"case:mixed", "tok:13a"} <= set(signatures["BLEU"].split("|"))
+    assert "case:lc" in signatures["BLEU lowercased"].split("|")
+    assert "nw:2" in signatures["chrF++"].split("|")
+    assert "tok:tercom" in signatures["TER"].split("|")
+    assert all("nrefs:1" in s for s in signatures.values())
+
+    # a worse reference for one sentence: every score moves, still one line each
+    references.write_text("\n".join(["a different sentence"] + best[1:]) + "\n",
+                          encoding="utf-8")
+    assert translate_main([*command, str(references), *SENTENCES]) == 0
+    first = capsys.readouterr().err.splitlines()[0]
+    match = re.fullmatch(r"BLEU (\d+\.\d\d) \(lowercased (\d+\.\d\d)\), chrF\+\+ (\d+\.\d\d), "
+                         r"TER (\d+\.\d\d), exact match 75\.00%", first)
+    assert match, first
+    bleu_, _, chrf, ter = map(float, match.groups())
+    assert bleu_ < 100 and chrf < 100 and ter > 0
+
+    assert translate_main([*command, str(references), *SENTENCES[:2]]) == 2
+    assert "--references: expected 2 lines (one per sentence), got 4" in capsys.readouterr().err
+    references.write_text("", encoding="utf-8")
+    monkeypatch.setattr("sys.stdin", io.StringIO(""))
+    assert translate_main([*command, str(references)]) == 2
+    out, err = capsys.readouterr()
+    assert out == "" and "--references: expected sentences to score, got none" in err
