@@ -11,7 +11,8 @@ import argparse
 import sys
 from pathlib import Path
 
-__all__ = ["export_main", "plot_attention_main", "train_main", "translate_main"]
+__all__ = ["average_main", "export_main", "plot_attention_main", "train_main",
+           "translate_main"]
 
 
 def _fail(message: str, status: int) -> int:
@@ -103,8 +104,10 @@ def translate_main(argv: list[str] | None = None) -> int:
                         help="CPU only: int8 dynamic quantization of the Linear layers")
     parser.add_argument("--device", default="auto")
     parser.add_argument("--references", type=Path, default=None,
-                        help="file of reference translations: print BLEU and exact match "
-                             "(of each sentence's first translation)")
+                        help="file of reference translations, one per line: print to standard "
+                             "error BLEU (cased and lowercased), chrF++, TER and exact match "
+                             "of each sentence's first translation, then each metric's "
+                             "sacreBLEU signature")
     args = parser.parse_args(argv)
     if args.beam_size is not None and args.beam_size < 1:
         parser.error(f"--beam-size: expected a positive integer, got {args.beam_size}")
@@ -155,16 +158,22 @@ def translate_main(argv: list[str] | None = None) -> int:
         sys.stdout.write("".join(group[0].text + "\n" for group in translations))
     if args.references is not None:
         from .data.corpus import read_lines
-        from .metrics import bleu, exact_match
+        from .metrics import corpus_scores, exact_match
 
         references = read_lines(args.references)
         best = [group[0].text for group in translations]
         if len(references) != len(best):
             return _fail(f"--references: expected {len(best)} lines (one per "
                          f"sentence), got {len(references)}", 2)
-        scores = bleu(best, references)
-        print(f"BLEU {scores['bleu']:.2f} (lowercased {scores['bleu_lowercase']:.2f}), exact "
-              f"match {exact_match(best, references):.2%}", file=sys.stderr)
+        if not best:
+            return _fail("--references: expected sentences to score, got none", 2)
+        scores = corpus_scores(best, references)
+        print(f"BLEU {scores['bleu']:.2f} (lowercased {scores['bleu_lowercase']:.2f}), "
+              f"chrF++ {scores['chrf']:.2f}, TER {scores['ter']:.2f}, exact match "
+              f"{exact_match(best, references):.2%}", file=sys.stderr)
+        for name, label in (("bleu", "BLEU"), ("bleu_lowercase", "BLEU lowercased"),
+                            ("chrf", "chrF++"), ("ter", "TER")):
+            print(f"{label} signature: {scores['signatures'][name]}", file=sys.stderr)
     return 0
 
 
@@ -241,4 +250,40 @@ def export_main(argv: list[str] | None = None) -> int:
     except (OSError, ValueError, ImportError) as error:  # the checkpoint, the folder, a choice
         return _fail(str(error), 2)
     print(f"wrote {out}", file=sys.stderr)
+    return 0
+
+
+def average_main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(
+        prog="attention-average",
+        description="Average the weights of checkpoints of one run (often a little better "
+                    "than any one of them) into a new checkpoint: the last one given, with "
+                    "the averaged weights; translate with it or export it like any other.",
+        epilog="Example: attention-average runs/wmt/checkpoint_step*.pt "
+               "--output runs/wmt/checkpoint_average.pt")
+    parser.add_argument("checkpoints", nargs="+", type=Path, metavar="CHECKPOINT",
+                        help="checkpoints of the same model (its settings and tokenizers)")
+    parser.add_argument("--output", required=True, type=Path, help="the checkpoint to write")
+    parser.add_argument("--force", action="store_true", help="replace an existing --output")
+    args = parser.parse_args(argv)
+    output = args.output.resolve()
+    for path in args.checkpoints:
+        if path.resolve() == output:
+            return _fail(f"--output: {args.output} is one of the checkpoints to average; "
+                         f"write the average to another file", 2)
+    if args.output.exists() and not args.force:
+        return _fail(f"--output: {args.output} exists; pass --force to replace it", 2)
+
+    from .averaging import average_checkpoints
+    from .checkpoint import save_checkpoint
+
+    try:
+        average = average_checkpoints(args.checkpoints)
+        out = save_checkpoint(args.output, average)
+    except (OSError, ValueError) as error:  # missing, unreadable, or of another model
+        return _fail(str(error), 2)
+    steps = ", ".join(str(source["step"]) for source in average["averaged_from"])
+    count = len(average["averaged_from"])
+    print(f"averaged {count} checkpoint{'s' if count > 1 else ''} (step{'s' if count > 1 else ''} "
+          f"{steps}) into {out}", file=sys.stderr)
     return 0
