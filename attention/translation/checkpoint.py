@@ -8,6 +8,7 @@ scheduler's states, the random-number generators' states, the run's config, both
 
 from __future__ import annotations
 
+import re
 from pathlib import Path
 from typing import Any
 
@@ -18,15 +19,35 @@ from .config import Config, ModelConfig
 from .files import write_atomic
 
 __all__ = [
+    "AVERAGE",
     "FORMAT",
     "config_from_checkpoint",
     "load_checkpoint",
     "model_from_config",
+    "numbered_checkpoint",
+    "numbered_checkpoints",
     "save_checkpoint",
     "write_atomic",
 ]
 
 FORMAT = "attention-translation/1"
+AVERAGE = "checkpoint_average.pt"  # train.average_last's average of the numbered checkpoints
+_NUMBERED = re.compile(r"checkpoint_step(\d+)\.pt")
+
+
+def numbered_checkpoint(step: int) -> str:
+    """The file name of a run's numbered checkpoint of ``step`` (``train.keep_last``)."""
+    return f"checkpoint_step{step}.pt"
+
+
+def numbered_checkpoints(run_dir: str | Path) -> list[tuple[int, Path]]:
+    """The numbered checkpoints in ``run_dir``, as ``(step, path)`` from the earliest step."""
+    found = []
+    for path in Path(run_dir).glob("checkpoint_step*.pt"):
+        match = _NUMBERED.fullmatch(path.name)
+        if match:
+            found.append((int(match.group(1)), path))
+    return sorted(found)
 
 
 def save_checkpoint(path: str | Path, checkpoint: dict[str, Any]) -> Path:

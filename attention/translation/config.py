@@ -9,6 +9,7 @@ starts: an unknown key, a value of the wrong type or a data file that does not e
 from __future__ import annotations
 
 import dataclasses
+import importlib.util
 import types
 import typing
 from dataclasses import dataclass, field
@@ -65,7 +66,9 @@ class ModelConfig:
     max_len: int = 256
     norm_first: bool = True
     activation: str = "gelu"
-    tie_embeddings: bool = True
+    # true: the target embedding is the output head; all: the source embedding too (one
+    # matrix, which needs one vocabulary: data.shared_vocab or one file in data.tokenizer_files)
+    tie_embeddings: bool | str = True
 
 
 @dataclass
@@ -76,6 +79,12 @@ class DataConfig:
     gzip files under ``root``, languages ``src_lang`` → ``tgt_lang``) or ``parallel`` (the
     user's files: ``train``, ``val`` and ``test`` each a list of two line-aligned text files,
     source then target, or of one tab-separated file).
+
+    Tokenizers: trained on the training split (``tokenizer``, ``vocab_size``), one per side or,
+    with ``shared_vocab``, one on both languages' text; or read from ``tokenizer_files``
+    instead: ``[file]`` for both sides or ``[source_file, target_file]``, each a ``tokenizers``
+    ``tokenizer.json`` or a SentencePiece ``.model`` (see
+    :func:`attention.translation.data.tokenizer.load_tokenizer`).
     """
 
     corpus: str = "toy"
@@ -90,7 +99,9 @@ class DataConfig:
     toy_val_size: int = 500
     toy_test_size: int = 1000
     tokenizer: str = "word"  # word | bpe
-    vocab_size: int = 8000  # the most tokens in each side's vocabulary
+    vocab_size: int = 8000  # the most tokens in each side's vocabulary (or the shared one)
+    shared_vocab: bool = False  # one tokenizer trained on source and target text
+    tokenizer_files: list[str] = field(default_factory=list)  # [both] or [source, target]
     lowercase: bool = False
     max_tokens: int = 100  # training pairs longer than this on either side are dropped
 
@@ -138,6 +149,16 @@ class TrainConfig:
     log_every: int = 50
     eval_every: int = 500
     threads: int | None = None  # CPU threads for torch; None keeps torch's default
+    # Numbered checkpoints (checkpoint_step{N}.pt), for averaging: one every save_every steps
+    # (None: at each validation) and at the end, the last keep_last of them kept.
+    keep_last: int | None = None
+    save_every: int | None = None
+    # At the end, average the last average_last numbered checkpoints (checkpoint_average.pt):
+    # the test evaluation scores the average instead of checkpoint_best.pt.
+    average_last: int | None = None
+    # Stop after this many validations in a row without a better BLEU (then loss).
+    patience: int | None = None
+    tensorboard: bool = False  # also write metrics.jsonl's records to RUN/tensorboard/
     # Under torchrun: the longest a rank waits for the others (rank 0's validation included).
     dist_timeout_minutes: float = 60.0
 
@@ -261,11 +282,52 @@ class Config:
         if not 0 <= self.train.label_smoothing < 1:
             raise ConfigError(f"train.label_smoothing: expected a value in [0, 1), got "
                               f"{self.train.label_smoothing}")
+        self._check_vocabulary()
+        self._check_checkpoints()
+        if self.train.tensorboard and importlib.util.find_spec("tensorboard") is None:
+            raise ConfigError("train.tensorboard: expected the tensorboard package (pip install "
+                              "'attention-blocks[tensorboard]'), got true without it installed")
         if check_files:
             self._check_data_files()
 
+    def _check_vocabulary(self) -> None:
+        d, tie = self.data, self.model.tie_embeddings
+        if isinstance(tie, str) and tie != "all":
+            raise ConfigError(f"model.tie_embeddings: expected true, false or all, got {tie!r}")
+        if len(d.tokenizer_files) > 2:
+            raise ConfigError(f"data.tokenizer_files: expected [file] (both sides) or "
+                              f"[source_file, target_file], got {d.tokenizer_files!r}")
+        if d.shared_vocab and len(d.tokenizer_files) == 2:
+            raise ConfigError(f"data.shared_vocab: expected one tokenizer file for a shared "
+                              f"vocabulary, got two in data.tokenizer_files "
+                              f"{d.tokenizer_files!r}")
+        if d.tokenizer_files and d.lowercase:
+            raise ConfigError("data.lowercase: expected false with data.tokenizer_files (a "
+                              "tokenizer read from a file normalizes text as it was built), "
+                              "got true")
+        one_vocabulary = d.shared_vocab or len(d.tokenizer_files) == 1
+        if tie == "all" and not one_vocabulary:
+            raise ConfigError("model.tie_embeddings: 'all' ties the source embedding to the "
+                              "target's, which needs one vocabulary for both sides: expected "
+                              "data.shared_vocab: true or a single file in "
+                              "data.tokenizer_files, got neither")
+
+    def _check_checkpoints(self) -> None:
+        t = self.train
+        if t.average_last is not None and (t.keep_last is None or t.average_last > t.keep_last):
+            raise ConfigError(f"train.average_last: expected at most train.keep_last="
+                              f"{t.keep_last} (the numbered checkpoints kept to average), got "
+                              f"{t.average_last}")
+        if t.save_every is not None and t.keep_last is None:
+            raise ConfigError(f"train.save_every: expected with train.keep_last (how many "
+                              f"numbered checkpoints to keep), got save_every={t.save_every} "
+                              f"and keep_last null")
+
     def _check_data_files(self) -> None:
         d = self.data
+        for path in d.tokenizer_files:
+            if not Path(path).is_file():
+                raise ConfigError(f"data.tokenizer_files: file not found: {path}")
         for split in ("train", "val", "test"):
             if d.corpus == "parallel" and len(getattr(d, split)) not in (1, 2):
                 raise ConfigError(f"data.{split}: expected [source_file, target_file] "
@@ -284,7 +346,8 @@ _POSITIVE = {
     "toy_train_size", "toy_val_size", "toy_test_size", "vocab_size", "max_tokens",
     "lr", "batch_tokens", "grad_accum_steps", "max_steps", "max_epochs", "max_minutes",
     "log_every", "eval_every", "clip_norm", "threads", "dist_timeout_minutes", "beam_size",
-    "max_len_a", "val_sentences", "batch_size",
+    "max_len_a", "val_sentences", "batch_size", "keep_last", "save_every", "average_last",
+    "patience",
 }
 
 
@@ -359,7 +422,8 @@ def _resolve_paths(data: DataConfig, base_dir: Path) -> DataConfig:
 
     return dataclasses.replace(
         data, root=resolve(data.root), train=[resolve(p) for p in data.train],
-        val=[resolve(p) for p in data.val], test=[resolve(p) for p in data.test])
+        val=[resolve(p) for p in data.val], test=[resolve(p) for p in data.test],
+        tokenizer_files=[resolve(p) for p in data.tokenizer_files])
 
 
 def apply_overrides(raw: dict[str, Any], assignments: list[str]) -> dict[str, Any]:

@@ -21,6 +21,7 @@ import contextlib
 import dataclasses
 import json
 import math
+import shutil
 import signal
 import sys
 import threading
@@ -40,17 +41,28 @@ from tqdm import tqdm
 
 from .. import features
 from ..models import Transformer
+from .averaging import average_checkpoints
 from .checkpoint import (
+    AVERAGE,
     config_from_checkpoint,
     load_checkpoint,
     model_from_config,
+    numbered_checkpoint,
+    numbered_checkpoints,
     save_checkpoint,
     write_atomic,
 )
 from .config import Config, ConfigError, DataConfig, TrainConfig
-from .data import PAD_ID, Pair, ParallelData, load_splits, token_batches, train_tokenizer
+from .data import (
+    PAD_ID,
+    Pair,
+    ParallelData,
+    load_splits,
+    token_batches,
+    train_tokenizer,
+)
 from .distributed import Distributed, distributed_session, elastic_restart, shard
-from .metrics import alignment_hits, best_alignment_head, bleu, exact_match
+from .metrics import alignment_hits, best_alignment_head, corpus_scores, exact_match
 from .precision import autocast, grad_scaler, precision_name, resolve_precision
 from .translator import Translator, resolve_device
 
@@ -82,6 +94,7 @@ class Progress:
     wall_seconds: float = 0.0  # time spent in this run so far, over all its sessions
     last_eval_step: int = -1
     last_saved_step: int = -1  # the step in checkpoint_last.pt
+    validations_without_improvement: int = 0  # in a row, for train.patience
     window_loss: float = 0.0  # summed loss and tokens since the last logged training record
     window_tokens: int = 0
     ranks: int = 1  # processes that trained the last session (torchrun's WORLD_SIZE)
@@ -190,9 +203,11 @@ class _StopFlag:
 
 
 class _Metrics:
-    """Appends one JSON object per line to ``metrics.jsonl`` (flushed as written)."""
+    """Appends one JSON object per line to ``metrics.jsonl`` (flushed as written) and, given
+    ``tensorboard`` (a folder), each record's numbers as TensorBoard scalars ``kind/key``."""
 
-    def __init__(self, path: Path, fresh: bool, keep_until_step: int = 0) -> None:
+    def __init__(self, path: Path, fresh: bool, keep_until_step: int = 0,
+                 tensorboard: Path | None = None) -> None:
         self.path = path
         if not fresh and path.is_file():
             # Records past the checkpoint (written before a hard stop) would appear twice.
@@ -200,13 +215,30 @@ class _Metrics:
                     if _record_step(line) <= keep_until_step]
             write_atomic(path, lambda f: f.write("".join(kept).encode()))
         self.file = path.open("w" if fresh else "a", encoding="utf-8")
+        self.board = None
+        if tensorboard is not None:
+            from torch.utils.tensorboard import SummaryWriter
+
+            if fresh:
+                shutil.rmtree(tensorboard, ignore_errors=True)  # the previous run's events
+            # purge_step: TensorBoard drops a resumed run's events past its checkpoint.
+            self.board = SummaryWriter(str(tensorboard),
+                                       purge_step=None if fresh else keep_until_step + 1)
 
     def write(self, record: dict[str, Any]) -> None:
         self.file.write(json.dumps(record) + "\n")
         self.file.flush()
+        if self.board is not None:
+            for key, value in record.items():
+                if key != "step" and isinstance(value, int | float) and \
+                        not isinstance(value, bool):
+                    self.board.add_scalar(f"{record['kind']}/{key}", value, record["step"])
+            self.board.flush()
 
     def close(self) -> None:
         self.file.close()
+        if self.board is not None:
+            self.board.close()
 
 
 def _record_step(line: str) -> float:
@@ -265,12 +297,21 @@ def evaluate(model: Transformer, data: ParallelData, translator: Translator, *,
     result = {"loss": loss_sum / max(n_tokens, 1), "nll": nll_sum / max(n_tokens, 1),
               "sentences": len(references), "hypotheses": hypotheses}
     if references:
-        result.update(bleu(hypotheses, references),
+        result.update(corpus_scores(hypotheses, references),
                       exact_match=exact_match(hypotheses, references))
     if alignment and words:
         result.update(alignment_hits=hits, alignment_head_mean_hits=head_mean_hits,
                       alignment_words=words)
     return result
+
+
+_COMPARED = ("bleu", "bleu_lowercase", "chrf", "ter", "exact_match", "loss")
+
+
+def _validation_scores(result: dict[str, Any]) -> dict[str, Any]:
+    """The numbers of an :func:`evaluate` result that a ``val`` record keeps."""
+    keys = ("loss", "nll", "bleu", "bleu_lowercase", "chrf", "ter", "exact_match", "sentences")
+    return {key: result[key] for key in keys if key in result}
 
 
 def _word_alignment(data: ParallelData, index: int) -> tuple[int, ...] | None:
@@ -491,8 +532,16 @@ class Trainer:
         if fresh and (self.run_dir / "checkpoint_last.pt").is_file():
             self.log(f"starting a new run in {self.run_dir}: its previous files are replaced "
                      f"(--resume would have continued it)")
+        # Numbered checkpoints this run did not write (a previous run's, or past the step it
+        # resumes from) would be averaged with its own.
+        for step, path in numbered_checkpoints(self.run_dir):
+            if fresh or step > self.progress.step:
+                path.unlink()
+        (self.run_dir / AVERAGE).unlink(missing_ok=True)
         return _Metrics(self.run_dir / "metrics.jsonl", fresh=fresh,
-                        keep_until_step=self.progress.step)
+                        keep_until_step=self.progress.step,
+                        tensorboard=self.run_dir / "tensorboard" if self.cfg.tensorboard
+                        else None)
 
     def _log_start(self, saved_batches_per_step: int | None) -> None:
         """What is trained, on what; for a resumed run, from where."""
@@ -532,6 +581,8 @@ class Trainer:
                 while reason is None:
                     reason = self.train_epoch()
                 self._finish(reason)
+            if self.cfg.average_last:
+                self.average()
         finally:
             self.close()
         return self.final_evaluation()
@@ -597,6 +648,10 @@ class Trainer:
             return "interrupted"
         if self.cfg.max_steps is not None and self.progress.step >= self.cfg.max_steps:
             return f"max_steps={self.cfg.max_steps}"
+        patience = self.cfg.patience
+        if patience is not None and self.progress.validations_without_improvement >= patience:
+            return f"patience={patience} (no better validation since step " \
+                f"{self.progress.best_step})"
         if out_of_time:
             return f"max_minutes={self.cfg.max_minutes:g}"
         return None
@@ -615,6 +670,8 @@ class Trainer:
             self.validate()
         else:
             self.save_last()
+        if self.cfg.keep_last and self._last_numbered_step() != self.progress.step:
+            self.save_numbered()
 
     # One step -------------------------------------------------------------------------------
 
@@ -701,6 +758,9 @@ class Trainer:
             self._log_train_record(grad_norm)
         if self.progress.step % self.cfg.eval_every == 0:
             self.validate()
+        if self.cfg.keep_last and \
+                self.progress.step % (self.cfg.save_every or self.cfg.eval_every) == 0:
+            self.save_numbered()
 
     def _log_train_record(self, grad_norm: float) -> None:
         """A ``train`` record of the steps since the last one; ``grad_norm`` is this step's,
@@ -733,6 +793,38 @@ class Trainer:
     def save_last(self) -> None:
         """Save ``checkpoint_last.pt``; called on every rank, written by rank 0."""
         self._on_main(partial(self.save, "checkpoint_last.pt"))
+
+    def save_numbered(self) -> None:
+        """Save ``checkpoint_step{N}.pt`` and delete all but the last ``train.keep_last``
+        of them; called on every rank, written by rank 0."""
+        def save_and_prune(rng: RngStates) -> None:
+            self.save(numbered_checkpoint(self.progress.step), rng)
+            for _, path in numbered_checkpoints(self.run_dir)[:-self.cfg.keep_last]:
+                path.unlink(missing_ok=True)
+        self._on_main(save_and_prune)
+
+    def _last_numbered_step(self) -> int | None:
+        saved = numbered_checkpoints(self.run_dir) if self.world.is_main else []
+        return self.world.broadcast(saved[-1][0] if saved else None)
+
+    def average(self) -> None:
+        """Average the last ``train.average_last`` numbered checkpoints into
+        ``checkpoint_average.pt`` and write its ``val_average`` record; called on every
+        rank, done by rank 0 (the test evaluation then scores the average)."""
+        self._on_main(lambda rng: self._average_on_main())
+
+    def _average_on_main(self) -> None:
+        chosen = numbered_checkpoints(self.run_dir)[-self.cfg.average_last:]
+        averaged = average_checkpoints([path for _, path in chosen])
+        save_checkpoint(self.run_dir / AVERAGE, averaged)
+        self.model.load_state_dict(averaged["model"])
+        result = self._evaluate_validation()
+        steps = [step for step, _ in chosen]
+        self.metrics.write({"kind": "val_average", "step": self.progress.step,
+                            "averaged_steps": steps, **_validation_scores(result)})
+        self.log(f"average of the checkpoints of steps {steps}: val loss {result['loss']:.3f}, "
+                 f"BLEU {result['bleu']:.2f} (best single checkpoint: BLEU "
+                 f"{self.progress.best_bleu:.2f} at step {self.progress.best_step})")
 
     def save(self, name: str, rng: RngStates | None = None) -> Path:
         """Write checkpoint ``name`` in the run's folder and return its path: weights,
@@ -775,12 +867,16 @@ class Trainer:
         for key, value in self.world.broadcast(dataclasses.asdict(self.progress)).items():
             setattr(self.progress, key, value)
 
+    def _evaluate_validation(self) -> dict[str, Any]:
+        """The model's validation scores, decoded greedily (``eval.val_sentences``)."""
+        return evaluate(self.model, self.val_data, self.translator,
+                        label_smoothing=self.cfg.label_smoothing,
+                        batch_tokens=self.cfg.batch_tokens,
+                        sentences=self.config.eval.val_sentences, beam_size=1,
+                        lowercase=self.config.data.lowercase)
+
     def _validate_on_main(self, rng: RngStates) -> None:
-        result = evaluate(self.model, self.val_data, self.translator,
-                          label_smoothing=self.cfg.label_smoothing,
-                          batch_tokens=self.cfg.batch_tokens,
-                          sentences=self.config.eval.val_sentences, beam_size=1,
-                          lowercase=self.config.data.lowercase)
+        result = self._evaluate_validation()
         self._bank_time()
         improved = self._record_validation(result)
         self.save("checkpoint_last.pt", rng)
@@ -795,11 +891,10 @@ class Trainer:
         if improved:
             progress.best_bleu, progress.best_loss, progress.best_step = \
                 result["bleu"], result["loss"], progress.step
-        self.metrics.write({"kind": "val", "step": progress.step, "loss": result["loss"],
-                            "nll": result["nll"], "bleu": result["bleu"],
-                            "bleu_lowercase": result["bleu_lowercase"],
-                            "exact_match": result["exact_match"],
-                            "sentences": result["sentences"],
+            progress.validations_without_improvement = 0
+        else:
+            progress.validations_without_improvement += 1
+        self.metrics.write({"kind": "val", "step": progress.step, **_validation_scores(result),
                             "elapsed_seconds": round(progress.wall_seconds, 2)})
         self.log(f"step {progress.step}: val loss {result['loss']:.3f}, BLEU "
                  f"{result['bleu']:.2f}, exact match {result['exact_match']:.1%}"
@@ -833,8 +928,19 @@ class Trainer:
     def _test_on_main(self) -> dict[str, Any]:
         best = load_checkpoint(self.run_dir / "checkpoint_best.pt")
         self.model.load_state_dict(best["model"])
+        scored, compared = "checkpoint_best.pt", {}
+        if self.cfg.average_last:
+            # The best single checkpoint's scores too, so that each run measures averaging.
+            single = self._score_test()
+            compared = {"checkpoint_best": {key: single[key] for key in _COMPARED
+                                            if key in single}}
+            averaged = load_checkpoint(self.run_dir / AVERAGE)
+            self.model.load_state_dict(averaged["model"])
+            scored = AVERAGE
+            compared["averaged_steps"] = [entry["step"] for entry in averaged["averaged_from"]]
         results = self._score_test()
         results["wall_seconds"] = round(self._wall_seconds(), 1)
+        results.update(checkpoint=scored, **compared)
         results.update(best_step=best["progress"]["step"], steps=self.progress.step,
                        parameters=self.n_params, device=str(self.device),
                        precision=precision_name(self.autocast_dtype), ranks=self.world.world_size)
@@ -854,8 +960,11 @@ class Trainer:
                         alignment=has_alignment, lowercase=self.config.data.lowercase)
         results = {"bleu": round(test["bleu"], 2),
                    "bleu_lowercase": round(test["bleu_lowercase"], 2),
+                   "chrf": round(test["chrf"], 2), "ter": round(test["ter"], 2),
                    "exact_match": round(test["exact_match"], 4), "sentences": test["sentences"],
-                   "loss": round(test["loss"], 4), "beam_size": self.config.eval.beam_size}
+                   "loss": round(test["loss"], 4), "beam_size": self.config.eval.beam_size,
+                   "length_penalty": self.config.eval.length_penalty,
+                   "signatures": test["signatures"]}
         if not (has_alignment and "alignment_hits" in test):
             return results
         val = evaluate(self.model, self.val_data, self.translator,
@@ -891,7 +1000,18 @@ class Trainer:
 
 
 def _new_tokenizers(pairs: list[Pair], data: DataConfig) -> dict[str, str]:
-    """A source and a target tokenizer trained on ``pairs``, as JSON strings."""
+    """The source and the target tokenizer, as JSON strings: read from
+    ``data.tokenizer_files``, or trained on ``pairs`` (one on both sides' text with
+    ``data.shared_vocab``)."""
+    if data.tokenizer_files:
+        from .data.tokenizer import load_tokenizer
+
+        loaded = [load_tokenizer(path).to_str() for path in data.tokenizer_files]
+        return {"source": loaded[0], "target": loaded[-1]}
+    if data.shared_vocab:
+        shared = train_tokenizer((text for p in pairs for text in (p.source, p.target)),
+                                 data.tokenizer, data.vocab_size, data.lowercase).to_str()
+        return {"source": shared, "target": shared}
     return {side: train_tokenizer((getattr(p, side) for p in pairs), data.tokenizer,
                                   data.vocab_size, data.lowercase).to_str()
             for side in ("source", "target")}
@@ -907,7 +1027,12 @@ def _position_limit(model: Transformer) -> int | None:
 
 def _summary(results: dict[str, Any], seconds: float) -> str:
     lines = [f"test: BLEU {results['bleu']:.2f} (lowercased {results['bleu_lowercase']:.2f}), "
-             f"exact match {results['exact_match']:.2%} on {results['sentences']} sentences"]
+             f"chrF++ {results['chrf']:.2f}, TER {results['ter']:.2f}, exact match "
+             f"{results['exact_match']:.2%} on {results['sentences']} sentences"]
+    if "checkpoint_best" in results:
+        lines.append(f"averaged checkpoints of steps {results['averaged_steps']}; the best "
+                     f"single one (step {results['best_step']}) scores BLEU "
+                     f"{results['checkpoint_best']['bleu']:.2f}")
     if "alignment_accuracy" in results:
         lines.append(f"alignment accuracy {results['alignment_accuracy']:.2%} (decoder layer "
                      f"{results['alignment_layer']}, head {results['alignment_head']}); "

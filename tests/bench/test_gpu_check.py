@@ -121,8 +121,8 @@ def test_the_committed_cpu_reference_is_the_gpu_runs_config_on_the_cpu():
     defaults = Config().to_dict()  # keys added since the run was made are at their default
     for section in ("model", "data", "eval"):
         assert {**defaults[section], **saved[section]} == expected[section]
-    differing = {key for key in expected["train"]
-                 if saved["train"].get(key) != expected["train"][key]}
+    saved_train = {**defaults["train"], **saved["train"]}
+    differing = {key for key in expected["train"] if saved_train[key] != expected["train"][key]}
     assert differing <= {"device", "compile", "max_minutes", "run_dir", "precision"}
     records = [json.loads(line) for line in
                (gpu_check.REFERENCE / "metrics.jsonl").read_text().splitlines()]
