@@ -172,6 +172,28 @@ def test_tie_embeddings_shares_the_output_head():
     assert len(list(model.parameters())) == len(list(make_model().parameters())) - 1
 
 
+def test_tie_embeddings_all_shares_one_matrix_for_both_embeddings_and_the_head():
+    torch.manual_seed(0)
+    model = Transformer(12, 12, d_model=16, n_heads=2, n_encoder_layers=1, n_decoder_layers=1,
+                        tie_embeddings="all")
+    assert model.src_embed.weight is model.tgt_embed.weight is model.lm_head.weight
+    untied = Transformer(12, 12, d_model=16, n_heads=2, n_encoder_layers=1, n_decoder_layers=1)
+    assert len(list(model.parameters())) == len(list(untied.parameters())) - 2
+    src, tgt = torch.randint(3, 12, (2, 5)), torch.randint(3, 12, (2, 4))
+    model(src, tgt).sum().backward()  # both embeddings' and the head's gradients meet
+    grad = model.src_embed.weight.grad
+    assert grad is not None and grad[src.unique()].abs().sum() > 0
+
+
+@pytest.mark.parametrize("kwargs, message", [
+    (dict(tie_embeddings="all"), "tie_embeddings: 'all' needs one vocabulary.*12.*10"),
+    (dict(tie_embeddings="source"), "tie_embeddings: expected False, True .* or 'all', got"),
+])
+def test_tie_embeddings_refuses_what_it_cannot_tie(kwargs, message):
+    with pytest.raises(ValueError, match=message):
+        make_model(**kwargs)
+
+
 def full_forward_greedy(model, src, steps):
     """The reference: re-run the whole model on the growing prefix and take the argmax."""
     tgt = torch.full((src.shape[0], 1), BOS)

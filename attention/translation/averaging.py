@@ -42,13 +42,14 @@ def average_checkpoints(paths: Sequence[str | Path]) -> dict[str, Any]:
     """Average the weights of the checkpoints at ``paths`` (written by training, of one model).
 
     Returns a whole checkpoint, ready for
-    :func:`~attention.translation.checkpoint.save_checkpoint`: the last path's (config,
-    tokenizers, optimizer, scheduler, random states, progress) with its ``"model"`` replaced
-    by the average, and ``"averaged_from"``: a list of ``{"file": name, "step": step}``, one
-    per path, in the order given.
+    :func:`~attention.translation.checkpoint.save_checkpoint`: the latest one's (the highest
+    training step, whatever the order of ``paths``: a shell sorts ``checkpoint_step900.pt``
+    after ``checkpoint_step1000.pt``) config, tokenizers, optimizer, scheduler, random states
+    and progress, with its ``"model"`` replaced by the average, and ``"averaged_from"``: a
+    list of ``{"file": name, "step": step}``, one per path, by step.
 
-    The checkpoints are read one at a time, onto the CPU: memory holds the running sum and one
-    checkpoint.
+    The checkpoints are read one at a time, onto the CPU: memory holds the running sum, the
+    latest checkpoint so far and the one being read.
 
     Raises:
         ValueError: ``paths`` is empty or names a file twice; a file is not a checkpoint (see
@@ -70,18 +71,21 @@ def average_checkpoints(paths: Sequence[str | Path]) -> dict[str, Any]:
 
     mean = RunningMean()
     averaged_from = []
-    first = None
-    for index, path in enumerate(paths):
+    first = latest = None
+    for path in paths:
         checkpoint = load_checkpoint(path, map_location="cpu")
         if first is None:
             first = (path, checkpoint["config"]["model"], checkpoint["tokenizers"])
         else:
             _check_same_model(path, checkpoint, *first)
         mean.add(checkpoint["model"], str(path))
-        averaged_from.append({"file": path.name, "step": int(checkpoint["progress"]["step"])})
-        if index < len(paths) - 1:
-            del checkpoint  # before the next is loaded: one checkpoint beside the sum
-    return {**checkpoint, "model": mean.result(), "averaged_from": averaged_from}
+        step = int(checkpoint["progress"]["step"])
+        averaged_from.append({"file": path.name, "step": step})
+        if latest is None or step >= int(latest["progress"]["step"]):
+            latest = checkpoint
+        del checkpoint  # the latest is kept; any other goes before the next is read
+    averaged_from.sort(key=lambda entry: entry["step"])
+    return {**latest, "model": mean.result(), "averaged_from": averaged_from}
 
 
 def _check_same_model(path: Path, checkpoint: dict[str, Any], first_path: Path,

@@ -260,7 +260,7 @@ def average_main(argv: list[str] | None = None) -> int:
                     "than any one of them) into a new checkpoint: the last one given, with "
                     "the averaged weights; translate with it or export it like any other.",
         epilog="Example: attention-average runs/wmt/checkpoint_step*.pt "
-               "--output runs/wmt/checkpoint_average.pt")
+               "--output runs/wmt/averaged.pt")
     parser.add_argument("checkpoints", nargs="+", type=Path, metavar="CHECKPOINT",
                         help="checkpoints of the same model (its settings and tokenizers)")
     parser.add_argument("--output", required=True, type=Path, help="the checkpoint to write")

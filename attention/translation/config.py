@@ -9,7 +9,6 @@ starts: an unknown key, a value of the wrong type or a data file that does not e
 from __future__ import annotations
 
 import dataclasses
-import importlib.util
 import types
 import typing
 from dataclasses import dataclass, field
@@ -284,9 +283,6 @@ class Config:
                               f"{self.train.label_smoothing}")
         self._check_vocabulary()
         self._check_checkpoints()
-        if self.train.tensorboard and importlib.util.find_spec("tensorboard") is None:
-            raise ConfigError("train.tensorboard: expected the tensorboard package (pip install "
-                              "'attention-blocks[tensorboard]'), got true without it installed")
         if check_files:
             self._check_data_files()
 

@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import importlib.util
 import json
 import math
 import shutil
@@ -211,8 +212,9 @@ class _Metrics:
         self.path = path
         if not fresh and path.is_file():
             # Records past the checkpoint (written before a hard stop) would appear twice.
+            # A val_average record (the end of a finished run) is written again at its end.
             kept = [line for line in path.read_text(encoding="utf-8").splitlines(keepends=True)
-                    if _record_step(line) <= keep_until_step]
+                    if _record_step(line) <= keep_until_step and '"val_average"' not in line]
             write_atomic(path, lambda f: f.write("".join(kept).encode()))
         self.file = path.open("w" if fresh else "a", encoding="utf-8")
         self.board = None
@@ -440,6 +442,11 @@ class Trainer:
         self.device = self.world.device
         self.autocast_dtype = _train_precision(self.cfg, self.device)
         self.log = log or _quiet
+        if self.cfg.tensorboard and importlib.util.find_spec("tensorboard") is None:
+            # Checked here, not in the config: a checkpoint of such a run loads anywhere.
+            raise ConfigError("train.tensorboard: expected the tensorboard package (pip "
+                              "install 'attention-blocks[tensorboard]'), got true without it "
+                              "installed")
         self.batches_per_step = self.world.world_size * self.cfg.grad_accum_steps
         if self.cfg.threads:
             torch.set_num_threads(self.cfg.threads)
@@ -529,15 +536,19 @@ class Trainer:
         self.run_dir.mkdir(parents=True, exist_ok=True)
         write_atomic(self.run_dir / "config.yaml", lambda f: f.write(
             yaml.safe_dump(self.config.to_dict(), sort_keys=False).encode()))
+        stale = [path for step, path in numbered_checkpoints(self.run_dir)
+                 if fresh or step > self.progress.step]
         if fresh and (self.run_dir / "checkpoint_last.pt").is_file():
             self.log(f"starting a new run in {self.run_dir}: its previous files are replaced "
-                     f"(--resume would have continued it)")
+                     f"(--resume would have continued it)"
+                     + (f"; its {len(stale)} numbered checkpoints are deleted now" if stale
+                        else ""))
         # Numbered checkpoints this run did not write (a previous run's, or past the step it
-        # resumes from) would be averaged with its own.
-        for step, path in numbered_checkpoints(self.run_dir):
-            if fresh or step > self.progress.step:
-                path.unlink()
-        (self.run_dir / AVERAGE).unlink(missing_ok=True)
+        # resumes from) would be averaged with its own, and an average of them is stale.
+        for path in stale:
+            path.unlink()
+        if self.cfg.average_last:
+            (self.run_dir / AVERAGE).unlink(missing_ok=True)
         return _Metrics(self.run_dir / "metrics.jsonl", fresh=fresh,
                         keep_until_step=self.progress.step,
                         tensorboard=self.run_dir / "tensorboard" if self.cfg.tensorboard
@@ -822,7 +833,11 @@ class Trainer:
         steps = [step for step, _ in chosen]
         self.metrics.write({"kind": "val_average", "step": self.progress.step,
                             "averaged_steps": steps, **_validation_scores(result)})
-        self.log(f"average of the checkpoints of steps {steps}: val loss {result['loss']:.3f}, "
+        short = f" (only {len(steps)} numbered checkpoints of the {self.cfg.average_last} " \
+            f"train.average_last asks for were written)" if len(steps) < \
+            self.cfg.average_last else ""
+        self.log(f"average of the checkpoints of steps {steps}{short}: val loss "
+                 f"{result['loss']:.3f}, "
                  f"BLEU {result['bleu']:.2f} (best single checkpoint: BLEU "
                  f"{self.progress.best_bleu:.2f} at step {self.progress.best_step})")
 
@@ -1006,7 +1021,12 @@ def _new_tokenizers(pairs: list[Pair], data: DataConfig) -> dict[str, str]:
     if data.tokenizer_files:
         from .data.tokenizer import load_tokenizer
 
-        loaded = [load_tokenizer(path).to_str() for path in data.tokenizer_files]
+        loaded = []
+        for index, path in enumerate(data.tokenizer_files):
+            try:
+                loaded.append(load_tokenizer(path).to_str())
+            except (OSError, ValueError, ImportError) as error:
+                raise ConfigError(f"data.tokenizer_files[{index}]: {error}") from None
         return {"source": loaded[0], "target": loaded[-1]}
     if data.shared_vocab:
         shared = train_tokenizer((text for p in pairs for text in (p.source, p.target)),

@@ -72,6 +72,11 @@ def test_the_average_of_two_is_their_mean_with_the_rest_of_the_last(checkpoints,
     assert average["averaged_from"] == [{"file": "checkpoint_step1.pt", "step": 1},
                                         {"file": "checkpoint_step2.pt", "step": 2}]
 
+    # Given in the order a shell sorts checkpoint_step1000.pt before _step900.pt: the same.
+    reversed_order = average_checkpoints(checkpoints[1::-1])
+    assert reversed_order["progress"]["step"] == 2
+    assert reversed_order["averaged_from"] == average["averaged_from"]
+
     # Tied weights: one tensor in the checkpoints, one in the average, one in the model.
     pairs = tied_keys(last["model"])
     assert pairs, "the default config ties the target embedding and the output head"

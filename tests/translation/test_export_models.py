@@ -38,6 +38,9 @@ VARIANTS = {
     "prenorm-gelu-untied": dict(tie_embeddings=False),
     "postnorm-relu": dict(norm_first=False, activation="relu", tie_embeddings=True),
     "learned-positions": dict(positional="learned", max_len=32, tie_embeddings=False),
+    # one vocabulary (the source's) for both sides, one matrix for all three embeddings; seed
+    # 4 draws weights whose greedy outputs end some sentences (the default's end none)
+    "shared-vocabulary-all-tied": dict(tie_embeddings="all", seed=4),
 }
 
 
@@ -56,11 +59,14 @@ def tiny_translator(seed: int = 0, **overrides) -> Translator:
     torch.manual_seed(seed)
     kwargs = dict(d_model=16, n_heads=2, n_encoder_layers=2, n_decoder_layers=2, d_ff=32,
                   dropout=0.0, pad_id=PAD_ID, **overrides)
-    model = Transformer(SRC_VOCAB, TGT_VOCAB, **kwargs).eval()
+    shared = overrides.get("tie_embeddings") == "all"
+    src_tokenizer = word_tokenizer(SRC_VOCAB, "s")
+    tgt_tokenizer = src_tokenizer if shared else word_tokenizer(TGT_VOCAB, "t")
+    model = Transformer(SRC_VOCAB, tgt_tokenizer.get_vocab_size(), **kwargs).eval()
     with torch.no_grad():
         for parameter in model.parameters():
             parameter.mul_(3)
-    return Translator(model, word_tokenizer(SRC_VOCAB, "s"), word_tokenizer(TGT_VOCAB, "t"),
+    return Translator(model, src_tokenizer, tgt_tokenizer,
                       EvalConfig(beam_size=2, max_len_b=7), precision="fp32")
 
 
@@ -102,7 +108,8 @@ def test_folder_round_trip_gives_the_same_weights_and_translations(tmp_path, var
     for name in saved_state:
         torch.testing.assert_close(loaded_state[name], saved_state[name], rtol=0, atol=0)
     tied = VARIANTS[variant].get("tie_embeddings", False)
-    assert (loaded.model.lm_head.weight is loaded.model.tgt_embed.weight) is tied
+    assert (loaded.model.lm_head.weight is loaded.model.tgt_embed.weight) is bool(tied)
+    assert (loaded.model.src_embed.weight is loaded.model.tgt_embed.weight) is (tied == "all")
     assert model_config_of(loaded.model) == model_config_of(translator.model)
     assert loaded.eval_config == translator.eval_config and loaded.precision == "fp32"
     sources = padded_with_eos(random_sources())

@@ -10,12 +10,12 @@ from pathlib import Path
 
 import pytest
 import torch
+import yaml
 
-from attention.translation import config as config_module
 from attention.translation import training
 from attention.translation.checkpoint import AVERAGE, load_checkpoint, numbered_checkpoints
-from attention.translation.config import ConfigError, load_config
-from attention.translation.data import train_tokenizer
+from attention.translation.config import Config, ConfigError, load_config
+from attention.translation.data import UNK_ID, train_tokenizer
 from attention.translation.translator import Translator
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -115,11 +115,11 @@ def test_shared_vocabulary_ties_all_embeddings_and_survives_the_checkpoint(make_
     assert trainer.tokenizers["source"] == trainer.tokenizers["target"]
     model = trainer.model
     assert model.src_embed.weight is model.tgt_embed.weight is model.lm_head.weight
-    # Both languages' words are in the one vocabulary.
-    vocab = trainer.src_tokenizer.get_vocab()
-    pair = trainer.train_data.pairs[0]
-    assert all(trainer.src_tokenizer.token_to_id(t) is not None for t in
-               trainer.src_tokenizer.encode(pair.target).tokens) and len(vocab) <= 120
+    # Both languages' text is in the one vocabulary: no unknown token on either side.
+    pairs = trainer.train_data.pairs
+    for text in [p.source for p in pairs] + [p.target for p in pairs]:
+        assert UNK_ID not in trainer.src_tokenizer.encode(text).ids, text
+    assert trainer.src_tokenizer.get_vocab_size() <= 120
     loaded = Translator.from_checkpoint(trainer.run_dir / "checkpoint_best.pt", device="cpu")
     assert loaded.model.src_embed.weight is loaded.model.lm_head.weight
     assert loaded.translate("the dog sleeps")
@@ -153,12 +153,44 @@ def test_tokenizer_files_must_exist_and_agree_with_shared_vocab_and_lowercase(tm
     load_config(TINY, [f"data.tokenizer_files=[{file}]", "model.tie_embeddings=all"])
 
 
-def test_tensorboard_without_its_package_is_refused_before_any_work(monkeypatch):
-    real = config_module.importlib.util.find_spec
-    monkeypatch.setattr(config_module.importlib.util, "find_spec",
+def test_tensorboard_without_its_package_is_refused_before_training(make_trainer,
+                                                                     monkeypatch):
+    real = training.importlib.util.find_spec
+    monkeypatch.setattr(training.importlib.util, "find_spec",
                         lambda name: None if name == "tensorboard" else real(name))
+    # The config itself loads (a checkpoint of such a run is read on machines without it).
+    assert load_config(TINY, ["train.tensorboard=true"]).train.tensorboard
     with pytest.raises(ConfigError, match="^train.tensorboard:.*attention-blocks\\[tensorboard"):
-        load_config(TINY, ["train.tensorboard=true"])
+        make_trainer("train.tensorboard=true")
+
+
+def test_a_tokenizer_file_that_is_not_one_names_its_key(make_trainer, tmp_path):
+    garbage = tmp_path / "tokenizer.model"
+    garbage.write_bytes(b"\x00\x01 not a tokenizer")
+    with pytest.raises(ConfigError, match=r"^data.tokenizer_files\[0\]: .*tokenizer.model"):
+        make_trainer(f"data.tokenizer_files=[{garbage}]")
+
+
+def test_a_resume_drops_numbered_checkpoints_past_its_step(make_trainer):
+    first, _, _ = run(make_trainer, "train.max_steps=6", "train.eval_every=2",
+                      "train.keep_last=5")
+    last = load_checkpoint(first.run_dir / "checkpoint_last.pt")
+    last["progress"]["step"] = 4  # as if the run had stopped hard after step 4's save
+    torch.save(last, first.run_dir / "checkpoint_last.pt")
+    resumed = make_trainer("train.max_steps=6", "train.eval_every=2", "train.keep_last=5",
+                           resume=True)
+    assert [step for step, _ in numbered_checkpoints(resumed.run_dir)] == [2, 4]
+
+
+@pytest.mark.parametrize("name", ["multi30k_de_en", "multi30k_en_de", "multi30k_fr_en",
+                                  "multi30k_de_en_gpu"])
+def test_the_multi30k_recipe_configs_are_valid(name):
+    raw = yaml.safe_load((ROOT / "configs" / f"{name}.yaml").read_text())
+    config = Config.from_dict(raw, check_files=False)
+    assert config.data.shared_vocab and config.model.tie_embeddings == "all"
+    assert config.train.average_last <= config.train.keep_last
+    languages = name.split("_")[1:3]
+    assert [config.data.src_lang, config.data.tgt_lang] == languages
 
 
 def test_tokenizer_files_replace_training_one_for_both_sides_or_one_each(make_trainer,
