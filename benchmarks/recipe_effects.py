@@ -31,7 +31,11 @@ from typing import Any
 import torch
 
 from attention.translation.averaging import average_checkpoints
-from attention.translation.checkpoint import config_from_checkpoint, numbered_checkpoints
+from attention.translation.checkpoint import (
+    config_from_checkpoint,
+    load_checkpoint,
+    numbered_checkpoints,
+)
 from attention.translation.data import load_splits
 from attention.translation.files import write_text_atomic
 from attention.translation.metrics import corpus_scores
@@ -57,7 +61,8 @@ def measure(run: Path, averages: list[int], beams: list[int], penalties: list[fl
     if not numbered:
         raise SystemExit(f"{run}: no numbered checkpoints (train.keep_last) to average")
     translator = Translator.from_checkpoint(run / "checkpoint_best.pt", device="cpu")
-    config = config_from_checkpoint(torch.load(run / "checkpoint_best.pt", weights_only=True))
+    best = load_checkpoint(run / "checkpoint_best.pt")
+    config = config_from_checkpoint(best)
     splits = load_splits(config.data)
     val, test = splits["val"], splits["test"]
     beam, penalty = config.eval.beam_size, config.eval.length_penalty
@@ -67,22 +72,25 @@ def measure(run: Path, averages: list[int], beams: list[int], penalties: list[fl
         "decoding": {"beam_size": beam, "length_penalty": penalty},
         "numbered_steps": [step for step, _ in numbered], "averaging": [], "search": []}
 
-    best_step = torch.load(run / "checkpoint_best.pt", weights_only=True)["progress"]["step"]
-    report["averaging"].append({"checkpoints": "best", "steps": [best_step],
+    report["averaging"].append({"checkpoints": "best", "steps": [best["progress"]["step"]],
                                 "val": score(translator, val, beam, penalty),
                                 "test": score(translator, test, beam, penalty)})
+    final = config.train.average_last or 1
+    final_weights = None  # the search below uses the average of the last `final`
     for count in averages:
         chosen = numbered[-count:]
-        translator.model.load_state_dict(
-            average_checkpoints([path for _, path in chosen])["model"])
+        weights = average_checkpoints([path for _, path in chosen])["model"]
+        translator.model.load_state_dict(weights)
+        if count == final:
+            final_weights = weights
         report["averaging"].append({"checkpoints": count, "steps": [s for s, _ in chosen],
                                     "val": score(translator, val, beam, penalty),
                                     "test": score(translator, test, beam, penalty)})
         print(json.dumps(report["averaging"][-1]), flush=True)
 
-    final = config.train.average_last or 1
-    translator.model.load_state_dict(
-        average_checkpoints([path for _, path in numbered[-final:]])["model"])
+    if final_weights is None:
+        final_weights = average_checkpoints([path for _, path in numbered[-final:]])["model"]
+    translator.model.load_state_dict(final_weights)
     report["search_model"] = f"average of the last {final} checkpoints"
     for size in beams:
         rows = [{"beam_size": size, "length_penalty": lp,

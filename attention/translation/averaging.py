@@ -17,7 +17,7 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from .checkpoint import load_checkpoint
+from .checkpoint import load_checkpoint, shared_entries
 
 __all__ = ["average_checkpoints", "average_state_dicts"]
 
@@ -202,16 +202,6 @@ class RunningMean:
 
 
 def _shared_keys(state_dict: Mapping[str, Any]) -> dict[str, str]:
-    """Each floating-point tensor's key that holds the very tensor (the same memory, shape
-    and strides) of an earlier key, mapped to the first such key."""
-    first_of: dict[tuple, str] = {}
-    shared = {}
-    for key, value in state_dict.items():
-        if not (isinstance(value, Tensor) and value.is_floating_point()) or value.numel() == 0:
-            continue
-        identity = (value.device, value.data_ptr(), value.dtype, value.shape, value.stride())
-        if identity in first_of:
-            shared[key] = first_of[identity]
-        else:
-            first_of[identity] = key
-    return shared
+    """The floating-point entries of ``state_dict`` that hold an earlier entry's tensor."""
+    return {key: earlier for key, earlier in shared_entries(state_dict).items()
+            if state_dict[key].is_floating_point()}

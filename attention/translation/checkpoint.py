@@ -9,6 +9,7 @@ scheduler's states, the random-number generators' states, the run's config, both
 from __future__ import annotations
 
 import re
+from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
@@ -27,6 +28,7 @@ __all__ = [
     "numbered_checkpoint",
     "numbered_checkpoints",
     "save_checkpoint",
+    "shared_entries",
     "write_atomic",
 ]
 
@@ -48,6 +50,24 @@ def numbered_checkpoints(run_dir: str | Path) -> list[tuple[int, Path]]:
         if match:
             found.append((int(match.group(1)), path))
     return sorted(found)
+
+
+def shared_entries(state_dict: Mapping[str, Any]) -> dict[str, str]:
+    """``{key: earlier key}`` for each tensor entry of ``state_dict`` that is the very tensor
+    of an earlier one (the same memory, dtype, shape and strides; a tied output head's
+    ``lm_head.weight`` → ``tgt_embed.weight``), mapped to the first key holding it. Empty
+    tensors are never counted as shared."""
+    first_of: dict[tuple, str] = {}
+    shared = {}
+    for key, value in state_dict.items():
+        if not isinstance(value, torch.Tensor) or value.numel() == 0:
+            continue
+        identity = (value.device, value.data_ptr(), value.dtype, value.shape, value.stride())
+        if identity in first_of:
+            shared[key] = first_of[identity]
+        else:
+            first_of[identity] = key
+    return shared
 
 
 def save_checkpoint(path: str | Path, checkpoint: dict[str, Any]) -> Path:

@@ -54,14 +54,7 @@ from .checkpoint import (
     write_atomic,
 )
 from .config import Config, ConfigError, DataConfig, TrainConfig
-from .data import (
-    PAD_ID,
-    Pair,
-    ParallelData,
-    load_splits,
-    token_batches,
-    train_tokenizer,
-)
+from .data import PAD_ID, Pair, ParallelData, load_splits, token_batches, train_tokenizer
 from .distributed import Distributed, distributed_session, elastic_restart, shard
 from .metrics import alignment_hits, best_alignment_head, corpus_scores, exact_match
 from .precision import autocast, grad_scaler, precision_name, resolve_precision

@@ -13,6 +13,7 @@ from torch import nn
 from ...layers import ACTIVATIONS
 from ...models import Transformer
 from ...positional import LearnedPositionalEncoding, SinusoidalPositionalEncoding
+from ..checkpoint import shared_entries
 from ..config import ModelConfig
 
 __all__ = ["LAYER_NORM_EPS", "model_config_of", "positional_name", "tied_parameters"]
@@ -85,12 +86,4 @@ def _tie_embeddings(model: Transformer) -> bool | str:
 def tied_parameters(model: nn.Module) -> dict[str, str]:
     """``{name: name of the same tensor}`` for each state-dict entry that repeats an earlier
     one (``lm_head.weight`` → ``tgt_embed.weight`` with tied embeddings)."""
-    seen: dict[tuple[int, tuple[int, ...]], str] = {}
-    tied = {}
-    for name, tensor in model.state_dict(keep_vars=True).items():
-        key = (tensor.data_ptr(), tuple(tensor.shape))
-        if key in seen and tensor.numel():
-            tied[name] = seen[key]
-        else:
-            seen.setdefault(key, name)
-    return tied
+    return shared_entries(model.state_dict(keep_vars=True))
