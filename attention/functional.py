@@ -21,11 +21,14 @@ from collections.abc import Iterator
 
 import torch
 import torch.nn.functional as F
+from einops import rearrange
 from torch import Tensor
 from torch.nn.attention import SDPBackend, sdpa_kernel
 
 from . import features
 from ._checks import check_choice, check_mask, check_probability, check_tensor, shape_of
+from .alibi import alibi_bias
+from .local import check_window, local_attention, local_keys, window_mask
 
 __all__ = ["BACKENDS", "attend", "attention_backend", "causal_mask", "current_backend",
            "merge_masks", "sdpa_priority"]
@@ -146,6 +149,7 @@ def merge_masks(
     attn_mask: Tensor | None = None,
     key_padding_mask: Tensor | None = None,
     is_causal: bool = False,
+    window: tuple[int, int] | None = None,
     dtype: torch.dtype = torch.float32,
     device: torch.device | None = None,
 ) -> Tensor | None:
@@ -155,29 +159,22 @@ def merge_masks(
     every input is boolean, otherwise a ``dtype`` mask to add to the scores (``-inf`` where
     a boolean input forbids attending).
 
+    ``window`` ``(left, right)`` adds the band of :func:`attention.local.window_mask`.
+
     Shape:
         attn_mask: ``(i, j)`` or ``(b | 1, h | 1, i, j)``.
         key_padding_mask: ``(b, j)``.
     """
     masks: list[Tensor] = []
     if attn_mask is not None:
-        attn_mask = check_mask(
-            "attn_mask",
-            attn_mask,
-            [(q_len, k_len)]
-            + [(b_, h_, q_len, k_len) for b_ in (batch, 1) for h_ in (heads, 1)],
-            "(Lq, Lk) = ({q}, {k}) or (batch, heads, Lq, Lk) = ({b}, {h}, {q}, {k}), where "
-            "batch and heads may be 1", q=q_len, k=k_len, b=batch, h=heads,
-        )
-        masks.append(attn_mask)
+        masks.append(_checked_attn_mask(attn_mask, batch, heads, q_len, k_len))
     if key_padding_mask is not None:
-        key_padding_mask = check_mask(
-            "key_padding_mask", key_padding_mask, [(batch, k_len)],
-            "(batch, Lk) = ({b}, {k})", b=batch, k=k_len,
-        )
+        key_padding_mask = _checked_padding(key_padding_mask, batch, k_len)
         masks.append(key_padding_mask[:, None, None, :])  # (b, 1, 1, j)
     if is_causal:
         masks.append(causal_mask(q_len, k_len, device=device))
+    if window is not None:
+        masks.append(window_mask(q_len, k_len, window, device=device))
 
     merged: Tensor | None = None
     for mask in masks:
@@ -202,10 +199,12 @@ def _check_qkv(q: object, k: object, v: object) -> tuple[Tensor, Tensor, Tensor]
     q = check_tensor("q", q, [4], layout)
     k = check_tensor("k", k, [4], layout)
     v = check_tensor("v", v, [4], layout)
-    if k.shape[:2] != q.shape[:2] or v.shape[:2] != q.shape[:2]:
+    if k.shape[0] != q.shape[0] or v.shape[:2] != k.shape[:2] \
+            or k.shape[1] == 0 or q.shape[1] % k.shape[1] != 0:
         raise ValueError(
-            "k, v: expected the same (batch, heads) as q="
-            f"{tuple(q.shape[:2])}, got k {shape_of(k)} and v {shape_of(v)}"
+            f"k, v: expected the batch of q={q.shape[0]} and the same number of heads, "
+            f"dividing q's {q.shape[1]} (grouped-query attention), got k {shape_of(k)} and "
+            f"v {shape_of(v)}"
         )
     if k.shape[-1] != q.shape[-1]:
         raise ValueError(
@@ -220,6 +219,15 @@ def _check_qkv(q: object, k: object, v: object) -> tuple[Tensor, Tensor, Tensor]
     return q, k, v
 
 
+def check_softcap(softcap: object) -> float | None:
+    """``softcap`` as a float, or ``None``: a positive number caps the scores."""
+    if softcap is None:
+        return None
+    if isinstance(softcap, bool) or not isinstance(softcap, (int, float)) or not softcap > 0:
+        raise ValueError(f"softcap: expected a positive number (or None), got {softcap!r}")
+    return float(softcap)
+
+
 def attend(
     q: Tensor,
     k: Tensor,
@@ -231,12 +239,17 @@ def attend(
     dropout_p: float = 0.0,
     scale: float | None = None,
     need_weights: bool = False,
+    window: int | tuple[int, int] | None = None,
+    alibi_slopes: Tensor | None = None,
+    softcap: float | None = None,
 ) -> tuple[Tensor, Tensor | None]:
     """Scaled dot-product attention: ``softmax(q·kᵀ·scale + mask)·v``.
 
-    Two paths, one result. With ``need_weights=True`` the textbook computation runs and the
-    attention weights are returned; otherwise ``F.scaled_dot_product_attention`` runs (its
-    flash, memory-efficient or cuDNN kernel where one applies) and the weights are ``None``.
+    Three paths, one result. With ``need_weights=True`` the textbook computation runs and
+    the attention weights are returned; with a ``window`` over a long self-attention the
+    blocked :func:`attention.local.local_attention` runs, in time and memory linear in the
+    length; otherwise ``F.scaled_dot_product_attention`` runs (its flash,
+    memory-efficient or cuDNN kernel where one applies) and the weights are ``None``.
     :func:`attention_backend` forces the textbook path or one fused kernel.
 
     Masks follow ``torch.nn.MultiheadAttention``: a boolean ``True`` means "may not
@@ -249,27 +262,64 @@ def attend(
     the forward and the backward pass.
 
     Args:
-        q, k, v: ``(b, h, i, d)``, ``(b, h, j, d)``, ``(b, h, j, d_v)``.
+        q, k, v: ``(b, h, i, d)``, ``(b, h_kv, j, d)``, ``(b, h_kv, j, d_v)``: ``h_kv``
+            key/value heads, a divisor of ``h``; query head ``n`` reads key/value head
+            ``n // (h // h_kv)`` (grouped-query attention, as SDPA's ``enable_gqa``).
         attn_mask: ``(i, j)`` or ``(b | 1, h | 1, i, j)``, bool or float.
         key_padding_mask: ``(b, j)``, bool or float; ``True`` marks padding.
         is_causal: forbid attending to later positions (aligned to the last key).
         dropout_p: dropout on the attention weights; pass ``0.0`` in evaluation.
         scale: multiplies the scores; ``1/√d_head`` when ``None``.
         need_weights: return the ``(b, h, i, j)`` weights (before dropout).
+        window: ``w`` or ``(left, right)``: the query at position ``p`` sees keys ``p - left``
+            to ``p + right`` only (``right`` is 0 with ``is_causal``); positions aligned to
+            the last key, as for ``is_causal``.
+        alibi_slopes: ``(h,)``: add ``-m_h · |p - p'|`` to head ``h``'s scores (ALiBi;
+            :func:`attention.alibi.alibi_slopes`).
+        softcap: scores become ``softcap · tanh(scores / softcap)``, after ``scale`` and
+            before the masks (Gemma 2). No fused kernel caps scores: the textbook or the
+            blocked path runs, and a forced SDPA kernel refuses it.
 
     Returns:
         ``(output (b, h, i, d_v), weights (b, h, i, j) or None)``.
     """
     q, k, v = _check_qkv(q, k, v)
     dropout_p = check_probability("dropout_p", dropout_p)
+    window = check_window(window)
+    softcap = check_softcap(softcap)
     batch, heads, q_len, d_head = q.shape
     k_len = k.shape[-2]
     scale = d_head**-0.5 if scale is None else scale
+    if alibi_slopes is not None and tuple(alibi_slopes.shape) != (heads,):
+        raise ValueError(f"alibi_slopes: expected shape ({heads},) (one slope a query head), "
+                         f"got {shape_of(alibi_slopes)}")
+    if window is not None and is_causal:
+        window = (window[0], 0)
+    # Under torch.compile and torch.export the length may be symbolic: a branch on it would
+    # tie the graph to one side (export refuses such a guard), so there every self-attention
+    # with a window runs blocked, which is right at any length.
+    compiling = torch.compiler.is_compiling()
+    if window is not None and not compiling and window[0] >= k_len - 1 \
+            and window[1] >= q_len - 1:
+        window = None  # the band holds every key of every query: nothing to mask
 
     backend = current_backend()
+    if softcap is not None and backend in _SDPA_BACKENDS:
+        raise ValueError(f"softcap: F.scaled_dot_product_attention cannot cap scores, so "
+                         f"the forced backend {backend!r} cannot take softcap={softcap}; "
+                         f"use 'auto' or 'explicit'")
+    if window is not None and not need_weights and backend == "auto" and q_len == k_len \
+            and (compiling or 2 * local_keys(k_len, window) <= k_len):
+        out = local_attention(
+            q, k, v, window, scale=scale, key_padding_mask=_checked_padding(
+                key_padding_mask, batch, k_len), attn_mask=_checked_attn_mask(
+                attn_mask, batch, heads, q_len, k_len), alibi_slopes=alibi_slopes,
+            softcap=softcap, dropout_p=dropout_p)
+        return out, None
+
     # One query on the CPU (a decoding step): two small products cost less than the setup
     # of the fused CPU kernel (about 30% less at 128 rows of 4 heads over 16-24 keys).
-    explicit = need_weights or backend == "explicit" or (
+    explicit = need_weights or backend == "explicit" or softcap is not None or (
         backend == "auto" and q_len == 1 and q.device.type == "cpu")
     # SDPA's own is_causal aligns to the first key; it is only the same thing for Lq == Lk.
     # Decided by a branch, not assigned: with dynamic shapes under torch.compile,
@@ -277,7 +327,7 @@ def attend(
     # graph guard on its value and pass SDPA a plain bool.
     use_sdpa_causal = False
     if is_causal and not explicit and attn_mask is None and key_padding_mask is None \
-            and q_len == k_len:
+            and window is None and alibi_slopes is None and q_len == k_len:
         use_sdpa_causal = True
     # One query aligned to the last key sees every key: no mask to build (a decoding step).
     if is_causal and q_len == 1:
@@ -285,13 +335,39 @@ def attend(
     mask = merge_masks(
         batch, heads, q_len, k_len,
         attn_mask=attn_mask, key_padding_mask=key_padding_mask,
-        is_causal=is_causal and not use_sdpa_causal, dtype=q.dtype, device=q.device,
+        is_causal=is_causal and not use_sdpa_causal, window=window, dtype=q.dtype,
+        device=q.device,
     )
 
     mask, empty_rows = _open_empty_rows(mask)
+    bias = None if alibi_slopes is None else alibi_bias(alibi_slopes, q_len, k_len, q.dtype)
     if explicit:
-        return _explicit_attention(q, k, v, mask, empty_rows, scale, dropout_p, need_weights)
+        return _explicit_attention(q, k, v, mask, bias, empty_rows, scale, dropout_p,
+                                   need_weights, softcap)
+    if bias is not None:  # SDPA takes one mask: the bias, with -inf where nothing may attend
+        mask = bias if mask is None else (
+            bias.masked_fill(mask, float("-inf")) if mask.dtype == torch.bool else bias + mask)
     return _fused_attention(q, k, v, mask, empty_rows, scale, dropout_p, use_sdpa_causal), None
+
+
+def _checked_padding(key_padding_mask: Tensor | None, batch: int, k_len: int
+                     ) -> Tensor | None:
+    if key_padding_mask is None:
+        return None
+    return check_mask("key_padding_mask", key_padding_mask, [(batch, k_len)],
+                      "(batch, Lk) = ({b}, {k})", b=batch, k=k_len)
+
+
+def _checked_attn_mask(attn_mask: Tensor | None, batch: int, heads: int, q_len: int,
+                       k_len: int) -> Tensor | None:
+    if attn_mask is None:
+        return None
+    return check_mask(
+        "attn_mask", attn_mask,
+        [(q_len, k_len)] + [(b_, h_, q_len, k_len) for b_ in (batch, 1) for h_ in (heads, 1)],
+        "(Lq, Lk) = ({q}, {k}) or (batch, heads, Lq, Lk) = ({b}, {h}, {q}, {k}), where "
+        "batch and heads may be 1", q=q_len, k=k_len, b=batch, h=heads,
+    )
 
 
 def _open_empty_rows(mask: Tensor | None) -> tuple[Tensor | None, Tensor | None]:
@@ -307,12 +383,27 @@ def _open_empty_rows(mask: Tensor | None) -> tuple[Tensor | None, Tensor | None]
 
 
 def _explicit_attention(q: Tensor, k: Tensor, v: Tensor, mask: Tensor | None,
-                        empty_rows: Tensor | None, scale: float, dropout_p: float,
-                        need_weights: bool) -> tuple[Tensor, Tensor | None]:
-    """The textbook computation, with the weights (before dropout) when asked."""
-    # In place on the fresh (b h i j) scores: the product's backward needs q and k, not
-    # its output, and each out-of-place step would allocate and fill another copy.
-    scores = (q @ k.transpose(-2, -1)).mul_(scale)  # (b h i d) @ (b h d j) -> (b h i j)
+                        bias: Tensor | None, empty_rows: Tensor | None, scale: float,
+                        dropout_p: float, need_weights: bool, softcap: float | None
+                        ) -> tuple[Tensor, Tensor | None]:
+    """The textbook computation, with the weights (before dropout) when asked.
+
+    With fewer key/value heads than query heads, each group of query heads is stacked on
+    the query positions of its key/value head: ``(b, k, (g i), d)``, so the products read
+    each key and value once, without repeating them.
+    """
+    batch, heads, q_len, _ = q.shape
+    kv_heads = k.shape[1]
+    if kv_heads != heads:
+        q = rearrange(q, "b (k g) i d -> b k (g i) d", k=kv_heads)
+    # In place on the fresh scores: the product's backward needs q and k, not its output,
+    # and each out-of-place step would allocate and fill another copy.
+    scores = (q @ k.transpose(-2, -1)).mul_(scale)  # (b k (g i) d) @ (b k d j) -> (b k (g i) j)
+    scores = scores.view(batch, heads, q_len, -1)  # (b h i j)
+    if softcap is not None:
+        scores = softcap * torch.tanh(scores / softcap)
+    if bias is not None:
+        scores = scores.add_(bias)
     if mask is not None:
         scores = scores.masked_fill_(mask, float("-inf")) if mask.dtype == torch.bool \
             else scores.add_(mask)
@@ -320,7 +411,9 @@ def _explicit_attention(q: Tensor, k: Tensor, v: Tensor, mask: Tensor | None,
     weights = scores.softmax(dim=-1, dtype=torch.promote_types(q.dtype, torch.float32))
     weights = weights.to(q.dtype)
     dropped = F.dropout(weights, p=dropout_p) if dropout_p > 0 else weights
-    out = dropped @ v  # (b h i j) @ (b h j d) -> (b h i d)
+    if kv_heads != heads:
+        dropped = rearrange(dropped, "b (k g) i j -> b k (g i) j", k=kv_heads)
+    out = (dropped @ v).view(batch, heads, q_len, -1)  # (b k (g i) j) @ (b k j d) -> (b h i d)
     if empty_rows is not None:  # zero rows with no key, on (b h i d), not (b h i j)
         out = out.masked_fill(empty_rows, 0.0)
         if need_weights:
@@ -336,7 +429,8 @@ def _fused_attention(q: Tensor, k: Tensor, v: Tensor, mask: Tensor | None,
         mask = ~mask  # the SDPA boundary: True now means "may attend"
     with _sdpa_context(q.device):
         out = F.scaled_dot_product_attention(
-            q, k, v, attn_mask=mask, dropout_p=dropout_p, is_causal=is_causal, scale=scale
+            q, k, v, attn_mask=mask, dropout_p=dropout_p, is_causal=is_causal, scale=scale,
+            enable_gqa=k.shape[1] != q.shape[1],
         )
     if empty_rows is not None:
         out = out.masked_fill(empty_rows, 0.0)

@@ -1,8 +1,14 @@
 """The blocks a Transformer stacks: feed-forward, encoder layer, decoder layer.
 
-Each sub-layer is wrapped in a residual connection and a LayerNorm, either pre-norm
-(``x + f(norm(x))``, the default: stable without warm-up tricks) or post-norm
-(``norm(x + f(x))``, the original paper and torch.nn's default).
+Each sub-layer is wrapped in a residual connection and a norm (LayerNorm, or RMSNorm with
+``norm="rmsnorm"``), either pre-norm (``x + f(norm(x))``, the default: stable without
+warm-up tricks) or post-norm (``norm(x + f(x))``, the original paper and torch.nn's
+default).
+
+The attention keywords of :class:`~attention.multihead.MultiHeadAttention` (``n_kv_heads``,
+``window``, ``alibi``, ``softcap``, ``qk_norm``) pass through the layers to their
+self-attention; a decoder's cross-attention takes ``n_kv_heads``, ``softcap`` and
+``qk_norm`` (a window or ALiBi distance between target and source positions means nothing).
 """
 
 from __future__ import annotations
@@ -15,12 +21,20 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from . import features
-from ._checks import check_mask, check_positive_int, check_probability, check_size, check_tensor
+from ._checks import (
+    check_choice,
+    check_mask,
+    check_positive_int,
+    check_probability,
+    check_size,
+    check_tensor,
+)
 from .multihead import KVCache, MultiHeadAttention
 from .packing import Packing
 
-__all__ = ["ACTIVATIONS", "DecoderLayer", "EncoderLayer", "FeedForward", "feed_forward",
-           "get_activation", "layer_norm", "pack_padding", "residual"]
+__all__ = ["ACTIVATIONS", "GLU_ACTIVATIONS", "NORMS", "DecoderLayer", "EncoderLayer",
+           "FeedForward", "build_norm", "feed_forward", "get_activation", "layer_norm",
+           "pack_padding", "residual"]
 
 ACTIVATIONS: dict[str, Callable[[Tensor], Tensor]] = {
     "relu": F.relu,
@@ -28,6 +42,12 @@ ACTIVATIONS: dict[str, Callable[[Tensor], Tensor]] = {
     "gelu_tanh": partial(F.gelu, approximate="tanh"),
     "silu": F.silu,
 }
+# Gated feed-forwards (Shazeer, 2020): the name, and the activation of the gate.
+GLU_ACTIVATIONS: dict[str, Callable[[Tensor], Tensor]] = {
+    "swiglu": F.silu,
+    "geglu": F.gelu,
+}
+NORMS = ("layernorm", "rmsnorm")
 
 
 def layer_norm(d_model: int, eps: float, bias: bool, *, device: torch.device | str | None = None,
@@ -44,18 +64,30 @@ def layer_norm(d_model: int, eps: float, bias: bool, *, device: torch.device | s
     return norm
 
 
+def build_norm(norm: str, d_model: int, eps: float, bias: bool) -> nn.Module:
+    """The norm named ``norm``: :func:`layer_norm`, or ``nn.RMSNorm`` (which has no bias)."""
+    check_choice("norm", norm, NORMS)
+    if norm == "rmsnorm":
+        return nn.RMSNorm(d_model, eps=eps)
+    return layer_norm(d_model, eps, bias)
+
+
 def get_activation(activation: str | Callable[[Tensor], Tensor]) -> Callable[[Tensor], Tensor]:
     """The activation function named ``activation`` (or ``activation`` itself if callable)."""
     if callable(activation):
         return activation
     if activation not in ACTIVATIONS:
-        raise ValueError(f"activation: expected one of {list(ACTIVATIONS)} or a callable, "
-                         f"got {activation!r}")
+        raise ValueError(f"activation: expected one of {list(ACTIVATIONS) + list(GLU_ACTIVATIONS)}"
+                         f" or a callable, got {activation!r}")
     return ACTIVATIONS[activation]
 
 
 class FeedForward(nn.Module):
     """Position-wise feed-forward: ``linear2(dropout(activation(linear1(x))))``.
+
+    With a gated ``activation`` (``"swiglu"``, ``"geglu"``: Llama's and ModernBERT's),
+    ``linear1`` makes ``2 * d_ff`` features, the gate then the value, and the hidden layer
+    is ``act(gate) * value`` (``act`` SiLU or GELU).
 
     Shape:
         x: ``(..., d_model)`` → same shape; the hidden layer has ``d_ff`` features
@@ -73,12 +105,18 @@ class FeedForward(nn.Module):
         super().__init__()
         self.d_model = check_positive_int("d_model", d_model)
         self.d_ff = 4 * d_model if d_ff is None else check_positive_int("d_ff", d_ff)
-        self.activation = get_activation(activation)
-        self.linear1 = nn.Linear(d_model, self.d_ff, bias=bias)
+        self.gated = isinstance(activation, str) and activation in GLU_ACTIVATIONS
+        self.activation = GLU_ACTIVATIONS[activation] if self.gated \
+            else get_activation(activation)
+        hidden = 2 * self.d_ff if self.gated else self.d_ff
+        self.linear1 = nn.Linear(d_model, hidden, bias=bias)
         self.dropout = nn.Dropout(check_probability("dropout", dropout))
         self.linear2 = nn.Linear(self.d_ff, d_model, bias=bias)
 
     def forward(self, x: Tensor) -> Tensor:
+        if self.gated:
+            gate, value = self.linear1(x).chunk(2, dim=-1)  # (..., 2·d_ff) -> 2 × (..., d_ff)
+            return self.linear2(self.dropout(self.activation(gate) * value))
         return feed_forward(x, self.linear1, self.activation, self.dropout, self.linear2)
 
 
@@ -127,14 +165,23 @@ class EncoderLayer(nn.Module):
         bias: bool = False,
         layer_norm_eps: float = 1e-5,
         rotary: bool = False,
+        *,
+        norm: str = "layernorm",
+        n_kv_heads: int | None = None,
+        window: int | tuple[int, int] | None = None,
+        alibi: bool = False,
+        softcap: float | None = None,
+        qk_norm: bool = False,
     ) -> None:
         super().__init__()
         self.d_model = d_model
         self.norm_first = norm_first
-        self.self_attn = MultiHeadAttention(d_model, n_heads, dropout, bias, rotary=rotary)
+        self.self_attn = MultiHeadAttention(
+            d_model, n_heads, dropout, bias, rotary=rotary, n_kv_heads=n_kv_heads,
+            window=window, alibi=alibi, softcap=softcap, qk_norm=qk_norm)
         self.feed_forward = FeedForward(d_model, d_ff, dropout, activation, bias)
-        self.norm1 = layer_norm(d_model, layer_norm_eps, bias)
-        self.norm2 = layer_norm(d_model, layer_norm_eps, bias)
+        self.norm1 = build_norm(norm, d_model, layer_norm_eps, bias)
+        self.norm2 = build_norm(norm, d_model, layer_norm_eps, bias)
         self.dropout1 = nn.Dropout(dropout)
         self.dropout2 = nn.Dropout(dropout)
 
@@ -239,16 +286,27 @@ class DecoderLayer(nn.Module):
         bias: bool = False,
         layer_norm_eps: float = 1e-5,
         rotary: bool = False,
+        *,
+        norm: str = "layernorm",
+        n_kv_heads: int | None = None,
+        window: int | tuple[int, int] | None = None,
+        alibi: bool = False,
+        softcap: float | None = None,
+        qk_norm: bool = False,
     ) -> None:
         super().__init__()
         self.d_model = d_model
         self.norm_first = norm_first
-        self.self_attn = MultiHeadAttention(d_model, n_heads, dropout, bias, rotary=rotary)
-        self.cross_attn = MultiHeadAttention(d_model, n_heads, dropout, bias)
+        self.self_attn = MultiHeadAttention(
+            d_model, n_heads, dropout, bias, rotary=rotary, n_kv_heads=n_kv_heads,
+            window=window, alibi=alibi, softcap=softcap, qk_norm=qk_norm)
+        self.cross_attn = MultiHeadAttention(d_model, n_heads, dropout, bias,
+                                             n_kv_heads=n_kv_heads, softcap=softcap,
+                                             qk_norm=qk_norm)
         self.feed_forward = FeedForward(d_model, d_ff, dropout, activation, bias)
-        self.norm1 = layer_norm(d_model, layer_norm_eps, bias)
-        self.norm2 = layer_norm(d_model, layer_norm_eps, bias)
-        self.norm3 = layer_norm(d_model, layer_norm_eps, bias)
+        self.norm1 = build_norm(norm, d_model, layer_norm_eps, bias)
+        self.norm2 = build_norm(norm, d_model, layer_norm_eps, bias)
+        self.norm3 = build_norm(norm, d_model, layer_norm_eps, bias)
         self.dropout1 = nn.Dropout(dropout)
         self.dropout2 = nn.Dropout(dropout)
         self.dropout3 = nn.Dropout(dropout)

@@ -12,7 +12,7 @@ from torch import Tensor, nn
 from ._checks import check_positive_int, check_size, check_tensor, shape_of
 from .decoding import beam_search, greedy_search
 from .inference import prepared_for_inference
-from .layers import DecoderLayer, EncoderLayer, layer_norm, pack_padding
+from .layers import DecoderLayer, EncoderLayer, build_norm, pack_padding
 from .multihead import KVCache
 from .next_token import Sampler, TokenRules, check_return_sequences
 from .positional import LearnedPositionalEncoding, build_positional_encoding
@@ -42,16 +42,34 @@ class _LayerStack(nn.Module):
         activation: Activation = "gelu",
         bias: bool = False,
         layer_norm_eps: float = 1e-5,
+        *,
+        norm: str = "layernorm",
+        n_kv_heads: int | None = None,
+        window: int | tuple[int, int] | None = None,
+        global_every: int | None = None,
+        alibi: bool = False,
+        softcap: float | None = None,
+        qk_norm: bool = False,
     ) -> None:
         super().__init__()
         self.d_model = d_model
         self.positional = build_positional_encoding(positional, d_model, max_len, dropout)
+        n_layers = check_positive_int("n_layers", n_layers)
+        if global_every is not None:
+            check_positive_int("global_every", global_every)
+            if window is None:
+                raise ValueError(f"global_every: expected None without a window (the other "
+                                 f"layers attend within it), got {global_every}")
+        self.global_every = global_every
         self.layers = nn.ModuleList(
             self.layer_type(d_model, n_heads, d_ff, dropout, activation, norm_first, bias,
-                            layer_norm_eps, rotary=positional == "rotary")
-            for _ in range(check_positive_int("n_layers", n_layers))
+                            layer_norm_eps, rotary=positional == "rotary", norm=norm,
+                            n_kv_heads=n_kv_heads, alibi=alibi, softcap=softcap,
+                            qk_norm=qk_norm,
+                            window=None if global_every and i % global_every == 0 else window)
+            for i in range(n_layers)
         )
-        self.norm = layer_norm(d_model, layer_norm_eps, bias) if norm_first else None
+        self.norm = build_norm(norm, d_model, layer_norm_eps, bias) if norm_first else None
 
     @property
     def max_positions(self) -> int | None:
@@ -96,8 +114,15 @@ class Encoder(_LayerStack):
             (``"sinusoidal"``, ``"learned"``, ``"rotary"``, ``None``).
         max_len: positions the learned encoding has (the sinusoid table extends itself).
         norm_first: pre-norm (default) or post-norm.
-        activation: a name in :data:`attention.layers.ACTIVATIONS` or a callable.
+        activation: a name in :data:`attention.layers.ACTIVATIONS` or
+            :data:`~attention.layers.GLU_ACTIVATIONS` (``"swiglu"``, ``"geglu"``), or a
+            callable.
         bias: biases in linear layers and LayerNorms.
+        norm: ``"layernorm"`` or ``"rmsnorm"``, in every layer and at the end.
+        n_kv_heads, window, alibi, softcap, qk_norm: the attention variants of
+            :class:`~attention.multihead.MultiHeadAttention`, in every layer.
+        global_every: with a ``window``, layer ``i`` attends globally when
+            ``i % global_every == 0`` and within the window otherwise (ModernBERT's layout).
 
     Shape:
         x: ``(batch, length, d_model)`` → same shape.
@@ -250,6 +275,11 @@ class Transformer(nn.Module):
     shares the target embedding with the output head; ``"all"`` shares the source embedding
     too, one matrix for all three (a joint vocabulary: the two sizes must be equal).
 
+    ``norm``, ``n_kv_heads``, ``window``, ``global_every``, ``alibi``, ``softcap`` and
+    ``qk_norm`` are passed to the :class:`Encoder` and the :class:`Decoder` (the decoder's
+    cross-attention takes only ``n_kv_heads``, ``softcap`` and ``qk_norm``). A windowed
+    decoder's caches keep only their window while generating.
+
     Shape:
         src_ids: ``(B, Ls)``; tgt_ids: ``(B, Lt)`` → logits ``(B, Lt, tgt_vocab_size)``.
     """
@@ -271,6 +301,14 @@ class Transformer(nn.Module):
         norm_first: bool = True,
         activation: Activation = "gelu",
         bias: bool = False,
+        *,
+        norm: str = "layernorm",
+        n_kv_heads: int | None = None,
+        window: int | tuple[int, int] | None = None,
+        global_every: int | None = None,
+        alibi: bool = False,
+        softcap: float | None = None,
+        qk_norm: bool = False,
     ) -> None:
         super().__init__()
         self.src_vocab_size = check_positive_int("src_vocab_size", src_vocab_size)
@@ -288,7 +326,9 @@ class Transformer(nn.Module):
                              f"tgt_vocab_size={tgt_vocab_size}")
         self.pad_id = pad_id
         common = dict(d_ff=d_ff, dropout=dropout, positional=positional, max_len=max_len,
-                      norm_first=norm_first, activation=activation, bias=bias)
+                      norm_first=norm_first, activation=activation, bias=bias, norm=norm,
+                      n_kv_heads=n_kv_heads, window=window, global_every=global_every,
+                      alibi=alibi, softcap=softcap, qk_norm=qk_norm)
         self.src_embed = nn.Embedding(src_vocab_size, d_model, padding_idx=pad_id)
         self.tgt_embed = nn.Embedding(tgt_vocab_size, d_model, padding_idx=pad_id)
         self.encoder = Encoder(d_model, n_heads, n_encoder_layers, **common)

@@ -24,7 +24,9 @@ from ._checks import (
     check_tensor,
     shape_of,
 )
-from .functional import attend
+from .alibi import alibi_slopes
+from .functional import attend, check_softcap
+from .local import check_window
 from .packing import Packing
 from .positional import RotaryEmbedding, apply_rotary
 
@@ -63,32 +65,45 @@ def _causal_window_keyword(varlen_attn: Callable[..., Tensor]) -> str:
                        f"{list(parameters)}")
 
 
-def _causal_window(keyword: str, is_causal: bool) -> dict[str, Any]:
-    """The keyword argument that makes ``varlen_attn`` causal or not, in its release's form."""
+def _causal_window(keyword: str, is_causal: bool,
+                   window: tuple[int, int] | None = None) -> dict[str, Any]:
+    """The keyword argument that makes ``varlen_attn`` causal or not, and windowed, in its
+    release's form (a window needs ``window_size``: :func:`can_use_varlen` checks)."""
     if keyword == "window_size":
         # A tuple: varlen_attn picks its causal kernel by `window_size == (-1, 0)`, which a
         # list would fail.
+        if window is not None:
+            return {"window_size": (window[0], 0 if is_causal else window[1])}
         return {"window_size": (-1, 0) if is_causal else (-1, -1)}
     return {"is_causal": is_causal}
 
 
 def can_use_varlen(device: torch.device, dtype: torch.dtype, d_head: int, *, masked: bool,
-                   dropout_p: float, rotary: bool) -> bool:
+                   dropout_p: float, rotary: bool, window: bool = False,
+                   grouped: bool = False, scores_changed: bool = False) -> bool:
     """Whether packed self-attention runs on torch's variable-length flash kernel.
 
     It needs a CUDA GPU of compute capability 8.0 or newer, 16-bit floats and a head size
     that is a multiple of 8 up to 256 (the flash kernel's limits), and takes no attention
-    mask, dropout or position offsets (rotary); ``attention_backend`` other than ``"auto"``
-    also turns it off. Otherwise the packed tokens attend on the padded layout.
+    mask, dropout, position offsets (rotary) or changed scores (ALiBi, softcap); a
+    ``window`` needs a kernel that takes ``window_size`` and grouped key/value heads one
+    that takes ``enable_gqa``. ``attention_backend`` other than ``"auto"`` also turns it
+    off. Otherwise the packed tokens attend on the padded layout.
     """
     # The kernel is looked up last: on the CPU it is never imported.
-    return (device.type == "cuda"
+    if not (device.type == "cuda"
             and dtype in (torch.float16, torch.bfloat16)
             and d_head % 8 == 0 and d_head <= 256
-            and not masked and dropout_p == 0.0 and not rotary
+            and not masked and dropout_p == 0.0 and not rotary and not scores_changed
             and functional.current_backend() == "auto"
-            and torch.cuda.get_device_capability(device)[0] >= 8
-            and _load_varlen() is not None)
+            and torch.cuda.get_device_capability(device)[0] >= 8):
+        return False
+    loaded = _load_varlen()
+    if loaded is None:
+        return False
+    kernel, keyword = loaded
+    return (not window or keyword == "window_size") and \
+        (not grouped or "enable_gqa" in inspect.signature(kernel).parameters)
 
 
 class KVCache:
@@ -106,49 +121,70 @@ class KVCache:
     (optional) sizes the buffers for the positions a search will take at most (``generate``
     knows them); otherwise, or once exceeded, they grow by doubling.
 
+    A module with a ``window`` appends with ``keep=left``: the positions no later query can
+    see are dropped first, so the cache holds at most ``left`` + the new positions, and its
+    memory stays flat however long the generation runs. ``len(cache)`` still counts every
+    position seen (the next position's index); ``dropped`` counts those let go.
+
     Shape:
-        k, v: ``(batch, heads, length, d_head)``: views of the filled positions.
+        k, v: ``(batch, kv_heads, held, d_head)``: views of the positions held.
     """
 
     def __init__(self, capacity: int | None = None) -> None:
         self.capacity = None if capacity is None else check_positive_int("capacity", capacity)
-        self.length = 0
-        self._k: Tensor | None = None  # (b, h, room, d) buffers, room >= length
+        self.length = 0  # positions held
+        self.dropped = 0  # positions let go from the front (a window's cache)
+        self._start = 0  # where the held positions begin in the buffers
+        self._k: Tensor | None = None  # (b, h, room, d) buffers, room >= _start + length
         self._v: Tensor | None = None
 
     def __len__(self) -> int:
-        return self.length
+        return self.dropped + self.length
 
     @property
     def k(self) -> Tensor | None:
-        return None if self._k is None else self._k[:, :, : self.length]
+        return None if self._k is None else self._k[:, :, self._start: self._start + self.length]
 
     @property
     def v(self) -> Tensor | None:
-        return None if self._v is None else self._v[:, :, : self.length]
+        return None if self._v is None else self._v[:, :, self._start: self._start + self.length]
 
-    def append(self, k: Tensor, v: Tensor) -> tuple[Tensor, Tensor]:
-        """Add new positions after the cached ones; return all keys and values.
+    def append(self, k: Tensor, v: Tensor, keep: int | None = None) -> tuple[Tensor, Tensor]:
+        """Add new positions after the cached ones; return all keys and values held.
+
+        ``keep``: first let go of all but the newest ``keep`` cached positions (a sliding
+        window's; ``None`` keeps them all).
 
         When autograd records them (grad enabled and ``k`` or ``v`` requiring grad), they
         are concatenated instead: writing into the buffer would overwrite what earlier
         steps saved for the backward pass.
         """
+        if keep is not None and self.length > keep:
+            self.dropped += self.length - keep
+            self._start += self.length - keep
+            self.length = keep
         if torch.is_grad_enabled() and (k.requires_grad or v.requires_grad):
             return self._concatenate(k, v)
         if self._k is not None and k.shape[0] != self._k.shape[0]:
             raise ValueError(f"cache: expected new keys for batch={self._k.shape[0]} (as "
                              f"cached), got shape {shape_of(k)}")
-        start, end = self.length, self.length + k.shape[-2]
-        if self._k is None or self._v is None or end > self._k.shape[-2]:
-            room = max(end, self.capacity or 0)
-            if self._k is not None:
-                room = max(room, 2 * self._k.shape[-2])  # grow by doubling: amortised O(1)
-            self._k = self._grow(self._k, k, room)
-            self._v = self._grow(self._v, v, room)
-        self._k[:, :, start:end] = k
-        self._v[:, :, start:end] = v
-        self.length = end
+        new = k.shape[-2]
+        if self._k is None or self._v is None or self._start + self.length + new > \
+                self._k.shape[-2]:
+            needed = self.length + new
+            if keep is not None:  # a window's cache: room for two windows, then move back
+                room = 2 * (keep + new)
+            else:
+                room = max(needed, self.capacity or 0)
+                if self._k is not None:
+                    room = max(room, 2 * self._k.shape[-2])  # doubling: amortised O(1)
+            self._k = self._moved(self._k, k, room)
+            self._v = self._moved(self._v, v, room)
+            self._start = 0
+        start = self._start + self.length
+        self._k[:, :, start: start + new] = k
+        self._v[:, :, start: start + new] = v
+        self.length += new
         return self.k, self.v
 
     def _concatenate(self, k: Tensor, v: Tensor) -> tuple[Tensor, Tensor]:
@@ -159,15 +195,16 @@ class KVCache:
             v = torch.cat((self.v, v), dim=-2)
         else:
             k, v = k.contiguous(), v.contiguous()
-        self._k, self._v, self.length = k, v, k.shape[-2]
+        self._k, self._v, self._start, self.length = k, v, 0, k.shape[-2]
         return k, v
 
-    def _grow(self, old: Tensor | None, new: Tensor, room: int) -> Tensor:
-        """A buffer of ``room`` positions for rows like ``new``, holding ``old``'s."""
+    def _moved(self, old: Tensor | None, new: Tensor, room: int) -> Tensor:
+        """A buffer of ``room`` positions for rows like ``new``, holding ``old``'s held
+        positions at its start."""
         batch, heads, _, d_head = new.shape
         buffer = new.new_empty((batch, heads, room, d_head))
         if old is not None and self.length:
-            buffer[:, :, : self.length] = old[:, :, : self.length]
+            buffer[:, :, : self.length] = old[:, :, self._start: self._start + self.length]
         return buffer
 
     def reorder(self, index: Tensor) -> None:
@@ -177,15 +214,16 @@ class KVCache:
         if torch.is_grad_enabled() and (self._k.requires_grad or self._v.requires_grad):
             self._k = self.k.index_select(0, index)  # differentiable, as in append
             self._v = self.v.index_select(0, index)
+            self._start = 0
             return
         self._k = self._select_rows(self._k, index)
         self._v = self._select_rows(self._v, index)
 
     def _select_rows(self, buffer: Tensor, index: Tensor) -> Tensor:
-        """Rows ``index`` of ``buffer``'s filled positions, in a buffer of the same room."""
+        """Rows ``index`` of ``buffer``'s held positions, in a buffer of the same room."""
         selected = buffer.new_empty((index.shape[0], *buffer.shape[1:]))
-        torch.index_select(buffer[:, :, : self.length], 0, index,
-                           out=selected[:, :, : self.length])
+        held = slice(self._start, self._start + self.length)
+        torch.index_select(buffer[:, :, held], 0, index, out=selected[:, :, held])
         return selected
 
 
@@ -203,6 +241,25 @@ class MultiHeadAttention(nn.Module):
         bias: add a bias to the four projections.
         kdim, vdim: feature sizes of ``key`` and ``value`` when they differ from ``d_model``.
         rotary: rotate queries and keys by their positions (self-attention only).
+        n_kv_heads: key/value heads, a divisor of ``n_heads`` (``None``: ``n_heads``).
+            Grouped-query attention, multi-query at 1: ``k_proj`` and ``v_proj`` make
+            ``n_kv_heads * d_head`` features, query head ``h`` reads key/value head
+            ``h // (n_heads // n_kv_heads)``, and a :class:`KVCache` holds ``n_kv_heads``
+            heads.
+        window: ``w`` or ``(left, right)``: the query at position ``i`` attends keys
+            ``i - left`` to ``i + right`` only (``right`` is 0 with ``is_causal``). Long
+            self-attention then costs time and memory linear in the length
+            (:mod:`attention.local`); a cache keeps only the last ``left`` positions.
+        alibi: add ``-m_h · |i - j|`` to head ``h``'s scores (ALiBi; the slopes of
+            :func:`attention.alibi.alibi_slopes`, kept in the buffer ``alibi_slopes``).
+            Not with ``rotary``.
+        softcap: scores become ``softcap · tanh(scores / softcap)`` after the
+            ``1/√d_head`` scaling and before the masks (Gemma 2).
+        qk_norm: RMSNorm over ``d_head`` of queries and keys, with a learned ``(d_head,)``
+            weight each (``q_norm``, ``k_norm``, eps 1e-6), before rotary (OLMo 2, Gemma 3).
+
+    Positions for ``window`` and ``alibi`` are aligned to the last key, as ``is_causal``
+    is: with a cache, the new queries are the newest positions.
     """
 
     # q/k/v_proj stacked once for a loop of inference calls (attention.inference); a class
@@ -219,20 +276,40 @@ class MultiHeadAttention(nn.Module):
         kdim: int | None = None,
         vdim: int | None = None,
         rotary: bool = False,
+        n_kv_heads: int | None = None,
+        window: int | tuple[int, int] | None = None,
+        alibi: bool = False,
+        softcap: float | None = None,
+        qk_norm: bool = False,
     ) -> None:
         super().__init__()
         self.d_model = check_positive_int("d_model", d_model)
         self.n_heads = check_positive_int("n_heads", n_heads)
         self.d_head = check_divisible(d_model, n_heads)
+        self.n_kv_heads = check_kv_heads(n_kv_heads, n_heads)
         self.kdim = d_model if kdim is None else check_positive_int("kdim", kdim)
         self.vdim = d_model if vdim is None else check_positive_int("vdim", vdim)
         self.dropout = check_probability("dropout", dropout)
+        self.window = check_window(window)
+        self.softcap = check_softcap(softcap)
+        check_flag("alibi", alibi)
+        check_flag("qk_norm", qk_norm)
+        if alibi and rotary:
+            raise ValueError("alibi: expected False with rotary=True (ALiBi replaces position "
+                             "encodings; rotary is one), got alibi=True")
 
+        kv_features = self.n_kv_heads * self.d_head
         self.q_proj = nn.Linear(d_model, d_model, bias=bias)
-        self.k_proj = nn.Linear(self.kdim, d_model, bias=bias)
-        self.v_proj = nn.Linear(self.vdim, d_model, bias=bias)
+        self.k_proj = nn.Linear(self.kdim, kv_features, bias=bias)
+        self.v_proj = nn.Linear(self.vdim, kv_features, bias=bias)
         self.out_proj = nn.Linear(d_model, d_model, bias=bias)
         self.rotary = RotaryEmbedding(self.d_head) if rotary else None
+        self.q_norm = nn.RMSNorm(self.d_head, eps=1e-6) if qk_norm else None
+        self.k_norm = nn.RMSNorm(self.d_head, eps=1e-6) if qk_norm else None
+        if alibi:
+            self.register_buffer("alibi_slopes", alibi_slopes(n_heads), persistent=False)
+        else:
+            self.alibi_slopes = None
         self._qkv_projection = None
 
     def forward(
@@ -281,18 +358,29 @@ class MultiHeadAttention(nn.Module):
                                                rotary_cos_sin)
         query, key, value, self_attention = self._check_inputs(query, key, value)
         q, k, v = self._project(query, key, value, self_attention, cache, rotary_cos_sin)
+        attn_mask = self._heads_mask(attn_mask, q.shape[0])
+        if cache is not None and self_attention and cache.dropped:
+            # Masks over every position seen: the window's cache holds only the newest.
+            key_padding_mask = _newest_keys(key_padding_mask, len(cache), k.shape[-2])
+            attn_mask = _newest_keys(attn_mask, len(cache), k.shape[-2])
         out, weights = attend(
             q, k, v,
-            attn_mask=self._heads_mask(attn_mask, q.shape[0]),
+            attn_mask=attn_mask,
             key_padding_mask=key_padding_mask,
             is_causal=is_causal,
             dropout_p=self.dropout if self.training else 0.0,
             need_weights=need_weights,
+            **self._variants(),
         )
         out = self.out_proj(rearrange(out, "b h n d -> b n (h d)"))
         if weights is not None and average_attn_weights:
             weights = weights.mean(dim=1)  # (b h i j) -> (b i j)
         return out, weights
+
+    def _variants(self) -> dict[str, Any]:
+        """The keywords :func:`attend` takes for this module's window, ALiBi and softcap."""
+        return {"window": self.window, "alibi_slopes": self.alibi_slopes,
+                "softcap": self.softcap}
 
     def _check_inputs(self, query: Tensor, key: Tensor | None, value: Tensor | None
                       ) -> tuple[Tensor, Tensor, Tensor, bool]:
@@ -326,24 +414,43 @@ class MultiHeadAttention(nn.Module):
         if self_attention:
             offset = len(cache) if cache is not None else 0
             # One matmul for q, k and v; the heads are views of its output, not copies.
-            q, k, v = rearrange(self.project_qkv(query), "b n (three h d) -> three b h n d",
-                                three=3, h=self.n_heads)
+            q, k, v = self._split_heads(self.project_qkv(query), "b n (h d) -> b h n d")
+            q, k = self._normalize(q, k)
             if self.rotary is not None:
                 q, k = self._rotate(q, k, offset, rotary_cos_sin)
             if cache is not None:
-                k, v = cache.append(k, v)
+                k, v = cache.append(k, v, keep=self.window[0] if self.window else None)
             return q, k, v
         q = rearrange(self.q_proj(query), "b n (h d) -> b h n d", h=self.n_heads)
+        if self.q_norm is not None:
+            q = self.q_norm(q)
         if cache is not None and cache.k is not None:
             return q, cache.k, cache.v  # the memory was projected on the first step
-        k = rearrange(self.k_proj(key), "b n (h d) -> b h n d", h=self.n_heads)
-        v = rearrange(self.v_proj(value), "b n (h d) -> b h n d", h=self.n_heads)
+        k = rearrange(self.k_proj(key), "b n (h d) -> b h n d", h=self.n_kv_heads)
+        v = rearrange(self.v_proj(value), "b n (h d) -> b h n d", h=self.n_kv_heads)
+        if self.k_norm is not None:
+            k = self.k_norm(k)
         if cache is not None:
             k, v = cache.append(k, v)
         return q, k, v
 
+    def _split_heads(self, qkv: Tensor, pattern: str) -> tuple[Tensor, Tensor, Tensor]:
+        """The output of :meth:`project_qkv` as q, k, v heads (views), each rearranged by
+        ``pattern`` (from ``(h d)`` features)."""
+        kv_features = self.n_kv_heads * self.d_head
+        q, k, v = qkv.split((self.d_model, kv_features, kv_features), dim=-1)
+        return (rearrange(q, pattern, h=self.n_heads), rearrange(k, pattern, h=self.n_kv_heads),
+                rearrange(v, pattern, h=self.n_kv_heads))
+
+    def _normalize(self, q: Tensor, k: Tensor) -> tuple[Tensor, Tensor]:
+        """``qk_norm``: queries and keys RMS-normalised over ``d_head``."""
+        if self.q_norm is None or self.k_norm is None:
+            return q, k
+        return self.q_norm(q), self.k_norm(k)
+
     def project_qkv(self, x: Tensor) -> Tensor:
-        """``q_proj``, ``k_proj`` and ``v_proj`` of ``x`` in one matmul, ``(..., 3·d_model)``.
+        """``q_proj``, ``k_proj`` and ``v_proj`` of ``x`` in one matmul, ``(..., d_model + 2 ·
+        n_kv_heads · d_head)``.
 
         The three weights stay separate parameters (each trained, saved and loaded by its
         own name); they are concatenated for the product, which costs a copy of the weights,
@@ -402,27 +509,34 @@ class MultiHeadAttention(nn.Module):
         check_size("query", query, -1, self.d_model, "d_model")
         check_size("query", query, 0, packing.tokens, "real tokens (as in packing)")
         dropout_p = self.dropout if self.training else 0.0
-        qkv = self.project_qkv(query)  # (t, 3·d_model)
+        qkv = self.project_qkv(query)  # (t, d_model + 2·n_kv_heads·d_head)
 
+        grouped = self.n_kv_heads != self.n_heads
         if can_use_varlen(qkv.device, qkv.dtype, self.d_head, masked=attn_mask is not None,
-                          dropout_p=dropout_p, rotary=self.rotary is not None) \
+                          dropout_p=dropout_p, rotary=self.rotary is not None,
+                          window=self.window is not None, grouped=grouped,
+                          scores_changed=self.alibi_slopes is not None
+                          or self.softcap is not None) \
                 and packing.tokens:  # a batch of padding only has nothing to attend
-            q, k, v = rearrange(qkv, "t (three h d) -> three t h d", three=3, h=self.n_heads)
+            q, k, v = self._split_heads(qkv, "t (h d) -> t h d")
+            q, k = self._normalize(q, k)
             max_len = packing.max_seqlen()
             varlen_attn, causal_keyword = _load_varlen()
+            extra = {"enable_gqa": True} if grouped else {}
             out = varlen_attn(q, k, v, packing.cu_seqlens, packing.cu_seqlens, max_len, max_len,
-                              **_causal_window(causal_keyword, is_causal))  # (t h d)
+                              **_causal_window(causal_keyword, is_causal, self.window),
+                              **extra)  # (t h d)
             return self.out_proj(rearrange(out, "t h d -> t (h d)")), None
 
         # Attention needs the sequences: scatter q, k, v to the padded layout, attend over
         # the real keys, and gather the real queries' outputs back.
-        q, k, v = rearrange(packing.unpack(qkv), "b n (three h d) -> three b h n d",
-                            three=3, h=self.n_heads)
+        q, k, v = self._split_heads(packing.unpack(qkv), "b n (h d) -> b h n d")
+        q, k = self._normalize(q, k)
         if self.rotary is not None:
             q, k = self._rotate(q, k, 0, rotary_cos_sin)
         out, _ = attend(q, k, v, attn_mask=self._heads_mask(attn_mask, packing.batch),
                         key_padding_mask=packing.key_padding_mask, is_causal=is_causal,
-                        dropout_p=dropout_p)
+                        dropout_p=dropout_p, **self._variants())
         return self.out_proj(packing.pack(rearrange(out, "b h n d -> b n (h d)"))), None
 
     def _rotate(self, q: Tensor, k: Tensor, offset: int,
@@ -450,6 +564,36 @@ class MultiHeadAttention(nn.Module):
     def extra_repr(self) -> str:
         extra = "" if self.kdim == self.vdim == self.d_model else \
             f", kdim={self.kdim}, vdim={self.vdim}"
+        variants = "".join(f", {name}={value}" for name, value in (
+            ("n_kv_heads", self.n_kv_heads if self.n_kv_heads != self.n_heads else None),
+            ("window", self.window), ("alibi", self.alibi_slopes is not None or None),
+            ("softcap", self.softcap), ("qk_norm", self.q_norm is not None or None))
+            if value is not None)
         return (f"d_model={self.d_model}, n_heads={self.n_heads}, dropout={self.dropout}"
-                f"{extra}, rotary={self.rotary is not None}")
+                f"{extra}, rotary={self.rotary is not None}{variants}")
+
+
+def check_kv_heads(n_kv_heads: object, n_heads: int) -> int:
+    """``n_kv_heads`` (``n_heads`` when ``None``): a divisor of ``n_heads``."""
+    if n_kv_heads is None:
+        return n_heads
+    check_positive_int("n_kv_heads", n_kv_heads)
+    if n_kv_heads > n_heads or n_heads % n_kv_heads:
+        raise ValueError(f"n_kv_heads: expected a divisor of n_heads={n_heads} (at most "
+                         f"n_heads), got {n_kv_heads}")
+    return n_kv_heads
+
+
+def check_flag(name: str, value: object) -> bool:
+    if not isinstance(value, bool):
+        raise TypeError(f"{name}: expected True or False, got {type(value).__name__} {value!r}")
+    return value
+
+
+def _newest_keys(mask: Tensor | None, seen: int, held: int) -> Tensor | None:
+    """A mask over all ``seen`` key positions cut to the ``held`` newest (a window's cache
+    holds only those); a mask of another length is left for :func:`attend` to check."""
+    if mask is None or mask.shape[-1] != seen:
+        return mask
+    return mask[..., seen - held:]
 

@@ -393,9 +393,10 @@ BAD_INPUTS = {
                r"q: expected a 4-D tensor .*got shape \(2, 4, 8\)"),
     "q not a tensor": (dict(q=[[1.0]]), TypeError, r"q: expected a Tensor.*got list"),
     "k batch": (dict(k=torch.randn(1, 3, 5, 8)), ValueError,
-                r"k, v: expected the same \(batch, heads\) as q=\(2, 3\), got k \(1, 3, 5, 8\)"),
+                r"k, v: expected the batch of q=2 and the same number of heads, dividing q's 3 "
+                r"\(grouped-query attention\), got k \(1, 3, 5, 8\)"),
     "v heads": (dict(v=torch.randn(2, 1, 5, 8)), ValueError,
-                r"k, v: expected the same \(batch, heads\) as q=\(2, 3\), .*v \(2, 1, 5, 8\)"),
+                r"k, v: expected the batch of q=2 and the same number of heads.*v \(2, 1, 5, 8\)"),
     "k d_head": (dict(k=torch.randn(2, 3, 5, 7)), ValueError,
                  r"k: expected d_head=8 .*got shape \(2, 3, 5, 7\)"),
     "v length": (dict(v=torch.randn(2, 3, 6, 8)), ValueError,
