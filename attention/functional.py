@@ -309,7 +309,7 @@ def attend(
                          f"the forced backend {backend!r} cannot take softcap={softcap}; "
                          f"use 'auto' or 'explicit'")
     if window is not None and not need_weights and backend == "auto" and q_len == k_len \
-            and (compiling or 2 * local_keys(k_len, window) <= k_len):
+            and (compiling or 3 * local_keys(k_len, window) <= k_len):
         out = local_attention(
             q, k, v, window, scale=scale, key_padding_mask=_checked_padding(
                 key_padding_mask, batch, k_len), attn_mask=_checked_attn_mask(

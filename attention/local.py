@@ -71,14 +71,17 @@ def local_keys(length: int, window: tuple[int, int]) -> int:
 
 def _key_windows(x: Tensor, before: int, after: int, block: int, value: float | bool = 0.0
                  ) -> Tensor:
-    """``(..., L, ...)`` on dim 2 → the keys each query block meets, ``(..., n, ..., K)``:
-    padded with ``before`` blocks in front and ``after`` behind (and to whole blocks), then
-    unfolded with stride ``block`` (views of the padded tensor, not copies)."""
+    """``(..., L, ...)`` on dim 2 → the keys each query block meets, ``(..., n, K, ...)``:
+    padded with ``before`` blocks in front and ``after`` behind (and to whole blocks), cut
+    into blocks, and each block's ``before + 1 + after`` neighbours concatenated (a copy
+    whose backward is a sum of slices, cheaper than ``unfold``'s)."""
     length = x.shape[2]
     blocks, pad_end, _, _ = _block_geometry(length, (before * block, after * block), block)
-    width = (before + 1 + after) * block
     pads = [0, 0] * (x.dim() - 3) + [before * block, pad_end + after * block]
-    return F.pad(x, pads, value=value).unfold(2, width, block)
+    padded = F.pad(x, pads, value=value)
+    padded = padded.unflatten(2, (blocks + before + after, block))  # (..., n + e, r, ...)
+    shifted = [padded[:, :, i: i + blocks] for i in range(before + 1 + after)]
+    return torch.cat(shifted, dim=3)  # (..., n, K, ...)
 
 
 def local_attention(
@@ -114,49 +117,62 @@ def local_attention(
 
     q = rearrange(F.pad(q, (0, 0, 0, pad_end)), "b (k g) (n r) d -> b k n (g r) d",
                   k=kv_heads, r=block)
-    keys = _key_windows(k, before, after, block)  # (b k n d c)
-    values = _key_windows(v, before, after, block).transpose(-1, -2)  # (b k n c d)
-    scores = (q @ keys).mul_(scale)  # (b k n (g r) d) @ (b k n d c) -> (b k n (g r) c)
+    keys = _key_windows(k, before, after, block)  # (b k n c d)
+    values = _key_windows(v, before, after, block)  # (b k n c d)
+    # (b k n (g r) d) @ (b k n d c) -> (b k n (g r) c)
+    scores = (q @ keys.transpose(-1, -2)).mul_(scale)
     scores = rearrange(scores, "b k n (g r) c -> b k n g r c", g=groups)
     if softcap is not None:
         scores = softcap * torch.tanh(scores / softcap)
 
     # Key minus query position, the same in every block: c - before·block - r.
-    width = keys.shape[-1]
+    width = keys.shape[-2]
     offset = (torch.arange(width, device=q.device) - before * block
               - torch.arange(block, device=q.device)[:, None])  # (r c)
     outside = (offset < -window[0]) | (offset > window[1])
     # Keys before the start or past the end of the sequence: (n c).
     position = torch.ones(1, 1, length, dtype=torch.bool, device=q.device)
-    missing = ~_key_windows(position, before, after, block, value=False)[0, 0]
+    missing = ~_key_windows(position, before, after, block, value=False)[0, 0]  # (n c)
     blocked = outside[None, :, :] | missing[:, None, :]  # (n r c)
     if key_padding_mask is not None and key_padding_mask.dtype == torch.bool:
         padding = _key_windows(key_padding_mask[:, None], before, after, block, value=True)
         blocked = blocked | padding[:, 0, :, None, :]  # (b n r c)
     if blocked.dim() == 3:
         blocked = blocked[None]
-    scores = scores.masked_fill(blocked[:, None, :, None], float("-inf"))
-
+    blocked = blocked[:, None, :, None]  # (b|1 1 n 1 r c)
+    additions = []  # float masks, added to the scores
     if key_padding_mask is not None and key_padding_mask.dtype != torch.bool:
         padding = _key_windows(key_padding_mask[:, None].to(scores.dtype), before, after,
                                block)  # (b 1 n c)
-        scores = scores + padding[:, :, :, None, None, :]
+        additions.append(padding[:, :, :, None, None, :])
     if attn_mask is not None:
-        scores = _add_mask(scores, _mask_windows(attn_mask, length, before, after, block,
-                                                 kv_heads))
+        windows = _mask_windows(attn_mask, length, before, after, block, kv_heads)
+        if windows.dtype == torch.bool:
+            blocked = blocked | windows
+        else:
+            additions.append(windows.to(scores.dtype))
+
+    # Rows with no key left are opened (softmax then sees finite scores, no NaN in either
+    # pass) and their output zeroed below; the boolean masks are small, so look there first.
+    empty = blocked.all(dim=-1, keepdim=True)
+    scores = scores.masked_fill_(blocked & ~empty, float("-inf"))
+    for addition in additions:
+        scores = scores.add_(addition)
     if alibi_slopes is not None:
         slopes = rearrange(alibi_slopes.to(scores.dtype), "(k g) -> k g", k=kv_heads)
         distance = offset.abs().to(scores.dtype)  # (r c)
-        scores = scores - slopes[:, None, :, None, None] * distance
-
-    empty = torch.isneginf(scores).all(dim=-1, keepdim=True)  # (b k n g r 1)
-    scores = scores.masked_fill(empty, 0.0)
+        scores = scores.sub_(slopes[:, None, :, None, None] * distance)
+    if additions:  # a float mask may hold -inf too
+        emptied = torch.isneginf(scores).all(dim=-1, keepdim=True)
+        scores = scores.masked_fill_(emptied, 0.0)
+        empty = empty | emptied
     weights = scores.softmax(dim=-1, dtype=torch.promote_types(q.dtype, torch.float32))
     weights = weights.to(q.dtype)
     if dropout_p > 0:
         weights = F.dropout(weights, p=dropout_p)
     weights = rearrange(weights, "b k n g r c -> b k n (g r) c")
     out = weights @ values  # (b k n (g r) c) @ (b k n c d) -> (b k n (g r) d)
+    empty = empty.expand(*empty.shape[:3], groups, block, 1)  # (b|1 k|1 n g r 1)
     out = out.masked_fill(rearrange(empty, "b k n g r one -> b k n (g r) one"), 0.0)
     out = rearrange(out, "b k n (g r) d -> b (k g) (n r) d", g=groups)
     return out[:, :, :length]

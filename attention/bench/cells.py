@@ -7,7 +7,7 @@ from __future__ import annotations
 import statistics
 from typing import Any
 
-from .config import OURS, PEERS, TORCH_PEERS, BenchConfig
+from .config import OURS, PEERS, TORCH_PEERS, WINDOWED, BenchConfig
 from .workload import Case, encoder_flops
 
 __all__ = ["group_cells", "round_ratios", "timing_summary"]
@@ -36,6 +36,9 @@ def group_cells(config: BenchConfig, group: dict[str, dict[str, Any]], length: i
     training = pass_ == "training"
     flops = encoder_flops(config.d_model, config.n_layers, config.d_ff, config.batch, length,
                           case.real_tokens, training, seq_lengths=case.seq_lengths)
+    window_flops = encoder_flops(config.d_model, config.n_layers, config.d_ff, config.batch,
+                                 length, case.real_tokens, training,
+                                 seq_lengths=case.seq_lengths, window=config.window)
     ok = {name: result for name, result in group.items() if result["status"] == "ok"}
     torch_best = min((name for name in TORCH_PEERS if name in ok),
                      key=lambda name: statistics.median(ok[name]["times"]), default=None)
@@ -46,14 +49,15 @@ def group_cells(config: BenchConfig, group: dict[str, dict[str, Any]], length: i
             "dtype": dtype, "batch": config.batch, "real_tokens": case.real_tokens,
             "status": result["status"], "error": result["error"], "times_ms": [],
             "median_ms": None, "min_ms": None, "max_ms": None, "iqr_ms": None,
-            "tokens_per_s": None, "flops": flops, "flop_per_s": None, "mfu": None,
+            "tokens_per_s": None, "flops": window_flops if name in WINDOWED else flops,
+            "flop_per_s": None, "mfu": None,
             "memory": result["memory"], "torch_best": None, "ratios": {},
         }
         if name in ok:
             cell.update(timing_summary(result["times"]))
             seconds = cell["median_ms"] / 1e3
             cell["tokens_per_s"] = case.real_tokens / seconds
-            cell["flop_per_s"] = flops / seconds
+            cell["flop_per_s"] = cell["flops"] / seconds
             cell["mfu"] = cell["flop_per_s"] / peaks[dtype]["flop_per_s"]
             if name in OURS:
                 cell["torch_best"] = torch_best

@@ -15,6 +15,7 @@ from .config import (
     DEFAULT_CONTENDERS,
     DEVICES,
     SDPA_KERNELS,
+    WINDOWED,
     load_bench_config,
     parse_contenders,
 )
@@ -54,7 +55,8 @@ def make_parser() -> argparse.ArgumentParser:
     parser.add_argument("--contenders", default=None,
                         help=f"comma-separated subset of: {', '.join(DEFAULT_CONTENDERS)} "
                              f"(the default), {', '.join(SDPA_KERNELS)} (SDPA forced to one "
-                             f"kernel)")
+                             f"kernel), {', '.join(WINDOWED)} (ours within the config's "
+                             f"window)")
     return parser
 
 

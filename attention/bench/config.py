@@ -27,6 +27,7 @@ __all__ = [
     "PEERS",
     "SDPA_KERNELS",
     "TORCH_PEERS",
+    "WINDOWED",
     "BenchConfig",
     "apply_bench_overrides",
     "check_contenders",
@@ -39,11 +40,15 @@ DEVICES = ("cpu", "cuda")
 # Our Encoder with F.scaled_dot_product_attention forced to one kernel (attention_backend):
 # opt-in contenders, to compare the kernels; one the device lacks is recorded as an error.
 SDPA_KERNELS = ("ours-sdpa-math", "ours-sdpa-flash", "ours-sdpa-efficient", "ours-sdpa-cudnn")
-OURS = ("ours-explicit", "ours-fused", "ours-compiled", *SDPA_KERNELS)
+# Our Encoder with every layer's attention within the config's ``window`` (blocked local
+# attention): opt-in, since it computes another function than the full contenders.
+WINDOWED = ("ours-window",)
+OURS = ("ours-explicit", "ours-fused", "ours-compiled", *SDPA_KERNELS, *WINDOWED)
 TORCH_PEERS = ("torch-nobias", "torch-bias")
 PEERS = (*TORCH_PEERS, "x-transformers")
 CONTENDERS = (*OURS, *PEERS)
-DEFAULT_CONTENDERS = tuple(name for name in CONTENDERS if name not in SDPA_KERNELS)
+DEFAULT_CONTENDERS = tuple(name for name in CONTENDERS
+                           if name not in SDPA_KERNELS and name not in WINDOWED)
 PASSES = ("inference", "training")
 CASES = ("dense", "padded")
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
@@ -59,7 +64,8 @@ class BenchConfig:
     the padded case (below 0.5: every sequence keeps a token). ``warmup`` runs per contender
     and cell precede ``repeats`` alternated rounds (at least 5, for the ratios).
     ``cpu_peak_rss`` measures CPU memory, one subprocess per cell (slow; on by default).
-    ``seed`` seeds the weights and the inputs.
+    ``seed`` seeds the weights and the inputs. ``window`` is the ``ours-window``
+    contender's sliding window (``None``: that contender cannot run).
     ``name`` is the file's stem, not a key.
     """
 
@@ -81,6 +87,7 @@ class BenchConfig:
     seed: int = 0
     compile_backend: str = "inductor"  # torch.compile(backend=...); "eager" compiles in seconds
     cpu_peak_rss: bool = True
+    window: int | None = None
 
     @classmethod
     def from_dict(cls, raw: Any, name: str) -> BenchConfig:
@@ -125,6 +132,9 @@ class BenchConfig:
                               f"{self.repeats}")
         _check_choices("passes", self.passes, PASSES)
         _check_choices("cases", self.cases, CASES)
+        if self.window is not None and self.window < 0:
+            raise ConfigError(f"window: expected a non-negative integer or null, got "
+                              f"{self.window}")
         if not self.compile_backend:
             raise ConfigError("compile_backend: expected a torch.compile backend name, got ''")
 

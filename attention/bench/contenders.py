@@ -19,7 +19,7 @@ from ..compat import to_torch
 from ..functional import attention_backend
 from ..layers import ACTIVATIONS
 from ..models import Encoder
-from .config import CONTENDERS, OURS, SDPA_KERNELS, TORCH_PEERS, BenchConfig
+from .config import CONTENDERS, OURS, SDPA_KERNELS, TORCH_PEERS, WINDOWED, BenchConfig
 from .workload import Case
 
 __all__ = [
@@ -131,10 +131,11 @@ def x_transformers_status() -> str | None:
     return None
 
 
-def build_ours(config: BenchConfig) -> Encoder:
-    """This package's Encoder of the config's size, without positions, dropout 0."""
+def build_ours(config: BenchConfig, window: int | None = None) -> Encoder:
+    """This package's Encoder of the config's size, without positions, dropout 0, with
+    every layer attending within ``window`` when one is given."""
     return Encoder(config.d_model, config.n_heads, config.n_layers, config.d_ff, dropout=0.0,
-                   positional=None, activation=config.activation)
+                   positional=None, activation=config.activation, window=window)
 
 
 def build_torch(config: BenchConfig, bias: bool) -> nn.TransformerEncoder:
@@ -190,6 +191,12 @@ def _build_modules(config: BenchConfig, names: Sequence[str]) -> dict[str, nn.Mo
     if "x-transformers" in names:
         torch.manual_seed(config.seed + 2)
         built["x-transformers"] = build_x_transformers(config)
+    if "ours-window" in names:
+        if config.window is None:
+            raise ValueError("window: the ours-window contender needs the config's window "
+                             "(an integer), got null")
+        built["ours-window"] = build_ours(config, window=config.window)
+        built["ours-window"].load_state_dict(ours.state_dict())
     if any(name in OURS for name in names):
         built["ours"] = ours
     return built
@@ -203,6 +210,8 @@ def _contender(name: str, modules: dict[str, nn.Module], config: BenchConfig) ->
         forward = OursForward(modules["ours"], "auto")
     elif name in SDPA_KERNELS:
         forward = OursForward(modules["ours"], name.removeprefix("ours-sdpa-"))
+    elif name in WINDOWED:
+        forward = OursForward(modules[name], "auto")
     elif name == "ours-compiled":
         forward = CompiledForward(modules["ours"], config.compile_backend)
     elif name in TORCH_PEERS:
@@ -212,5 +221,5 @@ def _contender(name: str, modules: dict[str, nn.Module], config: BenchConfig) ->
     else:
         raise ValueError(f"names: unknown contender {name!r}; expected some of "
                          f"{list(CONTENDERS)}")
-    module = modules["ours"] if name in OURS else modules[name]
+    module = modules["ours"] if name in OURS and name not in WINDOWED else modules[name]
     return Contender(name, module, forward)

@@ -13,7 +13,7 @@ from torch import Tensor, nn
 
 from ..functional import attention_backend
 from ..models import Encoder
-from .config import OURS, BenchConfig
+from .config import OURS, WINDOWED, BenchConfig
 from .contenders import Contender, build_ours
 from .timing import free_memory, is_out_of_memory
 from .workload import Case
@@ -62,7 +62,7 @@ def checked_encoder(config: BenchConfig, contenders: dict[str, Contender],
     if "torch-nobias" not in contenders:
         return None
     for name in OURS:
-        if name in contenders:
+        if name in contenders and name not in WINDOWED:  # a window computes another function
             return contenders[name].module
     torch.manual_seed(config.seed)  # the seed build_contenders built it with
     return build_ours(config).to(device=device, dtype=dtype)

@@ -18,9 +18,19 @@ __all__ = ["Case", "encoder_flops", "make_case", "make_input", "padding_lengths"
            "padding_mask"]
 
 
+def window_keys(length: int, window: int) -> int:
+    """The (query, key) pairs of one sequence within ``window`` positions of each other."""
+    def one_side(n: int) -> int:  # Σ_i min(i, window) for i < n
+        if n - 1 <= window:
+            return n * (n - 1) // 2
+        return window * (window + 1) // 2 + (n - 1 - window) * window
+
+    return 2 * one_side(length) + length
+
+
 def encoder_flops(d_model: int, n_layers: int, d_ff: int, batch: int, length: int,
                   real_tokens: int | None = None, training: bool = False, *,
-                  seq_lengths: Sequence[int] | None = None) -> int:
+                  seq_lengths: Sequence[int] | None = None, window: int | None = None) -> int:
     """Floating-point operations of an encoder's matmuls (a multiply-add is 2), per run.
 
     Per layer: the four ``d × d`` projections and the feed-forward,
@@ -29,7 +39,8 @@ def encoder_flops(d_model: int, n_layers: int, d_ff: int, batch: int, length: in
     ``real_tokens`` and ``seq_lengths``): only the useful work, real tokens for the matmuls
     and each sequence's own length for attention. Training counts 3× the forward (the
     backward computes two products per forward one). LayerNorms, softmax and the activation
-    are left out.
+    are left out. With a sliding ``window`` (``w`` keys on each side), attention counts the
+    keys inside it, ``4·d·Σ keys``, not what blocked attention computes around it.
     """
     if seq_lengths is None:
         seq_lengths = [length] * batch
@@ -38,7 +49,8 @@ def encoder_flops(d_model: int, n_layers: int, d_ff: int, batch: int, length: in
                          f"{list(seq_lengths)}")
     tokens = batch * length if real_tokens is None else real_tokens
     projections = 2 * tokens * (4 * d_model**2 + 2 * d_model * d_ff)
-    attention = 4 * d_model * sum(n * n for n in seq_lengths)
+    attention = 4 * d_model * sum(n * n if window is None else window_keys(n, window)
+                                  for n in seq_lengths)
     forward = n_layers * (projections + attention)
     return 3 * forward if training else forward
 
