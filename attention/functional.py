@@ -21,7 +21,6 @@ from collections.abc import Iterator
 
 import torch
 import torch.nn.functional as F
-from einops import rearrange
 from torch import Tensor
 from torch.nn.attention import SDPBackend, sdpa_kernel
 
@@ -296,9 +295,12 @@ def attend(
     if window is not None and is_causal:
         window = (window[0], 0)
     # Under torch.compile and torch.export the length may be symbolic: a branch on it would
-    # tie the graph to one side (export refuses such a guard), so there every self-attention
-    # with a window runs blocked, which is right at any length.
+    # tie the graph to one side (export refuses such a guard), so there the path does not
+    # depend on the length. torch.compile runs every windowed self-attention blocked, which
+    # is right at any length; torch.export (2.13) fails to solve the block count's shape
+    # constraints, so an exported module masks the band on the full scores.
     compiling = torch.compiler.is_compiling()
+    exporting = torch.compiler.is_exporting()
     if window is not None and not compiling and window[0] >= k_len - 1 \
             and window[1] >= q_len - 1:
         window = None  # the band holds every key of every query: nothing to mask
@@ -309,7 +311,7 @@ def attend(
                          f"the forced backend {backend!r} cannot take softcap={softcap}; "
                          f"use 'auto' or 'explicit'")
     if window is not None and not need_weights and backend == "auto" and q_len == k_len \
-            and (compiling or 3 * local_keys(k_len, window) <= k_len):
+            and not exporting and (compiling or 3 * local_keys(k_len, window) <= k_len):
         out = local_attention(
             q, k, v, window, scale=scale, key_padding_mask=_checked_padding(
                 key_padding_mask, batch, k_len), attn_mask=_checked_attn_mask(
@@ -388,18 +390,19 @@ def _explicit_attention(q: Tensor, k: Tensor, v: Tensor, mask: Tensor | None,
                         ) -> tuple[Tensor, Tensor | None]:
     """The textbook computation, with the weights (before dropout) when asked.
 
-    With fewer key/value heads than query heads, each group of query heads is stacked on
-    the query positions of its key/value head: ``(b, k, (g i), d)``, so the products read
-    each key and value once, without repeating them.
+    With fewer key/value heads than query heads, each group of ``g`` query heads meets its
+    key/value head in one product (``einsum`` over ``(b, k, g, i, d)``), without repeating
+    the keys and values.
     """
-    batch, heads, q_len, _ = q.shape
-    kv_heads = k.shape[1]
-    if kv_heads != heads:
-        q = rearrange(q, "b (k g) i d -> b k (g i) d", k=kv_heads)
+    heads, kv_heads = q.shape[1], k.shape[1]
+    groups = heads // kv_heads
     # In place on the fresh scores: the product's backward needs q and k, not its output,
     # and each out-of-place step would allocate and fill another copy.
-    scores = (q @ k.transpose(-2, -1)).mul_(scale)  # (b k (g i) d) @ (b k d j) -> (b k (g i) j)
-    scores = scores.view(batch, heads, q_len, -1)  # (b h i j)
+    if groups == 1:
+        scores = (q @ k.transpose(-2, -1)).mul_(scale)  # (b h i d) @ (b h d j) -> (b h i j)
+    else:  # each key/value head read once by its group of query heads
+        scores = torch.einsum("bkgid,bkjd->bkgij", q.unflatten(1, (kv_heads, groups)), k)
+        scores = scores.mul_(scale).flatten(1, 2)  # (b k g i j) -> (b h i j)
     if softcap is not None:
         scores = softcap * torch.tanh(scores / softcap)
     if bias is not None:
@@ -411,9 +414,11 @@ def _explicit_attention(q: Tensor, k: Tensor, v: Tensor, mask: Tensor | None,
     weights = scores.softmax(dim=-1, dtype=torch.promote_types(q.dtype, torch.float32))
     weights = weights.to(q.dtype)
     dropped = F.dropout(weights, p=dropout_p) if dropout_p > 0 else weights
-    if kv_heads != heads:
-        dropped = rearrange(dropped, "b (k g) i j -> b k (g i) j", k=kv_heads)
-    out = (dropped @ v).view(batch, heads, q_len, -1)  # (b k (g i) j) @ (b k j d) -> (b h i d)
+    if groups == 1:
+        out = dropped @ v  # (b h i j) @ (b h j d) -> (b h i d)
+    else:
+        out = torch.einsum("bkgij,bkjd->bkgid", dropped.unflatten(1, (kv_heads, groups)), v)
+        out = out.flatten(1, 2)  # (b k g i d) -> (b h i d)
     if empty_rows is not None:  # zero rows with no key, on (b h i d), not (b h i j)
         out = out.masked_fill(empty_rows, 0.0)
         if need_weights:

@@ -28,6 +28,7 @@ from ._checks import (
     check_probability,
     check_size,
     check_tensor,
+    shape_of,
 )
 from .multihead import KVCache, MultiHeadAttention
 from .packing import Packing
@@ -195,11 +196,14 @@ class EncoderLayer(nn.Module):
         return_attention: bool = False,
         packing: Packing | None = None,
         rotary_cos_sin: tuple[Tensor, Tensor] | None = None,
+        document_ids: Tensor | None = None,
     ) -> Tensor | tuple[Tensor, Tensor]:
         """Masks: boolean ``True`` = may not attend, float = added to the scores.
 
         key_padding_mask: ``(batch, length)``; attn_mask: ``(length, length)``,
         ``(batch * n_heads, length, length)`` or ``(batch, n_heads, length, length)``.
+        document_ids: ``(batch, length)`` integers: documents packed back to back in a row
+        attend only within themselves (:meth:`Packing.from_documents`; no ``attn_mask``).
 
         A boolean ``key_padding_mask`` (without ``return_attention``) runs the layer on the
         real tokens only (see :mod:`attention.packing`): equal results on real positions,
@@ -217,7 +221,7 @@ class EncoderLayer(nn.Module):
             check_size("x", x, -1, self.d_model, "d_model")
             return self._forward(x, None, attn_mask, is_causal, False, packing, rotary_cos_sin)
         x = _check_layer_input("x", x, self.d_model)
-        packing = pack_padding(key_padding_mask, x, return_attention)
+        packing = pack_padding(key_padding_mask, x, return_attention, document_ids)
         if packing is not None:
             return packing.unpack(self._forward(packing.pack(x), None, attn_mask, is_causal,
                                                 False, packing, rotary_cos_sin))
@@ -251,14 +255,31 @@ class EncoderLayer(nn.Module):
 
 
 def pack_padding(key_padding_mask: Tensor | None, x: Tensor,
-                 return_attention: bool = False) -> Packing | None:
+                 return_attention: bool = False, document_ids: Tensor | None = None
+                 ) -> Packing | None:
     """The :class:`Packing` of a ``(batch, length)`` boolean padding mask of ``x``, or
-    ``None`` when the batch runs padded (no mask, a float mask, or weights requested)."""
+    ``None`` when the batch runs padded (no mask, a float mask, or weights requested).
+
+    With ``document_ids`` ``(batch, length)``, the packing of the documents in each row
+    (:meth:`Packing.from_documents`): they always run packed."""
+    batch, length = x.shape[:2]
+    if key_padding_mask is not None:
+        key_padding_mask = check_mask("key_padding_mask", key_padding_mask, [(batch, length)],
+                                      "(batch, length) = ({b}, {n})", b=batch, n=length)
+    if document_ids is not None:
+        if return_attention:
+            raise ValueError("return_attention: expected False with document_ids (packed "
+                             "documents attend without the padded weights), got True")
+        if key_padding_mask is not None and key_padding_mask.dtype != torch.bool:
+            raise TypeError(f"key_padding_mask: expected dtype torch.bool with document_ids "
+                            f"(padding is left out of the documents), got "
+                            f"{key_padding_mask.dtype}")
+        if isinstance(document_ids, Tensor) and tuple(document_ids.shape) != (batch, length):
+            raise ValueError(f"document_ids: expected shape (batch, length) = ({batch}, "
+                             f"{length}), got {shape_of(document_ids)}")
+        return Packing.from_documents(document_ids, key_padding_mask)
     if key_padding_mask is None or return_attention:
         return None
-    batch, length = x.shape[:2]
-    key_padding_mask = check_mask("key_padding_mask", key_padding_mask, [(batch, length)],
-                                  "(batch, length) = ({b}, {n})", b=batch, n=length)
     if key_padding_mask.dtype != torch.bool:
         return None
     return Packing.from_mask(key_padding_mask)

@@ -138,6 +138,7 @@ class Encoder(_LayerStack):
         attn_mask: Tensor | None = None,
         is_causal: bool = False,
         return_attention: bool = False,
+        document_ids: Tensor | None = None,
     ) -> Tensor | tuple[Tensor, list[Tensor]]:
         """Encode ``x``; with ``return_attention`` also each layer's ``(B, H, L, L)`` weights.
 
@@ -150,13 +151,29 @@ class Encoder(_LayerStack):
         attention sees real keys only (:mod:`attention.packing`). Real positions get the
         values the padded computation gives; padded positions get zeros, as in torch.nn's
         nested-tensor fast path.
+
+        ``document_ids`` ``(B, L)`` integers: several documents packed back to back in a row
+        (each maximal run of one id) attend only within themselves, and positions start
+        again at 0 in each, as if each document were a row of its own; no compute is spent
+        on padding (:meth:`attention.packing.Packing.from_documents`). Not with
+        ``attn_mask`` or ``return_attention``.
         """
         x = check_tensor("x", x, [3], f"(batch, length, d_model={self.d_model})")
         check_size("x", x, -1, self.d_model, "d_model")
+        packing = pack_padding(key_padding_mask, x, return_attention, document_ids)
+        if document_ids is not None:
+            # Positions count from each document's start: add them in its own row.
+            tokens = packing.pack(x)
+            if self.positional is not None:
+                tokens = packing.from_sequences(self.positional(packing.to_sequences(tokens)))
+            cos_sin = self._rotary_cos_sin(packing.sequence_length)
+            x = self._run_layers(tokens, lambda layer, h: layer(
+                h, attn_mask=attn_mask, is_causal=is_causal, packing=packing,
+                rotary_cos_sin=cos_sin), return_attention=False)
+            return packing.unpack(x)
         if self.positional is not None:
             x = self.positional(x)
         cos_sin = self._rotary_cos_sin(x.shape[1])
-        packing = pack_padding(key_padding_mask, x, return_attention)
         if packing is not None:
             # Gather the real tokens once, run the whole stack on them, scatter back once.
             x = self._run_layers(packing.pack(x), lambda layer, h: layer(

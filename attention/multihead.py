@@ -517,7 +517,11 @@ class MultiHeadAttention(nn.Module):
                           window=self.window is not None, grouped=grouped,
                           scores_changed=self.alibi_slopes is not None
                           or self.softcap is not None) \
-                and packing.tokens:  # a batch of padding only has nothing to attend
+                and packing.tokens \
+                and (self.window is None or packing.contiguous):
+            # A batch of padding only has nothing to attend. The kernel counts a window's
+            # positions among the real tokens: with padding inside a sequence, the padded
+            # layout's positions differ, so that batch attends there.
             q, k, v = self._split_heads(qkv, "t (h d) -> t h d")
             q, k = self._normalize(q, k)
             max_len = packing.max_seqlen()
@@ -530,14 +534,19 @@ class MultiHeadAttention(nn.Module):
 
         # Attention needs the sequences: scatter q, k, v to the padded layout, attend over
         # the real keys, and gather the real queries' outputs back.
-        q, k, v = self._split_heads(packing.unpack(qkv), "b n (h d) -> b h n d")
+        if attn_mask is not None and packing.sequence_index is not None:
+            raise ValueError("attn_mask: expected None with packed documents (a mask over a "
+                             "row's positions does not carry over to its documents), got a "
+                             "tensor of shape " + shape_of(attn_mask))
+        q, k, v = self._split_heads(packing.to_sequences(qkv), "b n (h d) -> b h n d")
         q, k = self._normalize(q, k)
         if self.rotary is not None:
             q, k = self._rotate(q, k, 0, rotary_cos_sin)
-        out, _ = attend(q, k, v, attn_mask=self._heads_mask(attn_mask, packing.batch),
-                        key_padding_mask=packing.key_padding_mask, is_causal=is_causal,
+        out, _ = attend(q, k, v, attn_mask=self._heads_mask(attn_mask, packing.sequences),
+                        key_padding_mask=packing.attention_padding_mask, is_causal=is_causal,
                         dropout_p=dropout_p, **self._variants())
-        return self.out_proj(packing.pack(rearrange(out, "b h n d -> b n (h d)"))), None
+        return self.out_proj(packing.from_sequences(rearrange(out, "b h n d -> b n (h d)"))), \
+            None
 
     def _rotate(self, q: Tensor, k: Tensor, offset: int,
                 cos_sin: tuple[Tensor, Tensor] | None) -> tuple[Tensor, Tensor]:

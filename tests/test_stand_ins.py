@@ -43,7 +43,8 @@ class ReferenceVarlen:
     starting at 0, non-decreasing, ending at the token count, the same for q and k; the max
     lengths equal to the longest segment, as Python ints; the causal window as a tuple
     ``(-1, 0)`` or ``(-1, -1)`` (varlen_attn compares it with ``==``, which a list fails).
-    ``calls`` records each call's causal flag.
+    ``calls`` records each call's causal flag, ``windows`` its ``(left, right)`` window
+    (``-1``: no limit); grouped key/value heads are read with ``enable_gqa`` (2.13 only).
 
     ``style`` picks the signature: ``"2.13"`` and ``"2.11"`` take ``window_size=``
     (2.13 adds ``enable_gqa`` and paging arguments), ``"2.10"`` takes ``is_causal=``.
@@ -52,6 +53,7 @@ class ReferenceVarlen:
     def __init__(self, style: str = "2.13") -> None:
         self.style = style
         self.calls: list[bool] = []
+        self.windows: list[tuple[int, int]] = []
         self.dtypes: list[torch.dtype] = []
         self.function = {"2.13": self._v213, "2.11": self._v211, "2.10": self._v210}[style]
 
@@ -59,36 +61,42 @@ class ReferenceVarlen:
     def _v213(self, query, key, value, cu_seq_q, cu_seq_k, max_q, max_k, *, return_aux=None,
               scale=None, window_size=(-1, -1), enable_gqa=False, seqused_k=None,
               block_table=None, num_splits=None):
-        assert not enable_gqa and seqused_k is None and block_table is None and \
-            num_splits is None
+        assert seqused_k is None and block_table is None and num_splits is None
         return self._attend(query, key, value, cu_seq_q, cu_seq_k, max_q, max_k,
-                            return_aux, scale, self._causal_from_window(window_size))
+                            return_aux, scale, self._window(window_size), enable_gqa)
 
     def _v211(self, query, key, value, cu_seq_q, cu_seq_k, max_q, max_k, *, return_aux=None,
               scale=None, window_size=(-1, -1)):
         return self._attend(query, key, value, cu_seq_q, cu_seq_k, max_q, max_k,
-                            return_aux, scale, self._causal_from_window(window_size))
+                            return_aux, scale, self._window(window_size), False)
 
     def _v210(self, query, key, value, cu_seq_q, cu_seq_k, max_q, max_k, *, return_aux=None,
               is_causal=False):
         assert isinstance(is_causal, bool), f"is_causal: expected a bool, got {is_causal!r}"
         return self._attend(query, key, value, cu_seq_q, cu_seq_k, max_q, max_k,
-                            return_aux, None, is_causal)
+                            return_aux, None, (-1, 0) if is_causal else (-1, -1), False)
 
     @staticmethod
-    def _causal_from_window(window_size) -> bool:
+    def _window(window_size) -> tuple[int, int]:
+        """flash-attention's ``(left, right)``, ``-1`` for no limit: ``(-1, 0)`` causal."""
         assert isinstance(window_size, tuple), \
             f"window_size: expected a tuple (varlen_attn compares with (-1, 0)), got " \
             f"{window_size!r}"
-        assert window_size in ((-1, 0), (-1, -1)), f"window_size: got {window_size!r}"
-        return window_size == (-1, 0)
+        assert len(window_size) == 2 and all(type(s) is int and s >= -1 for s in window_size), \
+            f"window_size: got {window_size!r}"
+        return window_size
 
     def _attend(self, query, key, value, cu_seq_q, cu_seq_k, max_q, max_k, return_aux,
-                scale, is_causal):
+                scale, window, enable_gqa):
         assert return_aux is None
-        for name, x in (("query", query), ("key", key), ("value", value)):
-            assert x.dim() == 3 and x.shape == query.shape, \
+        for name, x in (("key", key), ("value", value)):
+            assert x.dim() == 3 and x.shape[0] == query.shape[0] and \
+                x.shape[2] == query.shape[2], \
                 f"{name}: expected (t, h, d) like query {tuple(query.shape)}, got {x.shape}"
+            if enable_gqa:
+                assert query.shape[1] % x.shape[1] == 0, (query.shape, x.shape)
+            else:
+                assert x.shape == query.shape, f"{name}: {x.shape} without enable_gqa"
         for name, cu in (("cu_seq_q", cu_seq_q), ("cu_seq_k", cu_seq_k)):
             assert cu.dtype == torch.int32, f"{name}: expected int32, got {cu.dtype}"
             assert cu.device == query.device, f"{name}: on {cu.device}, query on {query.device}"
@@ -101,7 +109,9 @@ class ReferenceVarlen:
         for name, given in (("max_q", max_q), ("max_k", max_k)):
             assert type(given) is int and given == max(lengths), \
                 f"{name}: expected the longest segment {max(lengths)}, got {given!r}"
-        self.calls.append(is_causal)
+        left, right = window
+        self.calls.append(right == 0)
+        self.windows.append(window)
         self.dtypes.append(query.dtype)
 
         scale = query.shape[-1] ** -0.5 if scale is None else scale
@@ -110,11 +120,16 @@ class ReferenceVarlen:
             if a == b:
                 continue
             q, k, v = (x[a:b].transpose(0, 1) for x in (query, key, value))  # (h, n, d)
+            k = k.repeat_interleave(q.shape[0] // k.shape[0], dim=0)
+            v = v.repeat_interleave(q.shape[0] // v.shape[0], dim=0)
             scores = (q @ k.transpose(-2, -1)).float() * scale
-            if is_causal:
-                n = b - a
-                scores = scores.masked_fill(
-                    torch.ones(n, n, dtype=torch.bool).triu(1), float("-inf"))
+            offset = torch.arange(b - a)[None, :] - torch.arange(b - a)[:, None]  # key - query
+            outside = torch.zeros_like(offset, dtype=torch.bool)
+            if left >= 0:
+                outside |= offset < -left
+            if right >= 0:
+                outside |= offset > right
+            scores = scores.masked_fill(outside, float("-inf"))
             outs.append((scores.softmax(-1).to(v.dtype) @ v).transpose(0, 1))  # (n, h, d)
         return torch.cat(outs) if outs else query.new_zeros(query.shape)
 
@@ -408,3 +423,64 @@ def test_attend_enters_the_hopper_priority_and_gives_the_explicit_result(monkeyp
         got, _ = attend(q, k, v, **kwargs)
         assert_close(got, expected)
     assert seen == [int(SDPBackend.CUDNN_ATTENTION)] * len(cases)
+
+
+# ------------------------------------------------- windows, grouped heads, documents
+
+
+@pytest.mark.parametrize("is_causal", [False, True])
+@pytest.mark.parametrize("style, kwargs", [
+    ("2.13", dict(window=(2, 1))), ("2.11", dict(window=2)),
+    ("2.13", dict(n_kv_heads=1)), ("2.13", dict(n_kv_heads=1, window=(1, 3), qk_norm=True)),
+])
+@pytest.mark.parametrize("mask_name", ["right", "left", "ragged"])
+def test_windows_and_grouped_heads_on_the_varlen_branch_equal_the_padded_path(
+        varlen, style, kwargs, is_causal, mask_name):
+    """The kernel counts a window's positions among the real tokens; with padding inside a
+    sequence (the ragged mask's hole) those are not the row's, so a windowed module keeps
+    the padded layout there."""
+    mask = masks()[mask_name]
+    torch.manual_seed(5)
+    module = MultiHeadAttention(D, H, **kwargs)
+    run = packed_mha(is_causal)
+    run.packing = Packing.from_mask(mask)
+    reference = check_varlen_equals_padded(varlen, style, module, mask, run, is_causal)
+    window = module.window
+    expected = (-1, 0 if is_causal else -1) if window is None else \
+        (window[0], 0 if is_causal else window[1])
+    hole = mask_name == "ragged"
+    assert reference.windows == ([] if hole and window is not None else [expected])
+    assert run.packing.contiguous is not hole
+
+
+@pytest.mark.parametrize("is_causal", [False, True])
+def test_documents_on_the_varlen_branch_pass_their_boundaries(varlen, is_causal):
+    """Packed documents reach the kernel as cu_seqlens and give the padded path's result."""
+    torch.manual_seed(6)
+    encoder = Encoder(D, H, 2, d_ff=32, dropout=0.0, positional="sinusoidal", n_kv_heads=1,
+                      window=3)
+    ids = torch.tensor([[0, 0, 0, 1, 1, 2, 2], [4, 4, 4, 4, 4, 5, 5], [3, 3, 3, 3, 3, 3, 3],
+                        [1, 2, 3, 4, 5, 6, 7]])
+    padding = masks()["right"]
+
+    def run(module, x):
+        return module(x, key_padding_mask=padding, document_ids=ids, is_causal=is_causal)
+
+    reference = check_varlen_equals_padded(varlen, "2.13", encoder, padding, run, is_causal)
+    assert len(reference.calls) == 2
+
+
+def test_can_use_varlen_asks_what_the_kernel_takes(monkeypatch):
+    """A window needs window_size (2.11+), grouped heads enable_gqa (2.13); ALiBi and a
+    softcap never run on the kernel."""
+    torch_varlen = pytest.importorskip("torch.nn.attention.varlen")
+    cuda, bf16 = torch.device("cuda", 0), torch.bfloat16
+    plain = dict(masked=False, dropout_p=0.0, rotary=False)
+    expected = {"2.13": (True, True), "2.11": (True, False), "2.10": (False, False)}
+    with mock.patch("torch.cuda.get_device_capability", return_value=(9, 0)):
+        for style, (window, grouped) in expected.items():
+            monkeypatch.setattr(torch_varlen, "varlen_attn", ReferenceVarlen(style).function)
+            monkeypatch.setattr(multihead, "_varlen", {})
+            assert can_use_varlen(cuda, bf16, 64, **plain, window=True) is window, style
+            assert can_use_varlen(cuda, bf16, 64, **plain, grouped=True) is grouped, style
+            assert not can_use_varlen(cuda, bf16, 64, **plain, scores_changed=True)
