@@ -377,6 +377,17 @@ class MultiHeadAttention(nn.Module):
             weights = weights.mean(dim=1)  # (b h i j) -> (b i j)
         return out, weights
 
+    def variants(self) -> dict[str, Any]:
+        """The attention variants this module was built with, by keyword: those of
+        ``n_kv_heads``, ``window``, ``alibi``, ``softcap`` and ``qk_norm`` that are not the
+        plain multi-head attention's (empty for it). For converters that refuse what their
+        target cannot express."""
+        variants: dict[str, Any] = {
+            "n_kv_heads": self.n_kv_heads if self.n_kv_heads != self.n_heads else None,
+            "window": self.window, "alibi": self.alibi_slopes is not None or None,
+            "softcap": self.softcap, "qk_norm": self.q_norm is not None or None}
+        return {name: value for name, value in variants.items() if value is not None}
+
     def _variants(self) -> dict[str, Any]:
         """The keywords :func:`attend` takes for this module's window, ALiBi and softcap."""
         return {"window": self.window, "alibi_slopes": self.alibi_slopes,
@@ -573,11 +584,7 @@ class MultiHeadAttention(nn.Module):
     def extra_repr(self) -> str:
         extra = "" if self.kdim == self.vdim == self.d_model else \
             f", kdim={self.kdim}, vdim={self.vdim}"
-        variants = "".join(f", {name}={value}" for name, value in (
-            ("n_kv_heads", self.n_kv_heads if self.n_kv_heads != self.n_heads else None),
-            ("window", self.window), ("alibi", self.alibi_slopes is not None or None),
-            ("softcap", self.softcap), ("qk_norm", self.q_norm is not None or None))
-            if value is not None)
+        variants = "".join(f", {name}={value}" for name, value in self.variants().items())
         return (f"d_model={self.d_model}, n_heads={self.n_heads}, dropout={self.dropout}"
                 f"{extra}, rotary={self.rotary is not None}{variants}")
 

@@ -617,3 +617,37 @@ def test_bad_document_inputs_name_the_argument(call, error, message):
     x, ids, padding, _ = documents_batch()
     with pytest.raises(error, match=message):
         call(encoder, x, ids, padding)
+
+
+# ---------------------------------------------------------------------------- converters
+
+
+@pytest.mark.parametrize("kwargs, name", [
+    (dict(n_kv_heads=2), "n_kv_heads"), (dict(window=4), "window"), (dict(alibi=True), "alibi"),
+    (dict(softcap=3.0), "softcap"), (dict(qk_norm=True), "qk_norm"),
+    (dict(norm="rmsnorm"), "norm"), (dict(activation="swiglu"), "activation"),
+])
+def test_converters_refuse_what_their_target_cannot_express(kwargs, name):
+    """torch.nn's modules and a run's ModelConfig have none of the variants: converting
+    refuses by name instead of dropping them."""
+    from attention.compat import to_torch
+    from attention.translation.export import model_config_of
+
+    encoder = Encoder(D, H, 2, positional=None, **kwargs)
+    with pytest.raises(ValueError, match=rf"^{name}: "):
+        to_torch(encoder)
+    if name not in ("norm", "activation"):
+        with pytest.raises(ValueError, match=rf"^{name}: "):
+            to_torch(encoder.layers[0].self_attn)
+    model = Transformer(9, 9, d_model=D, n_heads=H, n_encoder_layers=1, n_decoder_layers=1,
+                        **kwargs)
+    with pytest.raises(ValueError, match=rf"^{name}: "):
+        model_config_of(model)
+
+
+def test_variants_lists_what_is_not_plain_attention():
+    assert MultiHeadAttention(D, H).variants() == {}
+    assert MultiHeadAttention(D, H, n_kv_heads=H).variants() == {}
+    assert MultiHeadAttention(D, H, n_kv_heads=1, window=3, alibi=True, softcap=2.0,
+                              qk_norm=True).variants() == dict(
+        n_kv_heads=1, window=(3, 3), alibi=True, softcap=2.0, qk_norm=True)

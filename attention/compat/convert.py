@@ -172,9 +172,25 @@ def to_torch(module: nn.Module) -> nn.Module:
 
 
 def _reject_rotary(module: MultiHeadAttention) -> None:
+    """Refuse what torch.nn's attention cannot express: rotary positions and the variants."""
     if module.rotary is not None:
         raise ValueError("module: torch.nn has no rotary embeddings; to_torch needs attention "
                          "built without rotary (positional != 'rotary'), got rotary=True")
+    variants = module.variants()
+    if variants:
+        name, value = next(iter(variants.items()))
+        raise ValueError(f"{name}: torch.nn.MultiheadAttention has no {name}; to_torch needs "
+                         f"plain multi-head attention, got {name}={value!r}")
+
+
+def _reject_layer_variants(module: EncoderLayer) -> None:
+    """Refuse RMSNorm and gated feed-forwards, which torch.nn's layer does not have."""
+    if not isinstance(module.norm1, nn.LayerNorm):
+        raise ValueError(f"norm: torch.nn.TransformerEncoderLayer has LayerNorm only; got "
+                         f"{type(module.norm1).__name__}")
+    if module.feed_forward.gated:
+        raise ValueError("activation: torch.nn.TransformerEncoderLayer has no gated "
+                         "feed-forward (swiglu, geglu); got a gated one")
 
 
 def _pack_in_proj(state: dict[str, Tensor], prefix: str, same_dims: bool) -> None:
@@ -205,6 +221,7 @@ def _core_attention_to_torch(module: MultiHeadAttention) -> nn.MultiheadAttentio
 
 def _core_layer_to_torch(module: EncoderLayer) -> nn.TransformerEncoderLayer:
     _reject_rotary(module.self_attn)
+    _reject_layer_variants(module)
     feed_forward = module.feed_forward
     theirs = nn.TransformerEncoderLayer(
         module.d_model, module.self_attn.n_heads, feed_forward.d_ff, module.self_attn.dropout,

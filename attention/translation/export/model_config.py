@@ -50,6 +50,19 @@ def model_config_of(model: Transformer) -> ModelConfig:
     if not isinstance(model, Transformer):
         raise TypeError(f"model: expected an attention.Transformer, got {type(model).__name__}")
     first = model.encoder.layers[0]
+    for layer in (*model.encoder.layers, *model.decoder.layers):
+        variants = layer.self_attn.variants()
+        if variants:
+            name, value = next(iter(variants.items()))
+            raise ValueError(f"{name}: expected plain multi-head attention (a ModelConfig has "
+                             f"no {name}), got {name}={value!r}")
+    if not isinstance(first.norm1, nn.LayerNorm):
+        raise ValueError(f"norm: expected LayerNorm (a ModelConfig has no norm), got "
+                         f"{type(first.norm1).__name__}")
+    if first.feed_forward.gated:
+        raise ValueError("activation: expected one of the ungated activations "
+                         f"{list(ACTIVATIONS)} (a ModelConfig has no gated feed-forward), got "
+                         "a gated one")
     if first.self_attn.q_proj.bias is not None:
         raise ValueError("bias: expected a model built with bias=False (a ModelConfig has no "
                          "bias), got one with biases")
