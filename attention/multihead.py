@@ -357,6 +357,15 @@ class MultiHeadAttention(nn.Module):
                                                key_padding_mask, need_weights, cache,
                                                rotary_cos_sin)
         query, key, value, self_attention = self._check_inputs(query, key, value)
+        if self._dense_window_on_varlen(query, self_attention, cache, key_padding_mask,
+                                        attn_mask, need_weights):
+            # Every row a sequence of its own: the kernel's window_size skips what lies
+            # outside the window, where blocked attention would compute the blocks around it.
+            batch, length = query.shape[:2]
+            rows = Packing.from_mask(query.new_zeros((batch, length), dtype=torch.bool))
+            out, _ = self._packed_self_attention(query.flatten(0, 1), rows, None, is_causal,
+                                                 None, None, None, False, None, rotary_cos_sin)
+            return out.unflatten(0, (batch, length)), None
         q, k, v = self._project(query, key, value, self_attention, cache, rotary_cos_sin)
         attn_mask = self._heads_mask(attn_mask, q.shape[0])
         if cache is not None and self_attention and cache.dropped:
@@ -376,6 +385,21 @@ class MultiHeadAttention(nn.Module):
         if weights is not None and average_attn_weights:
             weights = weights.mean(dim=1)  # (b h i j) -> (b i j)
         return out, weights
+
+    def _dense_window_on_varlen(self, query: Tensor, self_attention: bool,
+                                cache: KVCache | None, key_padding_mask: Tensor | None,
+                                attn_mask: Tensor | None, need_weights: bool) -> bool:
+        """Whether an unpadded windowed self-attention runs on torch's variable-length
+        kernel (a GPU that has it: :func:`can_use_varlen`)."""
+        return (self.window is not None and self_attention and cache is None
+                and key_padding_mask is None and attn_mask is None and not need_weights
+                and self.kdim == self.d_model and self.vdim == self.d_model
+                and can_use_varlen(query.device, query.dtype, self.d_head, masked=False,
+                                   dropout_p=self.dropout if self.training else 0.0,
+                                   rotary=self.rotary is not None, window=True,
+                                   grouped=self.n_kv_heads != self.n_heads,
+                                   scores_changed=self.alibi_slopes is not None
+                                   or self.softcap is not None))
 
     def variants(self) -> dict[str, Any]:
         """The attention variants this module was built with, by keyword: those of

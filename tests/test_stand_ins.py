@@ -484,3 +484,18 @@ def test_can_use_varlen_asks_what_the_kernel_takes(monkeypatch):
             assert can_use_varlen(cuda, bf16, 64, **plain, window=True) is window, style
             assert can_use_varlen(cuda, bf16, 64, **plain, grouped=True) is grouped, style
             assert not can_use_varlen(cuda, bf16, 64, **plain, scores_changed=True)
+
+
+@pytest.mark.parametrize("is_causal", [False, True])
+def test_an_unpadded_windowed_batch_runs_on_the_varlen_kernel(varlen, is_causal):
+    """On a GPU with the kernel, a dense windowed self-attention is handed to varlen_attn's
+    window_size, each row a sequence; the result is the blocked/padded path's."""
+    torch.manual_seed(7)
+    module = MultiHeadAttention(D, H, window=(3, 2), n_kv_heads=1)
+
+    def run(module, x):
+        return module(x, is_causal=is_causal)[0]
+
+    mask = torch.zeros(3, 9, dtype=torch.bool)
+    reference = check_varlen_equals_padded(varlen, "2.13", module, mask, run, is_causal)
+    assert reference.windows == [(3, 0 if is_causal else 2)]
