@@ -85,7 +85,8 @@ def measure(args: argparse.Namespace) -> dict:
         row["vs_mha"] = row["self_room"] / full[row["steps"]]
     return {"schema": 1, "date": date.today().isoformat(), "command": " ".join(sys.argv),
             "machine": platform.processor() or platform.machine(),
-            "torch": torch.__version__, "config": vars(args) | {"out": str(args.out)},
+            "torch": torch.__version__,
+            "config": {key: value for key, value in vars(args).items() if key != "out"},
             "rows": rows}
 
 

@@ -306,3 +306,30 @@ def test_learned_encoding_adds_its_table_in_eval(d_model, batch, length, seed, d
     x = torch.randn(batch, length, d_model)
     assert torch.equal(module(x), x + module.weight[:length])
     assert torch.equal(module(x, offset), x + module.weight[offset : offset + length])
+
+
+@SETTINGS
+@given(seed=seeds, length=st.integers(1, 260), left=st.integers(0, 40),
+       right=st.integers(0, 40), causal=st.booleans(), groups=st.sampled_from([1, 2, 4]),
+       density=densities, alibi=st.booleans(), softcap=st.sampled_from([None, 2.0]))
+def test_blocked_local_attention_equals_the_masked_band(seed, length, left, right, causal,
+                                                       groups, density, alibi, softcap):
+    """Blocked local attention, at any length and window (blocks partly past the end, windows
+    wider than the sequence), gives the full computation's result with the band masked."""
+    from attention.alibi import alibi_slopes
+    from attention.functional import attention_backend
+    from attention.local import local_attention
+
+    torch.manual_seed(seed)
+    q = torch.randn(2, 4, length, 8)
+    k, v = torch.randn(2, 4 // groups, length, 8), torch.randn(2, 4 // groups, length, 8)
+    padding = bernoulli((2, length), density)
+    window = (left, 0 if causal else right)
+    slopes = alibi_slopes(4) if alibi else None
+    got = local_attention(q, k, v, window, scale=8**-0.5, key_padding_mask=padding,
+                          alibi_slopes=slopes, softcap=softcap)
+    with attention_backend("explicit"):
+        expected, _ = attend(q, k, v, key_padding_mask=padding, window=window,
+                             is_causal=causal, alibi_slopes=slopes, softcap=softcap)
+    torch.testing.assert_close(got, expected, atol=1e-5, rtol=1e-4)
+    assert not got.isnan().any()
