@@ -222,8 +222,10 @@ def check_softcap(softcap: object) -> float | None:
     """``softcap`` as a float, or ``None``: a positive number caps the scores."""
     if softcap is None:
         return None
-    if isinstance(softcap, bool) or not isinstance(softcap, (int, float)) or not softcap > 0:
-        raise ValueError(f"softcap: expected a positive number (or None), got {softcap!r}")
+    if isinstance(softcap, bool) or not isinstance(softcap, (int, float)) or not softcap > 0 \
+            or softcap == float("inf"):  # (not math.isfinite: dynamo cannot trace it)
+        raise ValueError(f"softcap: expected a positive finite number (or None), got "
+                         f"{softcap!r}")
     return float(softcap)
 
 
@@ -289,9 +291,12 @@ def attend(
     batch, heads, q_len, d_head = q.shape
     k_len = k.shape[-2]
     scale = d_head**-0.5 if scale is None else scale
-    if alibi_slopes is not None and tuple(alibi_slopes.shape) != (heads,):
-        raise ValueError(f"alibi_slopes: expected shape ({heads},) (one slope a query head), "
-                         f"got {shape_of(alibi_slopes)}")
+    if alibi_slopes is not None and (not isinstance(alibi_slopes, Tensor)
+                                     or tuple(alibi_slopes.shape) != (heads,)):
+        got = shape_of(alibi_slopes) if isinstance(alibi_slopes, Tensor) \
+            else type(alibi_slopes).__name__
+        raise ValueError(f"alibi_slopes: expected a Tensor of shape ({heads},) (one slope a "
+                         f"query head), got {got}")
     if window is not None and is_causal:
         window = (window[0], 0)
     # Under torch.compile and torch.export the length may be symbolic: a branch on it would

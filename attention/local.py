@@ -198,8 +198,3 @@ def _mask_windows(mask: Tensor, length: int, before: int, after: int, block: int
         return windows[:, :, :, None]  # (b 1 n 1 r c)
     return rearrange(windows, "b (k g) n r c -> b k n g r c", k=kv_heads)
 
-
-def _add_mask(scores: Tensor, mask: Tensor) -> Tensor:
-    if mask.dtype == torch.bool:
-        return scores.masked_fill(mask, float("-inf"))
-    return scores + mask.to(scores.dtype)

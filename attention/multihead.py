@@ -159,15 +159,15 @@ class KVCache:
         are concatenated instead: writing into the buffer would overwrite what earlier
         steps saved for the backward pass.
         """
+        if self._k is not None and k.shape[0] != self._k.shape[0]:
+            raise ValueError(f"cache: expected new keys for batch={self._k.shape[0]} (as "
+                             f"cached), got shape {shape_of(k)}")
         if keep is not None and self.length > keep:
             self.dropped += self.length - keep
             self._start += self.length - keep
             self.length = keep
         if torch.is_grad_enabled() and (k.requires_grad or v.requires_grad):
             return self._concatenate(k, v)
-        if self._k is not None and k.shape[0] != self._k.shape[0]:
-            raise ValueError(f"cache: expected new keys for batch={self._k.shape[0]} (as "
-                             f"cached), got shape {shape_of(k)}")
         new = k.shape[-2]
         if self._k is None or self._v is None or self._start + self.length + new > \
                 self._k.shape[-2]:
@@ -334,7 +334,12 @@ class MultiHeadAttention(nn.Module):
         into the ``cache`` and reuses it.
 
         Masks: a boolean ``True`` means "may not attend"; a float mask is added to the
-        scores. With a ``cache`` in self-attention, ``Lk`` counts the cached positions too.
+        scores. With a ``cache`` in self-attention, ``Lk`` counts the cached positions too
+        (masks over them all are cut to the positions a window's cache still holds, and the
+        weights of ``need_weights`` cover those held positions only).
+
+        ``window`` and ``alibi`` are for self-attention: cross-attention (another ``key``)
+        with either is refused.
 
         With a ``packing`` (see :mod:`attention.packing`), ``query`` holds only the real
         tokens ``(t, d_model)`` of the padded batch the packing describes, and so does the
@@ -357,15 +362,15 @@ class MultiHeadAttention(nn.Module):
                                                key_padding_mask, need_weights, cache,
                                                rotary_cos_sin)
         query, key, value, self_attention = self._check_inputs(query, key, value)
+        if not self_attention and (self.window is not None or self.alibi_slopes is not None):
+            name = "window" if self.window is not None else "alibi"
+            raise ValueError(f"{name}: expected self-attention (key omitted or query itself): "
+                             f"a distance between target and source positions means nothing, "
+                             f"got a key of shape {shape_of(key)}; build cross-attention "
+                             f"without {name}")
         if self._dense_window_on_varlen(query, self_attention, cache, key_padding_mask,
                                         attn_mask, need_weights):
-            # Every row a sequence of its own: the kernel's window_size skips what lies
-            # outside the window, where blocked attention would compute the blocks around it.
-            batch, length = query.shape[:2]
-            rows = Packing.from_mask(query.new_zeros((batch, length), dtype=torch.bool))
-            out, _ = self._packed_self_attention(query.flatten(0, 1), rows, None, is_causal,
-                                                 None, None, None, False, None, rotary_cos_sin)
-            return out.unflatten(0, (batch, length)), None
+            return self._dense_varlen_attention(query, is_causal), None
         q, k, v = self._project(query, key, value, self_attention, cache, rotary_cos_sin)
         attn_mask = self._heads_mask(attn_mask, q.shape[0])
         if cache is not None and self_attention and cache.dropped:
@@ -390,8 +395,10 @@ class MultiHeadAttention(nn.Module):
                                 cache: KVCache | None, key_padding_mask: Tensor | None,
                                 attn_mask: Tensor | None, need_weights: bool) -> bool:
         """Whether an unpadded windowed self-attention runs on torch's variable-length
-        kernel (a GPU that has it: :func:`can_use_varlen`)."""
+        kernel (a GPU that has it: :func:`can_use_varlen`). Not under torch.compile or
+        torch.export, which take the blocked path (traced and tested)."""
         return (self.window is not None and self_attention and cache is None
+                and not torch.compiler.is_compiling()
                 and key_padding_mask is None and attn_mask is None and not need_weights
                 and self.kdim == self.d_model and self.vdim == self.d_model
                 and can_use_varlen(query.device, query.dtype, self.d_head, masked=False,
@@ -400,6 +407,23 @@ class MultiHeadAttention(nn.Module):
                                    grouped=self.n_kv_heads != self.n_heads,
                                    scores_changed=self.alibi_slopes is not None
                                    or self.softcap is not None))
+
+    def _dense_varlen_attention(self, query: Tensor, is_causal: bool) -> Tensor:
+        """Windowed self-attention of ``(b, n, d_model)`` on ``varlen_attn``'s
+        ``window_size``, each row a sequence of its own: the kernel skips what lies outside
+        the window, where blocked attention computes the blocks around it. Its boundaries
+        are known without reading the device (no host sync)."""
+        batch, length = query.shape[:2]
+        q, k, v = self._split_heads(self.project_qkv(query.flatten(0, 1)), "t (h d) -> t h d")
+        q, k = self._normalize(q, k)
+        cu_seqlens = torch.arange(0, (batch + 1) * length, length, dtype=torch.int32,
+                                  device=query.device)
+        varlen_attn, causal_keyword = _load_varlen()
+        extra = {"enable_gqa": True} if self.n_kv_heads != self.n_heads else {}
+        out = varlen_attn(q, k, v, cu_seqlens, cu_seqlens, length, length,
+                          **_causal_window(causal_keyword, is_causal, self.window),
+                          **extra)  # (t h d)
+        return self.out_proj(rearrange(out, "(b n) h d -> b n (h d)", b=batch))
 
     def variants(self) -> dict[str, Any]:
         """The attention variants this module was built with, by keyword: those of

@@ -77,7 +77,8 @@ class Packing:
         ``document_ids`` ``(b, n)``, integers: each maximal run of one id in a row is a
         document, which attends only within itself (an id met again after another starts a
         new document). ``key_padding_mask`` ``(b, n)`` boolean, ``True`` at padding (``None``:
-        none), leaves padded positions out of every document.
+        none), leaves padded positions out of every document: a document's positions count
+        its real tokens, so padding inside one is no position (on the padded path it is).
         """
         if not isinstance(document_ids, Tensor) or document_ids.dim() != 2 \
                 or document_ids.dtype.is_floating_point or document_ids.dtype == torch.bool:

@@ -499,3 +499,21 @@ def test_an_unpadded_windowed_batch_runs_on_the_varlen_kernel(varlen, is_causal)
     mask = torch.zeros(3, 9, dtype=torch.bool)
     reference = check_varlen_equals_padded(varlen, "2.13", module, mask, run, is_causal)
     assert reference.windows == [(3, 0 if is_causal else 2)]
+
+
+def test_the_dense_varlen_route_stays_out_of_compiled_and_exported_graphs(varlen, fresh_dynamo):
+    """Under torch.compile and torch.export a windowed module takes the blocked path (traced
+    and tested) even where the kernel would serve it eagerly: fullgraph holds."""
+    torch.manual_seed(8)
+    module = MultiHeadAttention(D, H, window=3).eval()
+    x = torch.randn(2, 20, D)
+    with torch.no_grad():
+        expected = module(x)[0]  # the CPU's path, before the stand-in is installed
+        reference = varlen()
+        compiled = torch.compile(module, fullgraph=True, backend="eager")(x)[0]
+        exported = torch.export.export(module, (x,)).module()(x)[0]
+        assert reference.calls == []  # neither graph called the kernel
+        eager = module(x)[0]
+    assert reference.calls == [False]  # eagerly, the kernel serves it
+    for got in (compiled, exported, eager):
+        assert_close(got, expected)

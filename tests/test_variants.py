@@ -477,7 +477,8 @@ def test_gated_feed_forward_is_act_of_the_gate_times_the_value(activation, gate)
     (dict(window=(3,)), ValueError, r"window: .*pair.*got \(3,\)"),
     (dict(window=(3, -2)), ValueError, r"window: .*got \(3, -2\)"),
     (dict(window=True), ValueError, r"window: .*got True"),
-    (dict(softcap=0), ValueError, r"softcap: expected a positive number .*got 0"),
+    (dict(softcap=0), ValueError, r"softcap: expected a positive finite number .*got 0"),
+    (dict(softcap=float("inf")), ValueError, r"softcap: .*got inf"),
     (dict(softcap=-1.0), ValueError, r"softcap: .*got -1.0"),
     (dict(softcap="5"), ValueError, r"softcap: .*got '5'"),
     (dict(n_kv_heads=3), ValueError, r"n_kv_heads: expected a divisor of n_heads=4 .*got 3"),
@@ -519,8 +520,30 @@ def test_a_forced_sdpa_kernel_refuses_softcap_by_name(backend):
 
 def test_attend_refuses_alibi_slopes_of_another_head_count():
     q = torch.randn(1, 4, 3, 8)
-    with pytest.raises(ValueError, match=r"alibi_slopes: expected shape \(4,\) .*got \(3,\)"):
+    with pytest.raises(ValueError, match=r"alibi_slopes: expected a Tensor of shape \(4,\) "
+                                         r".*got \(3,\)"):
         attend(q, q, q, alibi_slopes=torch.ones(3))
+    with pytest.raises(ValueError, match=r"alibi_slopes: .*got list"):
+        attend(q, q, q, alibi_slopes=[0.5] * 4)
+
+
+@pytest.mark.parametrize("kwargs, name", [(dict(window=2), "window"), (dict(alibi=True), "alibi")])
+def test_cross_attention_refuses_a_window_or_alibi(kwargs, name):
+    """A distance between target and source positions means nothing: refused, not computed
+    (cached steps would otherwise differ from the full pass)."""
+    module = MultiHeadAttention(D, H, **kwargs)
+    with pytest.raises(ValueError, match=rf"^{name}: expected self-attention"):
+        module(torch.randn(1, 5, D), torch.randn(1, 7, D))
+    x = torch.randn(1, 5, D)
+    assert module(x, x, x)[0].shape == x.shape  # torch.nn's mha(x, x, x) is self-attention
+
+
+def test_a_failed_append_leaves_a_windowed_cache_as_it_was():
+    cache = KVCache()
+    cache.append(torch.randn(2, 1, 6, 4), torch.randn(2, 1, 6, 4))
+    with pytest.raises(ValueError, match=r"cache: expected new keys for batch=2"):
+        cache.append(torch.randn(3, 1, 1, 4), torch.randn(3, 1, 1, 4), keep=2)
+    assert len(cache) == 6 and cache.k.shape[-2] == 6
 
 
 # ---------------------------------------------------------------------------- documents
