@@ -13,6 +13,7 @@ from ._checks import check_positive_int, check_size, check_tensor, shape_of
 from .decoding import beam_search, greedy_search
 from .inference import prepared_for_inference
 from .layers import DecoderLayer, EncoderLayer, build_norm, pack_padding
+from .local import check_window
 from .multihead import KVCache
 from .next_token import Sampler, TokenRules, check_return_sequences
 from .positional import LearnedPositionalEncoding, build_positional_encoding
@@ -61,6 +62,7 @@ class _LayerStack(nn.Module):
                 raise ValueError(f"global_every: expected None without a window (the other "
                                  f"layers attend within it), got {global_every}")
         self.global_every = global_every
+        self.window = check_window(window)  # what the windowed layers have (introspection)
         self.layers = nn.ModuleList(
             self.layer_type(d_model, n_heads, d_ff, dropout, activation, norm_first, bias,
                             layer_norm_eps, rotary=positional == "rotary", norm=norm,

@@ -650,11 +650,10 @@ def test_bad_document_inputs_name_the_argument(call, error, message):
     (dict(softcap=3.0), "softcap"), (dict(qk_norm=True), "qk_norm"),
     (dict(norm="rmsnorm"), "norm"), (dict(activation="swiglu"), "activation"),
 ])
-def test_converters_refuse_what_their_target_cannot_express(kwargs, name):
-    """torch.nn's modules and a run's ModelConfig have none of the variants: converting
-    refuses by name instead of dropping them."""
+def test_torch_nn_conversion_refuses_what_torch_nn_cannot_express(kwargs, name):
+    """torch.nn's modules have none of the variants: to_torch refuses by name instead of
+    dropping them."""
     from attention.compat import to_torch
-    from attention.translation.export import model_config_of
 
     encoder = Encoder(D, H, 2, positional=None, **kwargs)
     with pytest.raises(ValueError, match=rf"^{name}: "):
@@ -662,10 +661,28 @@ def test_converters_refuse_what_their_target_cannot_express(kwargs, name):
     if name not in ("norm", "activation"):
         with pytest.raises(ValueError, match=rf"^{name}: "):
             to_torch(encoder.layers[0].self_attn)
-    model = Transformer(9, 9, d_model=D, n_heads=H, n_encoder_layers=1, n_decoder_layers=1,
-                        **kwargs)
-    with pytest.raises(ValueError, match=rf"^{name}: "):
-        model_config_of(model)
+
+
+def test_a_run_config_describes_the_variants_and_rebuilds_them():
+    from attention.translation.checkpoint import model_from_config
+    from attention.translation.export import model_config_of
+
+    kwargs = dict(n_kv_heads=1, window=3, global_every=2, alibi=True, softcap=5.0,
+                  qk_norm=True, norm="rmsnorm", activation="swiglu")
+    model = Transformer(9, 9, d_model=D, n_heads=H, n_encoder_layers=3, n_decoder_layers=2,
+                        d_ff=32, **kwargs)
+    config = model_config_of(model)
+    assert {key: getattr(config, key) for key in kwargs} == kwargs
+    rebuilt = model_from_config(config, 9, 9, 0)
+    assert [m.variants() for m in rebuilt.modules() if isinstance(m, MultiHeadAttention)] == \
+        [m.variants() for m in model.modules() if isinstance(m, MultiHeadAttention)]
+    # What a config cannot say is refused by name: two widths, layers that differ.
+    with pytest.raises(ValueError, match=r"^window: expected one width on both sides"):
+        model_config_of(Transformer(9, 9, d_model=D, n_heads=H, window=(3, 1)))
+    odd = Transformer(9, 9, d_model=D, n_heads=H, n_encoder_layers=2, n_decoder_layers=1)
+    odd.encoder.layers[1].self_attn.softcap = 2.0
+    with pytest.raises(ValueError, match=r"^softcap: expected the same softcap in every layer"):
+        model_config_of(odd)
 
 
 def test_variants_lists_what_is_not_plain_attention():

@@ -134,6 +134,9 @@ def model_from_config(model: ModelConfig, src_vocab_size: int, tgt_vocab_size: i
         d_ff=model.d_ff, dropout=model.dropout, pad_id=pad_id,
         tie_embeddings=model.tie_embeddings, positional=model.positional,
         max_len=model.max_len, norm_first=model.norm_first, activation=model.activation,
+        norm=model.norm, n_kv_heads=model.n_kv_heads, window=model.window,
+        global_every=model.global_every, alibi=model.alibi, softcap=model.softcap,
+        qk_norm=model.qk_norm,
     )
 
 

@@ -18,7 +18,11 @@ from typing import Any
 import torch
 import yaml
 
-from ..layers import ACTIVATIONS
+from .._checks import check_positive_int
+from ..functional import check_softcap
+from ..layers import ACTIVATIONS, GLU_ACTIVATIONS, NORMS
+from ..local import check_window
+from ..multihead import check_kv_heads
 from ..positional import POSITIONAL_ENCODINGS
 from .precision import PRECISIONS
 
@@ -68,6 +72,17 @@ class ModelConfig:
     # true: the target embedding is the output head; all: the source embedding too (one
     # matrix, which needs one vocabulary: data.shared_vocab or one file in data.tokenizer_files)
     tie_embeddings: bool | str = True
+    # Attention variants (attention.MultiHeadAttention): key/value heads (null: n_heads); a
+    # sliding window of that many positions on each side (the decoder's self-attention is
+    # causal: the left side); global attention in every global_every-th layer with a window;
+    # ALiBi; a score cap; QK-norm; and layernorm or rmsnorm in every layer.
+    n_kv_heads: int | None = None
+    window: int | None = None
+    global_every: int | None = None
+    alibi: bool = False
+    softcap: float | None = None
+    qk_norm: bool = False
+    norm: str = "layernorm"
 
 
 @dataclass
@@ -181,7 +196,8 @@ SECTIONS = {"model": ModelConfig, "data": DataConfig, "train": TrainConfig, "eva
 # The model's choices are the library's own lists (a run names one, so not None).
 CHOICES = {
     ("model", "positional"): tuple(p for p in POSITIONAL_ENCODINGS if p is not None),
-    ("model", "activation"): tuple(ACTIVATIONS),
+    ("model", "activation"): (*ACTIVATIONS, *GLU_ACTIVATIONS),
+    ("model", "norm"): NORMS,
     ("data", "corpus"): ("toy", "multi30k", "parallel"),
     ("data", "tokenizer"): ("word", "bpe"),
     ("train", "schedule"): ("inverse_sqrt", "cosine"),
@@ -278,6 +294,7 @@ class Config:
                               "train.schedule=cosine (it anneals to zero there), got null")
         if not 0 <= m.dropout < 1:
             raise ConfigError(f"model.dropout: expected a probability in [0, 1), got {m.dropout}")
+        self._check_attention_variants()
         if not 0 <= self.train.label_smoothing < 1:
             raise ConfigError(f"train.label_smoothing: expected a value in [0, 1), got "
                               f"{self.train.label_smoothing}")
@@ -285,6 +302,24 @@ class Config:
         self._check_checkpoints()
         if check_files:
             self._check_data_files()
+
+    def _check_attention_variants(self) -> None:
+        """The library's own checks of the variant keys, their errors named ``model.key``."""
+        m = self.model
+        try:
+            check_kv_heads(m.n_kv_heads, m.n_heads)
+            check_window(m.window)
+            check_softcap(m.softcap)
+            if m.global_every is not None:
+                check_positive_int("global_every", m.global_every)
+                if m.window is None:
+                    raise ValueError(f"global_every: expected null without model.window (the "
+                                     f"other layers attend within it), got {m.global_every}")
+            if m.alibi and m.positional == "rotary":
+                raise ValueError("alibi: expected false with positional=rotary (ALiBi "
+                                 "replaces position encodings; rotary is one), got true")
+        except (TypeError, ValueError) as error:
+            raise ConfigError(f"model.{error}") from None
 
     def _check_vocabulary(self) -> None:
         d, tie = self.data, self.model.tie_embeddings

@@ -133,6 +133,14 @@ def test_parallel_corpus_paths_resolve_beside_the_config(tmp_path, monkeypatch):
         (["model.dropout=1.0"], "model.dropout"),
         (["train.lr"], "train.lr"),  # no "="
         (["lr=0.1"], "lr=0.1"),  # no section
+        (["model.n_kv_heads=3"], "model.n_kv_heads"),  # not a divisor of n_heads
+        (["model.window=-1"], "model.window"),
+        (["model.global_every=2"], "model.global_every"),  # no window
+        (["model.window=4", "model.global_every=0"], "model.global_every"),
+        (["model.softcap=0"], "model.softcap"),
+        (["model.alibi=true", "model.positional=rotary"], "model.alibi"),
+        (["model.norm=batchnorm"], "model.norm"),
+        (["model.activation=reglu"], "model.activation"),
     ],
 )
 def test_bad_override_names_the_key(overrides, key):

@@ -42,6 +42,12 @@ VARIANTS = {
     # 4 draws weights whose greedy outputs end some sentences (the default's end none)
     "shared-vocabulary-all-tied": dict(tie_embeddings="all", seed=4),
 }
+# Issue 27's attention variants, all at once: a model folder carries them (CTranslate2's plain
+# Transformer does not: its export refuses them).
+FOLDER_VARIANTS = VARIANTS | {
+    "todays-attention": dict(n_kv_heads=1, window=2, global_every=2, alibi=True, softcap=5.0,
+                             qk_norm=True, norm="rmsnorm", activation="swiglu"),
+}
 
 
 def word_tokenizer(size: int, prefix: str) -> Tokenizer:
@@ -97,9 +103,9 @@ def our_tokens(translator: Translator, sources: list[list[int]], beam_size: int
 # The model folder ------------------------------------------------------------------------
 
 
-@pytest.mark.parametrize("variant", VARIANTS)
+@pytest.mark.parametrize("variant", FOLDER_VARIANTS)
 def test_folder_round_trip_gives_the_same_weights_and_translations(tmp_path, variant):
-    translator = tiny_translator(**VARIANTS[variant])
+    translator = tiny_translator(**FOLDER_VARIANTS[variant])
     folder = save_pretrained(translator, tmp_path / "model")
     loaded = Translator.from_pretrained(folder, device="cpu")
 
@@ -107,7 +113,7 @@ def test_folder_round_trip_gives_the_same_weights_and_translations(tmp_path, var
     assert saved_state.keys() == loaded_state.keys()
     for name in saved_state:
         torch.testing.assert_close(loaded_state[name], saved_state[name], rtol=0, atol=0)
-    tied = VARIANTS[variant].get("tie_embeddings", False)
+    tied = FOLDER_VARIANTS[variant].get("tie_embeddings", False)
     assert (loaded.model.lm_head.weight is loaded.model.tgt_embed.weight) is bool(tied)
     assert (loaded.model.src_embed.weight is loaded.model.tgt_embed.weight) is (tied == "all")
     assert model_config_of(loaded.model) == model_config_of(translator.model)
@@ -335,6 +341,22 @@ def test_ctranslate2_refuses_rotary_positions_and_unknown_quantization(tmp_path,
         export_ctranslate2(tiny_translator(positional="rotary"), tmp_path / "rotary")
     with pytest.raises(ValueError, match="quantization: expected None or one of .*got 'int3'"):
         export_ctranslate2(tiny_translator(), tmp_path / "q", quantization="int3")
+    assert not any(tmp_path.iterdir())
+
+
+@pytest.mark.parametrize("overrides, message", [
+    (dict(n_kv_heads=1), r"n_kv_heads: expected None .*got 1"),
+    (dict(window=3), r"window: expected None .*got 3"),
+    (dict(alibi=True), r"alibi: expected False .*got True"),
+    (dict(softcap=5.0), r"softcap: expected None .*got 5.0"),
+    (dict(qk_norm=True), r"qk_norm: expected False .*got True"),
+    (dict(norm="rmsnorm"), r"norm: expected 'layernorm' .*got 'rmsnorm'"),
+    (dict(activation="geglu"), r"activation: expected one of .*got 'geglu'"),
+])
+def test_ctranslate2_refuses_the_attention_variants_by_name(tmp_path, ctranslate2, overrides,
+                                                             message):
+    with pytest.raises(ValueError, match=message):
+        export_ctranslate2(tiny_translator(**overrides), tmp_path / "variant")
     assert not any(tmp_path.iterdir())
 
 

@@ -162,3 +162,28 @@ def test_one_train_step_reaches_and_changes_every_parameter(make_trainer, tied):
     for name, param in trainer.model.named_parameters():
         assert param.grad is not None and bool(param.grad.abs().sum() > 0), name
         assert not torch.equal(param.detach(), before[name]), name
+
+
+def test_a_run_trains_and_resumes_with_the_attention_variants(make_trainer):
+    """Issue 27's keys in a run's config: the model is built with them, trains, and comes
+    back from its checkpoint with them."""
+    from attention import MultiHeadAttention
+    from attention.translation.translator import Translator
+
+    variants = ["model.n_kv_heads=1", "model.window=3", "model.global_every=2",
+                "model.alibi=true", "model.softcap=10.0", "model.qk_norm=true",
+                "model.norm=rmsnorm", "model.activation=swiglu", "train.max_steps=2",
+                "model.n_encoder_layers=3", "model.n_decoder_layers=2"]
+    trainer = make_trainer(*variants)
+    trainer.run()
+    attentions = [m for m in trainer.model.modules() if isinstance(m, MultiHeadAttention)]
+    assert all(m.n_kv_heads == 1 and m.q_norm is not None for m in attentions)
+    assert [layer.self_attn.window for layer in trainer.model.encoder.layers] == \
+        [None, (3, 3), None]
+    translator = Translator.from_checkpoint(trainer.config.run_path / "checkpoint_last.pt",
+                                            device="cpu")
+    for loaded, trained in zip(translator.model.state_dict().items(),
+                               trainer.model.state_dict().items(), strict=True):
+        assert loaded[0] == trained[0]
+        torch.testing.assert_close(loaded[1], trained[1])
+    assert translator.translate(["a b c"])  # decodes on the windowed, grouped caches

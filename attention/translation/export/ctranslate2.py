@@ -57,6 +57,7 @@ from torch import Tensor, nn
 
 from ...models import Transformer
 from ...positional import sinusoid_table
+from ..config import ModelConfig
 from ..data.tokenizer import BOS_ID, EOS_ID, SPECIAL_TOKENS, UNK_ID
 from ..translator import Translator
 from .atomic_folder import write_folder_atomic
@@ -147,6 +148,14 @@ def ctranslate2_spec(model: Transformer, source_tokens: Sequence[str],
     from ctranslate2.specs import common_spec, transformer_spec
 
     config = model_config_of(model)
+    for key in ("n_kv_heads", "window", "global_every", "alibi", "softcap", "qk_norm", "norm"):
+        value, plain = getattr(config, key), getattr(ModelConfig, key)
+        if value != plain:
+            raise ValueError(f"{key}: expected {plain!r} (this export writes CTranslate2's "
+                             f"plain Transformer), got {value!r}")
+    if config.activation not in _ACTIVATIONS:
+        raise ValueError(f"activation: expected one of {list(_ACTIVATIONS)} (the ones this "
+                         f"export maps to CTranslate2's), got {config.activation!r}")
     if config.positional not in ("sinusoidal", "learned"):
         raise ValueError(f"positional: expected sinusoidal or learned positions (the ones "
                          f"CTranslate2's Transformer adds to the embeddings), got "

@@ -2,15 +2,19 @@
 
 A :class:`~attention.translation.translator.Translator` holds its model, not the run's
 config; exporting writes the config back from the modules themselves, and refuses a model
-that a config cannot describe (biases, another LayerNorm epsilon, a callable activation),
+that a config cannot describe (biases, another LayerNorm epsilon, a callable activation,
+attention variants that differ between layers otherwise than ``global_every`` makes them),
 since :func:`~attention.translation.checkpoint.model_from_config` could not rebuild it.
 """
 
 from __future__ import annotations
 
+from typing import Any
+
+import torch
 from torch import nn
 
-from ...layers import ACTIVATIONS
+from ...layers import ACTIVATIONS, GLU_ACTIVATIONS
 from ...models import Transformer
 from ...positional import LearnedPositionalEncoding, SinusoidalPositionalEncoding
 from ..checkpoint import shared_entries
@@ -32,12 +36,14 @@ def positional_name(model: Transformer) -> str | None:
 
 
 def _activation_name(model: Transformer) -> str:
-    activation = model.encoder.layers[0].feed_forward.activation
-    for name, function in ACTIVATIONS.items():
-        if activation is function:
+    feed_forward = model.encoder.layers[0].feed_forward
+    names = GLU_ACTIVATIONS if feed_forward.gated else ACTIVATIONS
+    for name, function in names.items():
+        if feed_forward.activation is function:
             return name
-    raise ValueError(f"activation: expected one of {list(ACTIVATIONS)} (a config can name "
-                     f"only those), got the callable {activation!r}")
+    raise ValueError(f"activation: expected one of {list(ACTIVATIONS) + list(GLU_ACTIVATIONS)} "
+                     f"(a config can name only those), got the callable "
+                     f"{feed_forward.activation!r}")
 
 
 def model_config_of(model: Transformer) -> ModelConfig:
@@ -50,19 +56,7 @@ def model_config_of(model: Transformer) -> ModelConfig:
     if not isinstance(model, Transformer):
         raise TypeError(f"model: expected an attention.Transformer, got {type(model).__name__}")
     first = model.encoder.layers[0]
-    for layer in (*model.encoder.layers, *model.decoder.layers):
-        variants = layer.self_attn.variants()
-        if variants:
-            name, value = next(iter(variants.items()))
-            raise ValueError(f"{name}: expected plain multi-head attention (a ModelConfig has "
-                             f"no {name}), got {name}={value!r}")
-    if not isinstance(first.norm1, nn.LayerNorm):
-        raise ValueError(f"norm: expected LayerNorm (a ModelConfig has no norm), got "
-                         f"{type(first.norm1).__name__}")
-    if first.feed_forward.gated:
-        raise ValueError("activation: expected one of the ungated activations "
-                         f"{list(ACTIVATIONS)} (a ModelConfig has no gated feed-forward), got "
-                         "a gated one")
+    variants = _variants_of(model)
     if first.self_attn.q_proj.bias is not None:
         raise ValueError("bias: expected a model built with bias=False (a ModelConfig has no "
                          "bias), got one with biases")
@@ -86,7 +80,51 @@ def model_config_of(model: Transformer) -> ModelConfig:
         norm_first=first.norm_first,
         activation=_activation_name(model),
         tie_embeddings=_tie_embeddings(model),
+        **variants,
     )
+
+
+def _variants_of(model: Transformer) -> dict[str, Any]:
+    """The config's attention-variant keys for ``model``, checked to be what
+    :func:`model_from_config` builds from them in every layer; ``ValueError`` naming the key
+    a config cannot express (a window with two widths, layers that differ otherwise)."""
+    first = model.encoder.layers[0]
+    window = model.encoder.window
+    if window is not None and window[0] != window[1]:
+        raise ValueError(f"window: expected one width on both sides (a ModelConfig has one "
+                         f"int), got {window}")
+    norm = "rmsnorm" if isinstance(first.norm1, nn.RMSNorm) else "layernorm"
+    if norm == "layernorm" and not isinstance(first.norm1, nn.LayerNorm):
+        raise ValueError(f"norm: expected LayerNorm or RMSNorm, got {type(first.norm1).__name__}")
+    attention = first.self_attn
+    variants = {
+        "n_kv_heads": attention.n_kv_heads if attention.n_kv_heads != attention.n_heads else None,
+        "window": None if window is None else window[0],
+        "global_every": model.encoder.global_every,
+        "alibi": attention.alibi_slopes is not None,
+        "softcap": attention.softcap,
+        "qk_norm": attention.q_norm is not None,
+        "norm": norm,
+    }
+    with torch.device("meta"):  # the layout only: no weights are allocated
+        expected = Transformer(2, 2, d_model=model.d_model, n_heads=attention.n_heads,
+                               n_encoder_layers=len(model.encoder.layers),
+                               n_decoder_layers=len(model.decoder.layers), d_ff=1,
+                               positional=None, **variants)
+    built = [layer.self_attn.variants() for layer in (*expected.encoder.layers,
+                                                      *expected.decoder.layers)]
+    found = [layer.self_attn.variants() for layer in (*model.encoder.layers,
+                                                      *model.decoder.layers)]
+    for want, got in zip(built, found, strict=True):
+        if want != got:
+            name = next(key for key in (*want, *got) if want.get(key) != got.get(key))
+            raise ValueError(f"{name}: expected the same {name} in every layer as a ModelConfig "
+                             f"builds ({want.get(name)!r}), got {got.get(name)!r} in a layer")
+    if any(type(layer.norm1) is not type(first.norm1)
+           for layer in (*model.encoder.layers, *model.decoder.layers)):
+        raise ValueError("norm: expected one kind of norm in every layer, got a mix")
+    return variants
+
 
 
 def _tie_embeddings(model: Transformer) -> bool | str:
