@@ -197,11 +197,16 @@ def run_part(name: str, out: Path, work: Path, dry_run: bool, seconds: int) -> i
 
     signal.signal(signal.SIGALRM, out_of_time)
     signal.alarm(seconds)
-    if name == "tests":
-        return part_tests(out, dry_run)
-    if name == "train":
-        return part_train(out, work, dry_run, seconds)
-    return part_bench(name, out, dry_run)
+    try:
+        if name == "tests":
+            return part_tests(out, dry_run)
+        if name == "train":
+            return part_train(out, work, dry_run, seconds)
+        return part_bench(name, out, dry_run)
+    finally:
+        # A part done just inside its budget must not meet the alarm while the interpreter
+        # exits, its handler gone: that killed finished parts with SIGALRM (exit -14).
+        signal.alarm(0)
 
 
 # The orchestration, in the parent -----------------------------------------------------------
@@ -241,8 +246,8 @@ def run_child(part: Part, out: Path, work: Path, dry_run: bool) -> Outcome:
             code = child.wait()
     seconds = time.monotonic() - start
     text = log_path.read_text(encoding="utf-8", errors="replace")
-    # Its own alarm can also end a part outright (seen on the 2-core CPU: the child died of
-    # SIGALRM before its handler ran), which is the budget spent all the same.
+    # A part that its own alarm ends outright (no handler: while it starts or exits) has
+    # spent its budget all the same.
     if code is None or code == -signal.SIGALRM or OUT_OF_TIME in text:
         status = "out of time"
     else:
