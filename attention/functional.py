@@ -403,6 +403,12 @@ def _explicit_attention(q: Tensor, k: Tensor, v: Tensor, mask: Tensor | None,
     groups = heads // kv_heads
     # In place on the fresh scores: the product's backward needs q and k, not its output,
     # and each out-of-place step would allocate and fill another copy.
+    if groups > 1 and torch.compiler.is_exporting():
+        # torch.export (2.11) cannot solve the shapes of the grouped product's reshapes (nor
+        # repeat_interleave's): exported programs gather each query head's key/value head.
+        heads_kv = torch.arange(heads, device=k.device) // groups  # head h reads h // g
+        k, v = k.index_select(1, heads_kv), v.index_select(1, heads_kv)  # (b k j d) -> (b h j d)
+        groups = 1
     if groups == 1:
         scores = (q @ k.transpose(-2, -1)).mul_(scale)  # (b h i d) @ (b h d j) -> (b h i j)
     else:  # each key/value head read once by its group of query heads
