@@ -691,3 +691,35 @@ def test_variants_lists_what_is_not_plain_attention():
     assert MultiHeadAttention(D, H, n_kv_heads=1, window=3, alibi=True, softcap=2.0,
                               qk_norm=True).variants() == dict(
         n_kv_heads=1, window=(3, 3), alibi=True, softcap=2.0, qk_norm=True)
+
+
+# ---------------------------------------------------------------------------- on the device
+
+DEVICES = ["cpu"] + (["cuda"] if torch.cuda.is_available() else [])
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("kwargs", [dict(window=(16, 16)), dict(window=(32, 0), n_kv_heads=2),
+                                    dict(n_kv_heads=1, qk_norm=True)],
+                         ids=["window", "causal-window-gqa", "mqa-qk_norm"])
+@pytest.mark.parametrize("is_causal", [False, True], ids=["bidirectional", "causal"])
+def test_bf16_paths_on_the_device_agree_with_the_textbook(device, kwargs, is_causal):
+    """The kernels each device picks in bfloat16 (on a GPU with it: varlen_attn with
+    window_size and enable_gqa, dense and packed; on the CPU: blocked and padded) against
+    the textbook computation. ``make gpu-check`` runs this on CUDA."""
+    torch.manual_seed(0)
+    module = MultiHeadAttention(64, 4, **kwargs).to(device=device, dtype=torch.bfloat16).eval()
+    x = torch.randn(2, 300, 64, device=device, dtype=torch.bfloat16)
+    padding = torch.zeros(2, 300, dtype=torch.bool, device=device)
+    padding[1, 250:] = True  # right padding: no hole, so the packed rows may go to varlen
+    packing = Packing.from_mask(padding)
+    with torch.no_grad():
+        with attention_backend("explicit"):
+            expected_dense = module(x, is_causal=is_causal)[0]
+            expected_padded = module(x, key_padding_mask=padding.float().masked_fill(
+                padding, -INF).to(torch.bfloat16), is_causal=is_causal)[0]
+        dense = module(x, is_causal=is_causal)[0]
+        packed = packing.unpack(module(packing.pack(x), packing=packing, is_causal=is_causal)[0])
+    assert_close(dense, expected_dense, atol=3e-2, rtol=3e-2)
+    real = ~padding
+    assert_close(packed[real], expected_padded[real], atol=3e-2, rtol=3e-2)
