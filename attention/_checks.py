@@ -26,6 +26,12 @@ def check_positive_int(name: str, value: object) -> int:
     return value
 
 
+def check_flag(name: str, value: object) -> bool:
+    if not isinstance(value, bool):
+        raise TypeError(f"{name}: expected True or False, got {type(value).__name__} {value!r}")
+    return value
+
+
 def check_probability(name: str, value: object) -> float:
     if isinstance(value, bool) or not isinstance(value, (int, float)):
         raise TypeError(f"{name}: expected a float in [0, 1), got {type(value).__name__} {value!r}")

@@ -163,12 +163,16 @@ class Encoder(_LayerStack):
         x = check_tensor("x", x, [3], f"(batch, length, d_model={self.d_model})")
         check_size("x", x, -1, self.d_model, "d_model")
         packing = pack_padding(key_padding_mask, x, return_attention, document_ids)
-        if document_ids is not None:
-            # Positions count from each document's start: add them in its own row.
-            tokens = packing.pack(x)
-            if self.positional is not None:
-                tokens = packing.from_sequences(self.positional(packing.to_sequences(tokens)))
-            cos_sin = self._rotary_cos_sin(packing.sequence_length)
+        if packing is not None:
+            # Gather the real tokens once, run the whole stack on them, scatter back once.
+            if document_ids is None:
+                tokens = packing.pack(x if self.positional is None else self.positional(x))
+            else:  # positions count from each document's start: add them in its own row
+                tokens = packing.pack(x)
+                if self.positional is not None:
+                    tokens = packing.from_sequences(
+                        self.positional(packing.to_sequences(tokens)))
+            cos_sin = self._rotary_cos_sin(packing.sequence_length)  # rows: the length
             x = self._run_layers(tokens, lambda layer, h: layer(
                 h, attn_mask=attn_mask, is_causal=is_causal, packing=packing,
                 rotary_cos_sin=cos_sin), return_attention=False)
@@ -176,12 +180,6 @@ class Encoder(_LayerStack):
         if self.positional is not None:
             x = self.positional(x)
         cos_sin = self._rotary_cos_sin(x.shape[1])
-        if packing is not None:
-            # Gather the real tokens once, run the whole stack on them, scatter back once.
-            x = self._run_layers(packing.pack(x), lambda layer, h: layer(
-                h, attn_mask=attn_mask, is_causal=is_causal, packing=packing,
-                rotary_cos_sin=cos_sin), return_attention=False)
-            return packing.unpack(x)
         return self._run_layers(x, lambda layer, h: layer(
             h, key_padding_mask=key_padding_mask, attn_mask=attn_mask, is_causal=is_causal,
             return_attention=return_attention, rotary_cos_sin=cos_sin), return_attention)

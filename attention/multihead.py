@@ -18,6 +18,7 @@ from torch import Tensor, nn
 from . import functional
 from ._checks import (
     check_divisible,
+    check_flag,
     check_positive_int,
     check_probability,
     check_size,
@@ -401,12 +402,7 @@ class MultiHeadAttention(nn.Module):
                 and not torch.compiler.is_compiling()
                 and key_padding_mask is None and attn_mask is None and not need_weights
                 and self.kdim == self.d_model and self.vdim == self.d_model
-                and can_use_varlen(query.device, query.dtype, self.d_head, masked=False,
-                                   dropout_p=self.dropout if self.training else 0.0,
-                                   rotary=self.rotary is not None, window=True,
-                                   grouped=self.n_kv_heads != self.n_heads,
-                                   scores_changed=self.alibi_slopes is not None
-                                   or self.softcap is not None))
+                and self._varlen_applies(query, masked=False))
 
     def _dense_varlen_attention(self, query: Tensor, is_causal: bool) -> Tensor:
         """Windowed self-attention of ``(b, n, d_model)`` on ``varlen_attn``'s
@@ -414,16 +410,33 @@ class MultiHeadAttention(nn.Module):
         the window, where blocked attention computes the blocks around it. Its boundaries
         are known without reading the device (no host sync)."""
         batch, length = query.shape[:2]
-        q, k, v = self._split_heads(self.project_qkv(query.flatten(0, 1)), "t (h d) -> t h d")
-        q, k = self._normalize(q, k)
         cu_seqlens = torch.arange(0, (batch + 1) * length, length, dtype=torch.int32,
                                   device=query.device)
+        out = self._varlen_attention(self.project_qkv(query.flatten(0, 1)), cu_seqlens, length,
+                                     is_causal)  # (t, d_model)
+        return out.unflatten(0, (batch, length))
+
+    def _varlen_applies(self, x: Tensor, *, masked: bool) -> bool:
+        """:func:`can_use_varlen` for this module's settings and ``x``'s device and dtype."""
+        return can_use_varlen(x.device, x.dtype, self.d_head, masked=masked,
+                              dropout_p=self.dropout if self.training else 0.0,
+                              rotary=self.rotary is not None, window=self.window is not None,
+                              grouped=self.n_kv_heads != self.n_heads,
+                              scores_changed=self.alibi_slopes is not None
+                              or self.softcap is not None)
+
+    def _varlen_attention(self, qkv: Tensor, cu_seqlens: Tensor, max_len: int,
+                          is_causal: bool) -> Tensor:
+        """``varlen_attn`` over the sequences ``cu_seqlens`` marks in the packed ``qkv``
+        (:meth:`project_qkv`'s ``(t, ·)``), then ``out_proj``: ``(t, d_model)``."""
+        q, k, v = self._split_heads(qkv, "t (h d) -> t h d")
+        q, k = self._normalize(q, k)
         varlen_attn, causal_keyword = _load_varlen()
         extra = {"enable_gqa": True} if self.n_kv_heads != self.n_heads else {}
-        out = varlen_attn(q, k, v, cu_seqlens, cu_seqlens, length, length,
+        out = varlen_attn(q, k, v, cu_seqlens, cu_seqlens, max_len, max_len,
                           **_causal_window(causal_keyword, is_causal, self.window),
                           **extra)  # (t h d)
-        return self.out_proj(rearrange(out, "(b n) h d -> b n (h d)", b=batch))
+        return self.out_proj(rearrange(out, "t h d -> t (h d)"))
 
     def variants(self) -> dict[str, Any]:
         """The attention variants this module was built with, by keyword: those of
@@ -570,26 +583,13 @@ class MultiHeadAttention(nn.Module):
         dropout_p = self.dropout if self.training else 0.0
         qkv = self.project_qkv(query)  # (t, d_model + 2·n_kv_heads·d_head)
 
-        grouped = self.n_kv_heads != self.n_heads
-        if can_use_varlen(qkv.device, qkv.dtype, self.d_head, masked=attn_mask is not None,
-                          dropout_p=dropout_p, rotary=self.rotary is not None,
-                          window=self.window is not None, grouped=grouped,
-                          scores_changed=self.alibi_slopes is not None
-                          or self.softcap is not None) \
-                and packing.tokens \
+        if self._varlen_applies(qkv, masked=attn_mask is not None) and packing.tokens \
                 and (self.window is None or packing.contiguous):
             # A batch of padding only has nothing to attend. The kernel counts a window's
             # positions among the real tokens: with padding inside a sequence, the padded
             # layout's positions differ, so that batch attends there.
-            q, k, v = self._split_heads(qkv, "t (h d) -> t h d")
-            q, k = self._normalize(q, k)
-            max_len = packing.max_seqlen()
-            varlen_attn, causal_keyword = _load_varlen()
-            extra = {"enable_gqa": True} if grouped else {}
-            out = varlen_attn(q, k, v, packing.cu_seqlens, packing.cu_seqlens, max_len, max_len,
-                              **_causal_window(causal_keyword, is_causal, self.window),
-                              **extra)  # (t h d)
-            return self.out_proj(rearrange(out, "t h d -> t (h d)")), None
+            return self._varlen_attention(qkv, packing.cu_seqlens, packing.max_seqlen(),
+                                          is_causal), None
 
         # Attention needs the sequences: scatter q, k, v to the padded layout, attend over
         # the real keys, and gather the real queries' outputs back.
@@ -646,12 +646,6 @@ def check_kv_heads(n_kv_heads: object, n_heads: int) -> int:
         raise ValueError(f"n_kv_heads: expected a divisor of n_heads={n_heads} (at most "
                          f"n_heads), got {n_kv_heads}")
     return n_kv_heads
-
-
-def check_flag(name: str, value: object) -> bool:
-    if not isinstance(value, bool):
-        raise TypeError(f"{name}: expected True or False, got {type(value).__name__} {value!r}")
-    return value
 
 
 def _newest_keys(mask: Tensor | None, seen: int, held: int) -> Tensor | None:
