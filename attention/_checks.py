@@ -26,6 +26,15 @@ def check_positive_int(name: str, value: object) -> int:
     return value
 
 
+def check_positive_number(name: str, value: object) -> float:
+    """``value`` as a float: a positive, finite number (an int or a float, not a bool)."""
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not value > 0 \
+            or value == float("inf"):
+        raise ValueError(f"{name}: expected a positive finite number, got "
+                         f"{type(value).__name__} {value!r}")
+    return float(value)
+
+
 def check_flag(name: str, value: object) -> bool:
     if not isinstance(value, bool):
         raise TypeError(f"{name}: expected True or False, got {type(value).__name__} {value!r}")

@@ -167,6 +167,7 @@ class EncoderLayer(nn.Module):
         layer_norm_eps: float = 1e-5,
         rotary: bool = False,
         *,
+        rotary_base: float = 10000.0,
         norm: str = "layernorm",
         n_kv_heads: int | None = None,
         window: int | tuple[int, int] | None = None,
@@ -178,7 +179,8 @@ class EncoderLayer(nn.Module):
         self.d_model = d_model
         self.norm_first = norm_first
         self.self_attn = MultiHeadAttention(
-            d_model, n_heads, dropout, bias, rotary=rotary, n_kv_heads=n_kv_heads,
+            d_model, n_heads, dropout, bias, rotary=rotary, rotary_base=rotary_base,
+            n_kv_heads=n_kv_heads,
             window=window, alibi=alibi, softcap=softcap, qk_norm=qk_norm)
         self.feed_forward = FeedForward(d_model, d_ff, dropout, activation, bias)
         self.norm1 = build_norm(norm, d_model, layer_norm_eps, bias)
@@ -308,6 +310,7 @@ class DecoderLayer(nn.Module):
         layer_norm_eps: float = 1e-5,
         rotary: bool = False,
         *,
+        rotary_base: float = 10000.0,
         norm: str = "layernorm",
         n_kv_heads: int | None = None,
         window: int | tuple[int, int] | None = None,
@@ -319,7 +322,8 @@ class DecoderLayer(nn.Module):
         self.d_model = d_model
         self.norm_first = norm_first
         self.self_attn = MultiHeadAttention(
-            d_model, n_heads, dropout, bias, rotary=rotary, n_kv_heads=n_kv_heads,
+            d_model, n_heads, dropout, bias, rotary=rotary, rotary_base=rotary_base,
+            n_kv_heads=n_kv_heads,
             window=window, alibi=alibi, softcap=softcap, qk_norm=qk_norm)
         self.cross_attn = MultiHeadAttention(d_model, n_heads, dropout, bias,
                                              n_kv_heads=n_kv_heads, softcap=softcap,

@@ -48,6 +48,8 @@ class _LayerStack(nn.Module):
         n_kv_heads: int | None = None,
         window: int | tuple[int, int] | None = None,
         global_every: int | None = None,
+        rotary_base: float = 10000.0,
+        global_rotary_base: float | None = None,
         alibi: bool = False,
         softcap: float | None = None,
         qk_norm: bool = False,
@@ -61,14 +63,22 @@ class _LayerStack(nn.Module):
             if window is None:
                 raise ValueError(f"global_every: expected None without a window (the other "
                                  f"layers attend within it), got {global_every}")
+        if global_rotary_base is not None and global_every is None:
+            raise ValueError(f"global_rotary_base: expected None without global_every (it is "
+                             f"the rotary base of the global layers), got {global_rotary_base}")
         self.global_every = global_every
         self.window = check_window(window)  # what the windowed layers have (introspection)
+
+        def is_global(i: int) -> bool:
+            return global_every is not None and i % global_every == 0
+
         self.layers = nn.ModuleList(
             self.layer_type(d_model, n_heads, d_ff, dropout, activation, norm_first, bias,
                             layer_norm_eps, rotary=positional == "rotary", norm=norm,
                             n_kv_heads=n_kv_heads, alibi=alibi, softcap=softcap,
-                            qk_norm=qk_norm,
-                            window=None if global_every and i % global_every == 0 else window)
+                            qk_norm=qk_norm, window=None if is_global(i) else window,
+                            rotary_base=global_rotary_base
+                            if is_global(i) and global_rotary_base is not None else rotary_base)
             for i in range(n_layers)
         )
         self.norm = build_norm(norm, d_model, layer_norm_eps, bias) if norm_first else None
@@ -81,17 +91,28 @@ class _LayerStack(nn.Module):
             return self.positional.max_len
         return None
 
-    def _rotary_cos_sin(self, length: int, offset: int = 0) -> tuple[Tensor, Tensor] | None:
-        rotary = self.layers[0].self_attn.rotary
-        return None if rotary is None else rotary.cos_sin(length, offset)
-
-    def _run_layers(self, x: Tensor, call: Callable[[nn.Module, Tensor], Any],
-                    return_attention: bool) -> Tensor | tuple[Tensor, list[Tensor]]:
-        """``x`` through every layer as ``call(layer, x)``, then the final norm; with
-        ``return_attention`` each call returns ``(x, weights)`` and the weights are kept."""
-        attention: list[Tensor] = []
+    def _rotary_cos_sin(self, length: int, offset: int = 0
+                        ) -> list[tuple[Tensor, Tensor] | None]:
+        """Each layer's rotary angles, computed once per rotary base (ModernBERT's and Gemma
+        3's global and local layers have one each); ``None`` for a layer without rotary."""
+        angles: dict[float, tuple[Tensor, Tensor]] = {}
+        per_layer: list[tuple[Tensor, Tensor] | None] = []
         for layer in self.layers:
-            out = call(layer, x)
+            rotary = layer.self_attn.rotary
+            if rotary is not None and rotary.base not in angles:
+                angles[rotary.base] = rotary.cos_sin(length, offset)
+            per_layer.append(None if rotary is None else angles[rotary.base])
+        return per_layer
+
+    def _run_layers(self, x: Tensor, call: Callable[[nn.Module, Tensor, Any], Any],
+                    return_attention: bool, cos_sin: list[tuple[Tensor, Tensor] | None]
+                    ) -> Tensor | tuple[Tensor, list[Tensor]]:
+        """``x`` through every layer as ``call(layer, x, its rotary angles)``, then the final
+        norm; with ``return_attention`` each call returns ``(x, weights)`` and the weights
+        are kept."""
+        attention: list[Tensor] = []
+        for layer, layer_cos_sin in zip(self.layers, cos_sin, strict=True):
+            out = call(layer, x, layer_cos_sin)
             if return_attention:
                 x, weights = out
                 attention.append(weights)
@@ -125,6 +146,10 @@ class Encoder(_LayerStack):
             :class:`~attention.multihead.MultiHeadAttention`, in every layer.
         global_every: with a ``window``, layer ``i`` attends globally when
             ``i % global_every == 0`` and within the window otherwise (ModernBERT's layout).
+        rotary_base: the base of the rotary angles (``positional="rotary"``), 10,000 in
+            RoFormer.
+        global_rotary_base: with ``global_every``, the global layers' rotary base, when it
+            differs (ModernBERT: 160,000 global, 10,000 local).
 
     Shape:
         x: ``(batch, length, d_model)`` → same shape.
@@ -162,6 +187,12 @@ class Encoder(_LayerStack):
         """
         x = check_tensor("x", x, [3], f"(batch, length, d_model={self.d_model})")
         check_size("x", x, -1, self.d_model, "d_model")
+        if isinstance(key_padding_mask, Tensor) and key_padding_mask.dtype == torch.bool \
+                and document_ids is None and not torch.compiler.is_compiling() \
+                and key_padding_mask.shape == x.shape[:2] and not key_padding_mask.any():
+            # Nothing is padded (a tokenizer's mask of a batch of equal lengths): no packing
+            # to gather and scatter, no mask to build.
+            key_padding_mask = None
         packing = pack_padding(key_padding_mask, x, return_attention, document_ids)
         if packing is not None:
             # Gather the real tokens once, run the whole stack on them, scatter back once.
@@ -173,16 +204,17 @@ class Encoder(_LayerStack):
                     tokens = packing.from_sequences(
                         self.positional(packing.to_sequences(tokens)))
             cos_sin = self._rotary_cos_sin(packing.sequence_length)  # rows: the length
-            x = self._run_layers(tokens, lambda layer, h: layer(
+            x = self._run_layers(tokens, lambda layer, h, angles: layer(
                 h, attn_mask=attn_mask, is_causal=is_causal, packing=packing,
-                rotary_cos_sin=cos_sin), return_attention=False)
+                rotary_cos_sin=angles), return_attention=False, cos_sin=cos_sin)
             return packing.unpack(x)
         if self.positional is not None:
             x = self.positional(x)
         cos_sin = self._rotary_cos_sin(x.shape[1])
-        return self._run_layers(x, lambda layer, h: layer(
+        return self._run_layers(x, lambda layer, h, angles: layer(
             h, key_padding_mask=key_padding_mask, attn_mask=attn_mask, is_causal=is_causal,
-            return_attention=return_attention, rotary_cos_sin=cos_sin), return_attention)
+            return_attention=return_attention, rotary_cos_sin=angles), return_attention,
+            cos_sin)
 
 
 class DecoderCache:
@@ -251,11 +283,12 @@ class Decoder(_LayerStack):
             x = self.positional(x, offset)
         cos_sin = self._rotary_cos_sin(x.shape[1], offset)
         caches = iter(cache.layers) if cache is not None else None
-        return self._run_layers(x, lambda layer, h: layer(
+        return self._run_layers(x, lambda layer, h, angles: layer(
             h, memory, tgt_key_padding_mask=tgt_key_padding_mask,
             memory_key_padding_mask=memory_key_padding_mask, tgt_mask=tgt_mask,
             is_causal=is_causal, cache=next(caches) if caches is not None else None,
-            return_attention=return_attention, rotary_cos_sin=cos_sin), return_attention)
+            return_attention=return_attention, rotary_cos_sin=angles), return_attention,
+            cos_sin)
 
 
 def _check_ids(name: str, ids: object, vocab_size: int) -> Tensor:

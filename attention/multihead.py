@@ -20,6 +20,7 @@ from ._checks import (
     check_divisible,
     check_flag,
     check_positive_int,
+    check_positive_number,
     check_probability,
     check_size,
     check_tensor,
@@ -31,7 +32,12 @@ from .local import check_window
 from .packing import Packing
 from .positional import RotaryEmbedding, apply_rotary
 
-__all__ = ["KVCache", "MultiHeadAttention", "can_use_varlen"]
+__all__ = ["SEQUENCE_BY_SEQUENCE_MIN_TOKENS", "KVCache", "MultiHeadAttention", "can_use_varlen"]
+
+# A packed batch on the CPU attends one sequence at a time when its sequences average at least
+# this many real tokens (see MultiHeadAttention._attends_sequence_by_sequence): a call costs
+# tens of microseconds, which short sequences do not win back.
+SEQUENCE_BY_SEQUENCE_MIN_TOKENS = 128
 
 # torch's variable-length flash kernel (torch >= 2.10, CUDA only), imported on first use on a
 # GPU: its module imports torch._dynamo, which would add about a second to `import attention`.
@@ -242,6 +248,8 @@ class MultiHeadAttention(nn.Module):
         bias: add a bias to the four projections.
         kdim, vdim: feature sizes of ``key`` and ``value`` when they differ from ``d_model``.
         rotary: rotate queries and keys by their positions (self-attention only).
+        rotary_base: the base of the rotary angles, ``position · base^(-2k/d_head)``
+            (10,000 in RoFormer; ModernBERT's global layers use 160,000).
         n_kv_heads: key/value heads, a divisor of ``n_heads`` (``None``: ``n_heads``).
             Grouped-query attention, multi-query at 1: ``k_proj`` and ``v_proj`` make
             ``n_kv_heads * d_head`` features, query head ``h`` reads key/value head
@@ -277,6 +285,7 @@ class MultiHeadAttention(nn.Module):
         kdim: int | None = None,
         vdim: int | None = None,
         rotary: bool = False,
+        rotary_base: float = 10000.0,
         n_kv_heads: int | None = None,
         window: int | tuple[int, int] | None = None,
         alibi: bool = False,
@@ -304,7 +313,8 @@ class MultiHeadAttention(nn.Module):
         self.k_proj = nn.Linear(self.kdim, kv_features, bias=bias)
         self.v_proj = nn.Linear(self.vdim, kv_features, bias=bias)
         self.out_proj = nn.Linear(d_model, d_model, bias=bias)
-        self.rotary = RotaryEmbedding(self.d_head) if rotary else None
+        self.rotary = RotaryEmbedding(self.d_head, check_positive_number(
+            "rotary_base", rotary_base)) if rotary else None
         self.q_norm = nn.RMSNorm(self.d_head, eps=1e-6) if qk_norm else None
         self.k_norm = nn.RMSNorm(self.d_head, eps=1e-6) if qk_norm else None
         if alibi:
@@ -591,6 +601,10 @@ class MultiHeadAttention(nn.Module):
             return self._varlen_attention(qkv, packing.cu_seqlens, packing.max_seqlen(),
                                           is_causal), None
 
+        if self._attends_sequence_by_sequence(qkv, packing, attn_mask):
+            return self._sequence_by_sequence_attention(qkv, packing, is_causal, dropout_p,
+                                                        rotary_cos_sin), None
+
         # Attention needs the sequences: scatter q, k, v to the padded layout, attend over
         # the real keys, and gather the real queries' outputs back.
         if attn_mask is not None and packing.sequence_index is not None:
@@ -606,6 +620,43 @@ class MultiHeadAttention(nn.Module):
                         dropout_p=dropout_p, **self._variants())
         return self.out_proj(packing.from_sequences(rearrange(out, "b h n d -> b n (h d)"))), \
             None
+
+    def _attends_sequence_by_sequence(self, qkv: Tensor, packing: Packing,
+                                      attn_mask: Tensor | None) -> bool:
+        """Whether a packed batch attends one sequence at a time (the CPU's variable-length
+        attention): on the CPU, eagerly, without ``attn_mask``, for sequences whose real
+        tokens are contiguous and average :data:`SEQUENCE_BY_SEQUENCE_MIN_TOKENS` or more
+        (below that the calls cost more than the padding they save)."""
+        return (qkv.device.type == "cpu" and attn_mask is None
+                and not torch.compiler.is_compiling() and not torch.compiler.is_exporting()
+                and packing.tokens >= SEQUENCE_BY_SEQUENCE_MIN_TOKENS * packing.sequences > 0
+                and packing.contiguous)
+
+    def _sequence_by_sequence_attention(self, qkv: Tensor, packing: Packing, is_causal: bool,
+                                        dropout_p: float,
+                                        rotary_cos_sin: tuple[Tensor, Tensor] | None
+                                        ) -> Tensor:
+        """Attention over each sequence of the packed ``qkv`` ``(t, ·)`` alone: no padded
+        keys to compute and no padding mask for the kernel to read, so the cost is Σ lᵢ²
+        instead of s·m². Positions count from each sequence's first real token; rotary
+        angles, windows and ALiBi depend only on distances, so this equals the padded
+        layout's result. Then ``out_proj``: ``(t, d_model)``."""
+        lengths = (packing.cu_seqlens[1:] - packing.cu_seqlens[:-1]).tolist()
+        outputs = []
+        for part in qkv.split(lengths):
+            if part.shape[0] == 0:
+                continue
+            q, k, v = self._split_heads(part.unsqueeze(0), "b n (h d) -> b h n d")
+            q, k = self._normalize(q, k)
+            if self.rotary is not None:
+                angles = None if rotary_cos_sin is None else tuple(
+                    a[: part.shape[0]] for a in rotary_cos_sin)
+                q, k = self._rotate(q, k, 0, angles)
+            out, _ = attend(q, k, v, is_causal=is_causal, dropout_p=dropout_p,
+                            **self._variants())
+            outputs.append(rearrange(out, "b h n d -> (b n) (h d)"))
+        return self.out_proj(torch.cat(outputs) if outputs else qkv.new_zeros(
+            0, self.d_model))
 
     def _rotate(self, q: Tensor, k: Tensor, offset: int,
                 cos_sin: tuple[Tensor, Tensor] | None) -> tuple[Tensor, Tensor]:

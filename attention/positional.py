@@ -17,6 +17,7 @@ from torch import Tensor, nn
 from ._checks import (
     check_choice,
     check_positive_int,
+    check_positive_number,
     check_probability,
     check_size,
     check_tensor,
@@ -154,6 +155,7 @@ class RotaryEmbedding(nn.Module):
         self.d_head = check_positive_int("d_head", d_head)
         if d_head % 2:
             raise ValueError(f"d_head: rotary embeddings need an even d_head, got {d_head}")
+        self.base = check_positive_number("base", base)
         inv_freq = base ** (-torch.arange(0, d_head, 2, dtype=torch.float32) / d_head)
         self.register_buffer("inv_freq", inv_freq, persistent=False)
 
@@ -173,7 +175,7 @@ class RotaryEmbedding(nn.Module):
         return apply_rotary(x, *self.cos_sin(x.shape[-2], offset))
 
     def extra_repr(self) -> str:
-        return f"d_head={self.d_head}"
+        return f"d_head={self.d_head}, base={self.base:g}"
 
 
 def build_positional_encoding(

@@ -4,8 +4,15 @@ import math
 
 import pytest
 import torch
+from torch.testing import assert_close
 
-from attention import LearnedPositionalEncoding, RotaryEmbedding, SinusoidalPositionalEncoding
+from attention import (
+    Encoder,
+    LearnedPositionalEncoding,
+    MultiHeadAttention,
+    RotaryEmbedding,
+    SinusoidalPositionalEncoding,
+)
 from attention.positional import sinusoid_table
 
 
@@ -97,3 +104,30 @@ def test_rotary_with_base_100_written_out():
     c1, s1, c2, s2 = math.cos(5), math.sin(5), math.cos(0.5), math.sin(0.5)
     expected = torch.tensor([1 * c1 - 3 * s1, 2 * c2 - 4 * s2, 3 * c1 + 1 * s1, 4 * c2 + 2 * s2])
     torch.testing.assert_close(RotaryEmbedding(4, base=100.0)(x, 5)[0, 0, 0], expected)
+
+
+def test_each_layer_rotates_with_its_own_base():
+    """ModernBERT's layout: global layers with one rotary base, local ones with another;
+    the stack computes each base's angles once and hands each layer its own."""
+    torch.manual_seed(0)
+    encoder = Encoder(16, 2, 3, dropout=0.0, positional="rotary", window=2, global_every=2,
+                      rotary_base=500.0, global_rotary_base=80000.0).eval()
+    assert [layer.self_attn.rotary.base for layer in encoder.layers] == [80000.0, 500.0,
+                                                                         80000.0]
+    x = torch.randn(2, 9, 16)
+    by_hand = x
+    for layer in encoder.layers:  # each layer computing its own angles
+        by_hand = layer(by_hand)
+    assert_close(encoder(x), encoder.norm(by_hand))
+    same_base = Encoder(16, 2, 3, dropout=0.0, positional="rotary", window=2,
+                        global_every=2).eval()
+    same_base.load_state_dict(encoder.state_dict())
+    assert not torch.allclose(same_base(x), encoder(x))
+
+
+def test_rotary_base_arguments_are_checked():
+    with pytest.raises(ValueError, match="rotary_base: expected a positive finite number"):
+        MultiHeadAttention(16, 2, rotary=True, rotary_base=0)
+    with pytest.raises(ValueError, match="global_rotary_base: expected None without "
+                                         "global_every"):
+        Encoder(16, 2, 2, positional="rotary", global_rotary_base=1e5)
