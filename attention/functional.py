@@ -346,7 +346,10 @@ def attend(
         device=q.device,
     )
 
-    mask, empty_rows = _open_empty_rows(mask)
+    if attn_mask is None and key_padding_mask is None and q_len <= k_len:
+        empty_rows = None  # causal and window masks keep each query's own key: no row empty
+    else:
+        mask, empty_rows = _open_empty_rows(mask)
     bias = None if alibi_slopes is None else alibi_bias(alibi_slopes, q_len, k_len, q.dtype)
     if explicit:
         return _explicit_attention(q, k, v, mask, bias, empty_rows, scale, dropout_p,

@@ -15,6 +15,7 @@ from torch.testing import assert_close
 
 from attention import Encoder, EncoderLayer, MultiHeadAttention
 from attention.functional import BACKENDS, attend, attention_backend, sdpa_priority
+from attention.layers import pack_padding
 from attention.multihead import can_use_varlen
 from attention.packing import Packing
 
@@ -230,3 +231,55 @@ def test_varlen_kernel_only_where_it_applies():
             assert not can_use_varlen(cuda, bf16, 64, **plain)
     with mock.patch("torch.cuda.get_device_capability", return_value=(7, 5)):  # T4
         assert not can_use_varlen(cuda, bf16, 64, **plain)
+
+
+@pytest.mark.parametrize("variant", [
+    {}, {"positional": "rotary"}, {"positional": "rotary", "window": 5, "n_kv_heads": 1},
+    {"alibi": True, "window": (3, 0)}])
+def test_long_padded_sequences_attend_one_at_a_time_as_if_alone(variant):
+    """Sequences averaging SEQUENCE_BY_SEQUENCE_MIN_TOKENS real tokens or more attend one at
+    a time on the CPU (no padded keys, no padding mask): each row, right- or left-padded,
+    gives what it gives encoded alone, and the padded layout's path agrees."""
+    from attention.multihead import SEQUENCE_BY_SEQUENCE_MIN_TOKENS as MIN
+
+    torch.manual_seed(0)
+    encoder = Encoder(D, H, 2, dropout=0.0, **{"positional": "sinusoidal", **variant}).eval()
+    length = 2 * MIN
+    x = torch.randn(3, length, D)
+    mask = torch.zeros(3, length, dtype=torch.bool)
+    mask[1, length - 40:] = True  # right padding
+    mask[2, :25] = True  # left padding
+    with torch.no_grad(), mock.patch.object(
+            MultiHeadAttention, "_sequence_by_sequence_attention",
+            autospec=True, side_effect=MultiHeadAttention._sequence_by_sequence_attention
+    ) as one_at_a_time:
+        out = encoder(x, key_padding_mask=mask)
+        assert one_at_a_time.call_count == 2  # once per layer
+    with torch.no_grad():
+        padded = encoder(x, key_padding_mask=as_float(mask))
+    real = ~mask
+    assert_close(out[real], padded[real], atol=1e-5, rtol=1e-5)
+    assert (out[mask] == 0).all()
+    if "positional" in variant:  # positions inside attention only: a row alone is the same
+        with torch.no_grad():
+            alone = encoder(x[1:2, : length - 40])
+        assert_close(out[1, : length - 40], alone[0], atol=1e-5, rtol=1e-5)
+
+
+def test_short_or_holed_sequences_keep_the_padded_layout():
+    torch.manual_seed(0)
+    encoder = Encoder(D, H, 1, dropout=0.0).eval()
+    with mock.patch.object(MultiHeadAttention, "_sequence_by_sequence_attention") as spy:
+        encoder(torch.randn(4, 7, D), key_padding_mask=ragged_mask())  # short, a hole
+        assert not spy.called
+
+
+def test_a_mask_with_nothing_padded_runs_as_no_mask():
+    torch.manual_seed(0)
+    encoder = Encoder(D, H, 2, dropout=0.0).eval()
+    x = torch.randn(2, 9, D)
+    with torch.no_grad(), mock.patch("attention.models.pack_padding",
+                                     wraps=pack_padding) as packing:
+        out = encoder(x, key_padding_mask=torch.zeros(2, 9, dtype=torch.bool))
+        assert packing.call_args.args[0] is None
+    assert torch.equal(out, encoder(x))
