@@ -9,7 +9,13 @@ from typing import Any, Literal
 import torch
 from torch import Tensor, nn
 
-from ._checks import check_positive_int, check_size, check_tensor, shape_of
+from ._checks import (
+    check_positive_int,
+    check_positive_number,
+    check_size,
+    check_tensor,
+    shape_of,
+)
 from .decoding import beam_search, greedy_search
 from .inference import prepared_for_inference
 from .layers import DecoderLayer, EncoderLayer, build_norm, pack_padding
@@ -63,9 +69,12 @@ class _LayerStack(nn.Module):
             if window is None:
                 raise ValueError(f"global_every: expected None without a window (the other "
                                  f"layers attend within it), got {global_every}")
-        if global_rotary_base is not None and global_every is None:
-            raise ValueError(f"global_rotary_base: expected None without global_every (it is "
-                             f"the rotary base of the global layers), got {global_rotary_base}")
+        if global_rotary_base is not None:
+            check_positive_number("global_rotary_base", global_rotary_base)
+            if global_every is None or positional != "rotary":
+                raise ValueError(f"global_rotary_base: expected None without global_every "
+                                 f"and positional='rotary' (it is the rotary base of the "
+                                 f"global layers), got {global_rotary_base}")
         self.global_every = global_every
         self.window = check_window(window)  # what the windowed layers have (introspection)
 

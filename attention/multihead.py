@@ -611,15 +611,27 @@ class MultiHeadAttention(nn.Module):
             raise ValueError("attn_mask: expected None with packed documents (a mask over a "
                              "row's positions does not carry over to its documents), got a "
                              "tensor of shape " + shape_of(attn_mask))
-        q, k, v = self._split_heads(packing.to_sequences(qkv), "b n (h d) -> b h n d")
+        out = self._attend_rows(packing.to_sequences(qkv), is_causal, dropout_p,
+                                rotary_cos_sin, attn_mask=self._heads_mask(
+                                    attn_mask, packing.sequences),
+                                key_padding_mask=packing.attention_padding_mask)
+        return self.out_proj(packing.from_sequences(out)), None
+
+    def _attend_rows(self, qkv: Tensor, is_causal: bool, dropout_p: float,
+                     rotary_cos_sin: tuple[Tensor, Tensor] | None,
+                     **masks: Tensor | None) -> Tensor:
+        """Self-attention over rows of :meth:`project_qkv`'s output, ``(b, n, ·)`` →
+        ``(b, n, d_model)`` before ``out_proj``: heads split, QK-norm, rotary from position
+        0, :func:`attend` with ``masks`` and this module's variants."""
+        q, k, v = self._split_heads(qkv, "b n (h d) -> b h n d")
         q, k = self._normalize(q, k)
         if self.rotary is not None:
-            q, k = self._rotate(q, k, 0, rotary_cos_sin)
-        out, _ = attend(q, k, v, attn_mask=self._heads_mask(attn_mask, packing.sequences),
-                        key_padding_mask=packing.attention_padding_mask, is_causal=is_causal,
-                        dropout_p=dropout_p, **self._variants())
-        return self.out_proj(packing.from_sequences(rearrange(out, "b h n d -> b n (h d)"))), \
-            None
+            angles = None if rotary_cos_sin is None else (
+                rotary_cos_sin[0][: q.shape[-2]], rotary_cos_sin[1][: q.shape[-2]])
+            q, k = self._rotate(q, k, 0, angles)
+        out, _ = attend(q, k, v, is_causal=is_causal, dropout_p=dropout_p, **masks,
+                        **self._variants())
+        return rearrange(out, "b h n d -> b n (h d)")
 
     def _attends_sequence_by_sequence(self, qkv: Tensor, packing: Packing,
                                       attn_mask: Tensor | None) -> bool:
@@ -642,19 +654,8 @@ class MultiHeadAttention(nn.Module):
         angles, windows and ALiBi depend only on distances, so this equals the padded
         layout's result. Then ``out_proj``: ``(t, d_model)``."""
         lengths = (packing.cu_seqlens[1:] - packing.cu_seqlens[:-1]).tolist()
-        outputs = []
-        for part in qkv.split(lengths):
-            if part.shape[0] == 0:
-                continue
-            q, k, v = self._split_heads(part.unsqueeze(0), "b n (h d) -> b h n d")
-            q, k = self._normalize(q, k)
-            if self.rotary is not None:
-                angles = None if rotary_cos_sin is None else tuple(
-                    a[: part.shape[0]] for a in rotary_cos_sin)
-                q, k = self._rotate(q, k, 0, angles)
-            out, _ = attend(q, k, v, is_causal=is_causal, dropout_p=dropout_p,
-                            **self._variants())
-            outputs.append(rearrange(out, "b h n d -> (b n) (h d)"))
+        outputs = [self._attend_rows(part[None], is_causal, dropout_p, rotary_cos_sin)[0]
+                   for part in qkv.split(lengths) if part.shape[0]]
         return self.out_proj(torch.cat(outputs) if outputs else qkv.new_zeros(
             0, self.d_model))
 

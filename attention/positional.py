@@ -11,6 +11,8 @@ Letter key: ``b`` batch, ``h`` heads, ``n`` length, ``d`` features.
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
 import torch
 from torch import Tensor, nn
 
@@ -156,8 +158,20 @@ class RotaryEmbedding(nn.Module):
         if d_head % 2:
             raise ValueError(f"d_head: rotary embeddings need an even d_head, got {d_head}")
         self.base = check_positive_number("base", base)
-        inv_freq = base ** (-torch.arange(0, d_head, 2, dtype=torch.float32) / d_head)
-        self.register_buffer("inv_freq", inv_freq, persistent=False)
+        self.register_buffer("inv_freq", self._inverse_frequencies(None), persistent=False)
+
+    def _inverse_frequencies(self, device: torch.device | None) -> Tensor:
+        """``base^(-2k/d_head)``, ``(d_head / 2,)``, in float32."""
+        exponents = torch.arange(0, self.d_head, 2, dtype=torch.float32, device=device)
+        return self.base ** (-exponents / self.d_head)
+
+    def _apply(self, fn: Callable[[Tensor], Tensor], recurse: bool = True) -> RotaryEmbedding:
+        """``.to(dtype)``, ``.half()``, … leave the frequencies in float32: in bfloat16 a
+        position of 8,000 would be off by about half a radian."""
+        super()._apply(fn, recurse)
+        if self.inv_freq.dtype != torch.float32:
+            self.inv_freq = self._inverse_frequencies(self.inv_freq.device)
+        return self
 
     def cos_sin(self, length: int, offset: int = 0) -> tuple[Tensor, Tensor]:
         """The cos and sin of the rotation angles of positions ``offset … offset + length -

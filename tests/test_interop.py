@@ -325,3 +325,60 @@ def test_importing_the_package_does_not_import_transformers():
     done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
                           check=True)
     assert done.stdout.strip() == "False"
+
+
+def test_token_types_reach_bert_and_are_checked():
+    torch.manual_seed(0)
+    theirs = transformers.BertModel(bert_config(type_vocab_size=2)).eval()
+    ours = from_transformers(theirs)
+    ids, mask = padded_batch()
+    types = (torch.arange(40) >= 20).long().expand(3, -1)
+    with torch.no_grad():
+        assert_equal_at_real_positions(
+            ours(ids, mask, types),
+            theirs(input_ids=ids, attention_mask=mask, token_type_ids=types).last_hidden_state,
+            mask)
+    with pytest.raises(ValueError, match="token_type_ids: expected integer ids of the shape"):
+        ours(ids, mask, types[:, :5])
+    modern = from_transformers(transformers.ModernBertModel(modernbert_config()))
+    with pytest.raises(ValueError, match="token_type_ids: expected None"):
+        modern(ids, mask, types)
+
+
+def test_half_precision_conversion_keeps_rotary_frequencies_in_float32():
+    ours = from_transformers(transformers.ModernBertForSequenceClassification(
+        modernbert_config(classifier_pooling="mean")).to(torch.bfloat16))
+    assert next(ours.parameters()).dtype == torch.bfloat16
+    assert {layer.self_attn.rotary.inv_freq.dtype
+            for layer in ours.encoder.encoder.layers} == {torch.float32}
+    ids, _ = padded_batch()
+    assert ours(ids).dtype == torch.bfloat16  # mean pooling without a mask stays in bf16
+
+
+def test_a_head_without_its_norm_is_refused_by_name():
+    ours = from_transformers(transformers.ModernBertForMaskedLM(modernbert_config()))
+    ours.head.norm = None
+    with pytest.raises(ValueError, match="expected head.norm, got None"):
+        to_transformers(ours)
+
+
+def test_registered_attention_reads_a_4d_mask_as_sdpa_does():
+    """A 4-D boolean mask a user passes goes to the attention function as given, in SDPA's
+    meaning (True = may attend): ours equals transformers' SDPA on it."""
+    implementation = register_with_transformers()
+    torch.manual_seed(0)
+    sdpa = transformers.LlamaModel._from_config(
+        copy.deepcopy(decoder_configs()["llama-gqa"][1]), attn_implementation="sdpa").eval()
+    ours = transformers.LlamaModel._from_config(
+        copy.deepcopy(decoder_configs()["llama-gqa"][1]),
+        attn_implementation=implementation).eval()
+    ours.load_state_dict(sdpa.state_dict())
+    ids, _ = padded_batch(10)
+    allowed = torch.ones(10, 10, dtype=torch.bool).tril()
+    allowed[:, 0] = False  # nobody sees the first token
+    allowed[0, 0] = True
+    mask = allowed.expand(3, 1, 10, 10)
+    with torch.no_grad():
+        assert_close(ours(input_ids=ids, attention_mask=mask).last_hidden_state,
+                     sdpa(input_ids=ids, attention_mask=mask).last_hidden_state,
+                     atol=1e-4, rtol=1e-4)

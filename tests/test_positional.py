@@ -131,3 +131,19 @@ def test_rotary_base_arguments_are_checked():
     with pytest.raises(ValueError, match="global_rotary_base: expected None without "
                                          "global_every"):
         Encoder(16, 2, 2, positional="rotary", global_rotary_base=1e5)
+
+
+def test_rotary_frequencies_stay_float32_in_half_precision_models():
+    encoder = Encoder(16, 2, 1, positional="rotary").to(torch.bfloat16)
+    rotary = encoder.layers[0].self_attn.rotary
+    assert rotary.inv_freq.dtype == torch.float32
+    assert torch.equal(rotary.inv_freq, RotaryEmbedding(8).inv_freq)
+
+
+def test_global_rotary_base_is_checked_by_its_name():
+    with pytest.raises(ValueError, match="global_rotary_base: expected a positive finite"):
+        Encoder(16, 2, 2, positional="rotary", window=2, global_every=2,
+                global_rotary_base=-1.0)
+    with pytest.raises(ValueError, match="global_rotary_base: expected None without "
+                                         "global_every and positional='rotary'"):
+        Encoder(16, 2, 2, window=2, global_every=2, global_rotary_base=1e5)

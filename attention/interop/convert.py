@@ -41,7 +41,7 @@ from torch import nn
 from ..layers import ACTIVATIONS, GLU_ACTIVATIONS
 from ..models import Encoder
 from .encoders import (
-    HEAD_ACTIVATIONS,
+    TRANSFORMERS_ACTIVATIONS,
     MaskedLanguageModel,
     PredictionHead,
     PretrainedEncoder,
@@ -54,9 +54,7 @@ __all__ = ["from_transformers", "import_transformers", "to_transformers"]
 SUPPORTED = ("BertModel", "BertForMaskedLM", "BertForSequenceClassification",
              "ModernBertModel", "ModernBertForMaskedLM", "ModernBertForSequenceClassification")
 # transformers' activation names and ours (attention.layers.ACTIVATIONS / GLU_ACTIVATIONS).
-FEED_FORWARD_ACTIVATIONS = {"gelu": "gelu", "gelu_new": "gelu_tanh",
-                            "gelu_pytorch_tanh": "gelu_tanh", "relu": "relu", "silu": "silu",
-                            "swish": "silu"}
+FEED_FORWARD_ACTIVATIONS = TRANSFORMERS_ACTIVATIONS
 GATED_ACTIVATIONS = {"gelu": "geglu", "silu": "swiglu", "swish": "swiglu"}
 
 
@@ -492,8 +490,11 @@ def activation_name(feed_forward: nn.Module, names: dict[str, str],
 
 def masked_lm_config(module: MaskedLanguageModel, prefix: str) -> dict[str, Any]:
     tied = module.decoder.weight is module.encoder.embeddings.word.weight
+    if module.head.norm is None:
+        raise ValueError("module: the MLM head of BERT and ModernBERT ends with a LayerNorm; "
+                         "expected head.norm, got None")
     if prefix == "Bert":  # its head's activation is the feed-forward's, hidden_act
-        if HEAD_ACTIVATIONS[module.head.activation] is not HEAD_ACTIVATIONS[
+        if FEED_FORWARD_ACTIVATIONS.get(module.head.activation) != FEED_FORWARD_ACTIVATIONS[
                 bert_config(module.encoder)["hidden_act"]]:
             raise ValueError(f"module: BERT's MLM head has the feed-forward's activation; "
                              f"expected it, got {module.head.activation!r}")
@@ -513,6 +514,9 @@ def classifier_config(module: SequenceClassifier, prefix: str) -> dict[str, Any]
                              "dense + tanh; expected pooling='cls', "
                              "PredictionHead(d_model, 'tanh')")
         return fields
+    if module.head.norm is None:
+        raise ValueError("module: ModernBERT's classifier head ends with a LayerNorm; "
+                         "expected head.norm, got None")
     return {**fields, "classifier_pooling": module.pooling,
             "classifier_activation": module.head.activation,
             "classifier_bias": module.head.dense.bias is not None}

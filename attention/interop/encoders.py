@@ -10,31 +10,25 @@ positions get what the unpadded sequence gives, padded positions get zeros.
 
 from __future__ import annotations
 
-from functools import partial
-
 import torch
-import torch.nn.functional as F
 from torch import Tensor, nn
 
 from .._checks import check_choice, check_positive_int, shape_of
-from ..layers import layer_norm
+from ..layers import ACTIVATIONS, layer_norm
 from ..models import Encoder
 
-__all__ = ["HEAD_ACTIVATIONS", "MaskedLanguageModel", "PredictionHead", "PretrainedEncoder",
-           "SequenceClassifier", "TokenEmbeddings"]
+__all__ = ["HEAD_ACTIVATIONS", "TRANSFORMERS_ACTIVATIONS", "MaskedLanguageModel",
+           "PredictionHead", "PretrainedEncoder", "SequenceClassifier", "TokenEmbeddings"]
 
 ARCHITECTURES = ("bert", "modernbert")
 POOLINGS = ("cls", "mean")
-# The activations of the heads: transformers' names, and the function each means.
-HEAD_ACTIVATIONS = {
-    "gelu": F.gelu,
-    "gelu_new": partial(F.gelu, approximate="tanh"),
-    "gelu_pytorch_tanh": partial(F.gelu, approximate="tanh"),
-    "relu": F.relu,
-    "silu": F.silu,
-    "swish": F.silu,
-    "tanh": torch.tanh,
-}
+# transformers' activation names, and ours (attention.layers.ACTIVATIONS) for each.
+TRANSFORMERS_ACTIVATIONS = {"gelu": "gelu", "gelu_new": "gelu_tanh",
+                            "gelu_pytorch_tanh": "gelu_tanh", "relu": "relu", "silu": "silu",
+                            "swish": "silu"}
+# The heads' activations, by transformers' name (BERT's pooler: tanh).
+HEAD_ACTIVATIONS = {**{name: ACTIVATIONS[ours] for name, ours in
+                       TRANSFORMERS_ACTIVATIONS.items()}, "tanh": torch.tanh}
 
 
 class TokenEmbeddings(nn.Module):
@@ -71,8 +65,14 @@ class TokenEmbeddings(nn.Module):
                                  f"positions (the learned position table), got {length}")
             x = x + self.position(torch.arange(length, device=input_ids.device))
         if self.token_type is not None:
-            x = x + self.token_type(torch.zeros_like(input_ids) if token_type_ids is None
-                                    else token_type_ids)
+            if token_type_ids is None:
+                token_type_ids = torch.zeros_like(input_ids)
+            elif not isinstance(token_type_ids, Tensor) or token_type_ids.shape != \
+                    input_ids.shape or token_type_ids.dtype.is_floating_point:
+                raise ValueError(f"token_type_ids: expected integer ids of the shape of "
+                                 f"input_ids {shape_of(input_ids)}, got "
+                                 f"{described(token_type_ids)}")
+            x = x + self.token_type(token_type_ids)
         elif token_type_ids is not None:
             raise ValueError("token_type_ids: expected None, as this model has no token type "
                              "embeddings")
@@ -116,10 +116,8 @@ class PretrainedEncoder(nn.Module):
                 token_type_ids: Tensor | None = None) -> Tensor:
         if not isinstance(input_ids, Tensor) or input_ids.dim() != 2 \
                 or input_ids.dtype.is_floating_point or input_ids.dtype == torch.bool:
-            got = (f"{input_ids.dtype} {shape_of(input_ids)}" if isinstance(input_ids, Tensor)
-                   else type(input_ids).__name__)
             raise ValueError(f"input_ids: expected integer token ids (batch, length), got "
-                             f"{got}")
+                             f"{described(input_ids)}")
         padding = padding_of(attention_mask, input_ids)
         x = self.embeddings(input_ids, token_type_ids)
         return self.encoder(x, key_padding_mask=padding)
@@ -132,12 +130,17 @@ def padding_of(attention_mask: Tensor | None, input_ids: Tensor) -> Tensor | Non
         return None
     if not isinstance(attention_mask, Tensor) or attention_mask.dtype.is_floating_point \
             or tuple(attention_mask.shape) != tuple(input_ids.shape):
-        got = (f"{attention_mask.dtype} {shape_of(attention_mask)}"
-               if isinstance(attention_mask, Tensor) else type(attention_mask).__name__)
         raise ValueError(f"attention_mask: expected an integer or boolean tensor of the "
                          f"shape of input_ids {shape_of(input_ids)}, 1 at real tokens and 0 "
-                         f"at padding, got {got}")
+                         f"at padding, got {described(attention_mask)}")
     return attention_mask == 0
+
+
+def described(value: object) -> str:
+    """``dtype (shape)`` of a tensor, the type's name of anything else: for errors."""
+    if isinstance(value, Tensor):
+        return f"{value.dtype} {shape_of(value)}"
+    return type(value).__name__
 
 
 class PredictionHead(nn.Module):
@@ -190,6 +193,8 @@ class SequenceClassifier(nn.Module):
     """A :class:`PretrainedEncoder` with a classification head
     (``...ForSequenceClassification``): the sequence is pooled (its first token, ``"cls"``,
     or the mean of its real tokens, ``"mean"``), then ``classifier(dropout(head(pooled)))``.
+    ``"cls"`` reads position 0: with left padding that is padding, zeros here (transformers
+    reads the vector it computed there), so pad on the right, as BERT's tokenizers do.
 
     Shape:
         input_ids, attention_mask: ``(batch, length)`` → ``(batch, n_labels)``.
@@ -211,7 +216,7 @@ class SequenceClassifier(nn.Module):
         if self.pooling == "cls":
             pooled = hidden[:, 0]
         else:
-            real = (torch.ones(hidden.shape[:2], device=hidden.device) if attention_mask is None
+            real = (hidden.new_ones(hidden.shape[:2]) if attention_mask is None
                     else (attention_mask != 0).to(hidden.dtype)).unsqueeze(-1)
             # (a row of padding only pools to zeros, not NaN)
             pooled = (hidden * real).sum(1) / real.sum(1).clamp_min(1)

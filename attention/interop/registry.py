@@ -9,11 +9,13 @@ ModernBERT, Llama, Qwen, Mistral, …) runs its attention through :func:`attenti
     register_with_transformers()
     model = AutoModel.from_pretrained(path, attn_implementation="attention_blocks")
 
-The masks arrive as :func:`attend` reads them: the pattern transformers would give SDPA
-(padding, causal, sliding windows, packed documents), as a boolean mask where ``True``
-means "may not attend"; ``None`` where none is needed (a causal mask then becomes
-``is_causal``). Grouped-query heads are read in place (no repeated keys), a softcap is
-applied, and a query with no key left gets zeros, not NaN.
+The masks are the ones transformers builds for SDPA (padding, causal, sliding windows,
+packed documents: a boolean mask, ``True`` where a query may attend, or ``None`` where none
+is needed, a causal one then becoming ``is_causal``); a 4-D mask a user passes arrives as
+given, in the same convention. :func:`attention_forward` turns a boolean mask into ours
+(``True`` = may not attend) at that boundary, as :func:`attend` does for SDPA, and adds a
+float mask to the scores. Grouped-query heads are read in place (no repeated keys), a
+softcap is applied, and a query with no key left gets zeros, not NaN.
 """
 
 from __future__ import annotations
@@ -26,35 +28,27 @@ from torch import Tensor, nn
 from ..functional import attend
 from .convert import import_transformers
 
-__all__ = ["ATTENTION_IMPLEMENTATION", "attention_forward", "attention_mask",
-           "register_with_transformers"]
+__all__ = ["ATTENTION_IMPLEMENTATION", "attention_forward", "register_with_transformers"]
 
 ATTENTION_IMPLEMENTATION = "attention_blocks"
 
 
 def register_with_transformers(name: str = ATTENTION_IMPLEMENTATION) -> str:
-    """Register our attention and its mask function with transformers under ``name``, and
-    return ``name``: pass it as ``attn_implementation=`` to ``from_pretrained`` or
-    ``from_config``, or to ``model.set_attn_implementation``. Registering again is
-    harmless."""
+    """Register our attention, and SDPA's mask function for it, with transformers under
+    ``name``, and return ``name``: pass it as ``attn_implementation=`` to
+    ``from_pretrained`` or ``from_config``, or to ``model.set_attn_implementation``.
+    Registering again is harmless.
+
+    The mask function must be registered too: for a name it does not know, transformers
+    builds no mask at all, and padding would be attended."""
     if not isinstance(name, str) or not name:
         raise ValueError(f"name: expected a non-empty string, got {name!r}")
     transformers = import_transformers()
-    from transformers.masking_utils import AttentionMaskInterface
+    from transformers.masking_utils import AttentionMaskInterface, sdpa_mask
 
     transformers.AttentionInterface.register(name, attention_forward)
-    AttentionMaskInterface.register(name, attention_mask)
+    AttentionMaskInterface.register(name, sdpa_mask)
     return name
-
-
-def attention_mask(*args: Any, **kwargs: Any) -> Tensor | None:
-    """transformers' mask function for ``attention_blocks``: SDPA's boolean mask (``True`` =
-    attend), or ``None`` where SDPA needs none, turned into ours (``True`` = may not
-    attend)."""
-    from transformers.masking_utils import sdpa_mask
-
-    mask = sdpa_mask(*args, **kwargs)
-    return None if mask is None else ~mask
 
 
 def attention_forward(
@@ -74,14 +68,16 @@ def attention_forward(
 
     Shapes:
         query ``(b, h, i, d)``; key, value ``(b, h_kv, j, d)``; attention_mask ``(b | 1,
-        1 | h, i, j)`` (a boolean from :func:`attention_mask`, ``True`` = may not attend, or
-        a float added to the scores) → ``((b, i, h, d), None)``.
+        1 | h, i, j)``, boolean (SDPA's: ``True`` = may attend) or float (added to the
+        scores) → ``((b, i, h, d), None)``.
     """
     if kwargs.get("s_aux") is not None:
         raise NotImplementedError("s_aux: attention sinks are not supported by "
                                   "attn_implementation='attention_blocks'")
     if attention_mask is not None:
         attention_mask = attention_mask[..., : key.shape[-2]]
+        if attention_mask.dtype == torch.bool:
+            attention_mask = ~attention_mask  # SDPA's convention to ours: True = may not
     is_causal = getattr(module, "is_causal", True) if is_causal is None else is_causal
     is_causal = query.shape[2] > 1 and attention_mask is None and bool(is_causal)
     if is_causal and key.shape[-2] > query.shape[2]:
