@@ -85,8 +85,9 @@ def test_the_dry_run_on_the_cpu_runs_every_part_and_writes_eight_plain_files(tmp
 
 def test_a_part_out_of_time_is_stopped_recorded_and_the_next_part_runs(tmp_path, monkeypatch,
                                                                        capsys):
-    # 2 s: the dry run's long part takes about 4 s on the 2-core CPU, so it cannot finish.
-    monkeypatch.setitem(gpu_check.PARTS, "long", gpu_check.Part("long", 2, 1, "long, cut short"))
+    # 1 s: the dry run's long part takes about 2 s on the 2-core CPU (4 s before the local
+    # attention and mask work of issue 28; a budget of 2 s then let it finish at times).
+    monkeypatch.setitem(gpu_check.PARTS, "long", gpu_check.Part("long", 1, 1, "long, cut short"))
     out = tmp_path / "results"
     assert gpu_check.main([str(out), "--dry-run-cpu", "--parts", "long,tests"]) == 1
     summary = (out / "summary.md").read_text()
