@@ -283,3 +283,22 @@ def test_a_mask_with_nothing_padded_runs_as_no_mask():
         out = encoder(x, key_padding_mask=torch.zeros(2, 9, dtype=torch.bool))
         assert packing.call_args.args[0] is None
     assert torch.equal(out, encoder(x))
+
+
+def test_long_inputs_without_autograd_project_q_k_v_separately():
+    """At least d_model rows without autograd: three products instead of stacking the three
+    weights; the same results as the stacked product, and hooks on a projection still run."""
+    torch.manual_seed(0)
+    attention = MultiHeadAttention(D, H).eval()
+    x = torch.randn(2, D, D)  # 2·D rows
+    with torch.no_grad(), mock.patch.object(MultiHeadAttention, "project_qkv",
+                                            autospec=True) as stacked:
+        separate, _ = attention(x)
+        assert not stacked.called
+    stacked_out, _ = attention(x)  # autograd on: the stacked product
+    assert_close(separate, stacked_out)
+    seen = []
+    attention.k_proj.register_forward_hook(lambda module, args, out: seen.append(out.shape))
+    with torch.no_grad():
+        attention(x)
+    assert seen == [torch.Size([2, D, D])]
