@@ -1,5 +1,5 @@
 # Two commands for a fresh clone: `make test` (the whole suite) and `make train`
-# (the toy translation demo: trains, prints test scores, writes runs/toy_translation/). Everything is installed into .venv from
+# (the toy translation demo: trains, prints test scores, writes runs/toy_translation/version_N/, a new N each run). Everything is installed into .venv from
 # this repository's own files; torch is pinned in constraints.txt so pip takes
 # the CPU build instead of a multi-GB CUDA one.
 PYTHON ?= python3

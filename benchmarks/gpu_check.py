@@ -137,6 +137,7 @@ def train_overrides(work: Path, dry_run: bool, seconds: int) -> tuple[str, list[
 
 def part_train(out: Path, work: Path, dry_run: bool, seconds: int) -> int:
     from attention.translation.config import load_config
+    from attention.translation.runs import run_versions
     from attention.translation.training import train
 
     path, overrides = train_overrides(work, dry_run, seconds)
@@ -144,10 +145,12 @@ def part_train(out: Path, work: Path, dry_run: bool, seconds: int) -> int:
     print(f"gpu-check: {path} " + " ".join(overrides))
     try:
         train(config, progress_bar=False)
-    finally:
+    finally:  # from the run's folder (the newest version_N), also when it failed
+        versions = run_versions(config.run_path)
+        run = versions[-1][1] if versions else config.run_path
         for name in ("metrics.jsonl", "results.json"):
-            if (config.run_path / name).is_file():
-                shutil.copyfile(config.run_path / name, out / f"train-{name}")
+            if (run / name).is_file():
+                shutil.copyfile(run / name, out / f"train-{name}")
     return 0
 
 

@@ -39,6 +39,7 @@ from attention.translation.checkpoint import (
 from attention.translation.data import load_splits
 from attention.translation.files import write_text_atomic
 from attention.translation.metrics import corpus_scores
+from attention.translation.runs import latest_run
 from attention.translation.translator import Translator
 
 SCORES = ("bleu", "chrf", "ter")
@@ -57,6 +58,7 @@ def score(translator: Translator, pairs: Sequence[Any], beam: int, penalty: floa
 
 def measure(run: Path, averages: list[int], beams: list[int], penalties: list[float]
             ) -> dict[str, Any]:
+    run = latest_run(run) or run  # runs/NAME: its latest run (version_N)
     numbered = numbered_checkpoints(run)
     if not numbered:
         raise SystemExit(f"{run}: no numbered checkpoints (train.keep_last) to average")

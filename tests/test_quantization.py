@@ -19,6 +19,7 @@ from attention.inference import prepared_for_inference
 from attention.models import Transformer
 from attention.multihead import MultiHeadAttention
 from attention.quantization import quantize_dynamic
+from attention.translation.runs import latest_run
 
 ROOT = Path(__file__).resolve().parents[1]
 VOCAB = 32
@@ -208,7 +209,7 @@ def checkpoint(tmp_path_factory):
         "train.max_steps=2", "train.eval_every=1000", "eval.val_sentences=2",
         "model.d_model=16", "model.n_heads=2", "model.d_ff=32"])
     train(config, progress_bar=False, log=lambda message: None)
-    return config.run_path / "checkpoint_best.pt"
+    return latest_run(config.run_path) / "checkpoint_best.pt"
 
 
 def test_benchmark_translates_both_ways_and_writes_both_reports(checkpoint, tmp_path):

@@ -27,9 +27,10 @@ def train_main(argv: list[str] | None = None) -> int:
     parser.add_argument("--config", required=True, help="YAML file with model/data/train/eval")
     parser.add_argument("overrides", nargs="*", metavar="section.key=value",
                         help="override config values, e.g. train.max_minutes=5")
-    parser.add_argument("--resume", action="store_true",
-                        help="continue from checkpoint_last.pt in the run's folder "
-                             "(train.run_dir/NAME)")
+    parser.add_argument("--resume", nargs="?", const=True, default=False, metavar="RUN_FOLDER",
+                        help="continue the latest run in train.run_dir/NAME (each run has a "
+                             "folder version_N there; a new run never replaces one), or the "
+                             "run folder given, from its checkpoint_last.pt")
     args = parser.parse_intermixed_args(argv)
     from .distributed import environment_world_size
 
@@ -83,7 +84,8 @@ def translate_main(argv: list[str] | None = None) -> int:
                     "with --nbest/--scores the lines 'index ||| translation ||| score' "
                     "(fairseq's and Marian's n-best layout; index counts sentences from 0).")
     model = parser.add_mutually_exclusive_group(required=True)
-    model.add_argument("--checkpoint", help="checkpoint_best.pt of a run")
+    model.add_argument("--checkpoint", help="a checkpoint, or a run folder: runs/NAME means its "
+                                            "latest run's averaged (else best) checkpoint")
     model.add_argument("--model", help="a model folder written by attention-export")
     parser.add_argument("sentences", nargs="*", help="sentences; none: read standard input")
     parser.add_argument("--beam-size", type=int, default=None, help="1 is greedy search")
@@ -128,11 +130,13 @@ def translate_main(argv: list[str] | None = None) -> int:
         sampling = {"do_sample": True, **{key: value for key, value in given_options.items()
                                           if value is not None}}
 
+    from .runs import model_checkpoint
     from .translator import Translator
 
     try:
         if args.checkpoint is not None:
-            translator = Translator.from_checkpoint(args.checkpoint, device=args.device)
+            translator = Translator.from_checkpoint(
+                model_checkpoint(args.checkpoint), device=args.device)
         else:
             translator = Translator.from_pretrained(args.model, device=args.device)
         if args.int8:
@@ -182,7 +186,9 @@ def plot_attention_main(argv: list[str] | None = None) -> int:
         prog="attention-plot-attention",
         description="Translate a sentence and draw its encoder self-attention and decoder "
                     "cross-attention, one panel per layer and head.")
-    parser.add_argument("--checkpoint", required=True)
+    parser.add_argument("--checkpoint", required=True,
+                        help="a checkpoint, or a run folder: runs/NAME means its latest run's "
+                             "averaged (else best) checkpoint")
     parser.add_argument("sentence")
     parser.add_argument("--out", type=Path, default=Path("attention_plots"),
                         help="folder for attention_encoder.png and attention_cross.png")
@@ -192,10 +198,12 @@ def plot_attention_main(argv: list[str] | None = None) -> int:
         parser.error("sentence: expected a sentence to translate, got an empty one")
 
     from .plotting import plot_attention_grid
+    from .runs import model_checkpoint
     from .translator import Translator
 
     try:
-        translator = Translator.from_checkpoint(args.checkpoint, device=args.device)
+        translator = Translator.from_checkpoint(model_checkpoint(args.checkpoint),
+                                                device=args.device)
     except (OSError, ValueError) as error:  # missing, unreadable, or not a whole checkpoint
         return _fail(str(error), 2)
     attention = translator.attention(args.sentence)
@@ -221,9 +229,11 @@ def export_main(argv: list[str] | None = None) -> int:
         description="Write a trained checkpoint as a model folder (safetensors weights, JSON "
                     "config and tokenizers; load with Translator.from_pretrained) or as a "
                     "CTranslate2 model folder.",
-        epilog="Example: attention-export --checkpoint runs/toy_translation/checkpoint_best.pt "
+        epilog="Example: attention-export --checkpoint runs/toy_translation "
                "--out toy_ct2 --format ctranslate2 --quantization int8")
-    parser.add_argument("--checkpoint", required=True, help="checkpoint_best.pt of a run")
+    parser.add_argument("--checkpoint", required=True,
+                        help="a checkpoint, or a run folder: runs/NAME means its latest run's "
+                             "averaged (else best) checkpoint")
     parser.add_argument("--out", required=True, type=Path, help="the folder to write")
     parser.add_argument("--format", choices=("folder", "ctranslate2"), default="folder")
     parser.add_argument("--quantization", default=None,
@@ -234,10 +244,11 @@ def export_main(argv: list[str] | None = None) -> int:
         parser.error("--quantization: expected only with --format ctranslate2, got "
                      f"--format {args.format}")
 
+    from .runs import model_checkpoint
     from .translator import Translator
 
     try:
-        translator = Translator.from_checkpoint(args.checkpoint, device="cpu")
+        translator = Translator.from_checkpoint(model_checkpoint(args.checkpoint), device="cpu")
         if args.format == "folder":
             from .export.folder import save_pretrained
 

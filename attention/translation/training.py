@@ -58,6 +58,7 @@ from .data import PAD_ID, Pair, ParallelData, load_splits, token_batches, train_
 from .distributed import Distributed, distributed_session, elastic_restart, shard
 from .metrics import alignment_hits, best_alignment_head, corpus_scores, exact_match
 from .precision import autocast, grad_scaler, precision_name, resolve_precision
+from .runs import new_run, resumed_run, run_versions
 from .translator import Translator, resolve_device
 
 __all__ = ["NonFiniteLossError", "Progress", "Trainer", "TrainingInterrupted", "evaluate",
@@ -372,11 +373,17 @@ def _check_resumable(saved: Config, config: Config) -> None:
                               f"run with another name=... to change it)")
 
 
-def train(config: Config, *, resume: bool = False, progress_bar: bool | None = None,
+def train(config: Config, *, resume: bool | str | Path = False,
+          progress_bar: bool | None = None,
           log: Callable[[str], None] | None = None) -> dict[str, Any]:
-    """Run the training that ``config`` describes; return the test results.
+    """Run the training that ``config`` describes; return the test results (with
+    ``run_dir``, the run's folder).
 
-    Writes under ``config.run_path``: ``config.yaml``, ``metrics.jsonl``,
+    Each run has a folder of its own, ``config.run_path/version_N`` (see
+    :mod:`attention.translation.runs`): a new run never replaces an earlier one. ``resume``
+    continues the latest run there (``True``) or the run folder given.
+
+    Writes in the run's folder: ``config.yaml``, ``metrics.jsonl``,
     ``checkpoint_last.pt``, ``checkpoint_best.pt`` (best validation BLEU), ``curves.png``,
     attention heatmaps of one test sentence and ``results.json``. ``log`` takes the progress
     messages (default: stderr); ``progress_bar`` defaults to whether stderr is a terminal.
@@ -392,12 +399,19 @@ def train(config: Config, *, resume: bool = False, progress_bar: bool | None = N
     """
     with distributed_session(config.train.device, config.train.dist_timeout_minutes) as world:
         log = (log or _write_to_stderr) if world.is_main else _quiet
+        run_dir = None
         if not resume and elastic_restart():
-            # torchrun restarted the run after a failure (--max-restarts): continue it.
-            resume = world.broadcast((config.run_path / "checkpoint_last.pt").is_file())
-            if resume:
-                log("torchrun restarted the processes: resuming from checkpoint_last.pt")
-        trainer = Trainer(config, world, resume=resume, progress_bar=progress_bar, log=log)
+            # torchrun restarted the run after a failure (--max-restarts): continue it, in the
+            # newest run folder (the one that failed), from its checkpoint if it saved one.
+            versions = run_versions(config.run_path) if world.is_main else []
+            newest = world.broadcast(str(versions[-1][1]) if versions else None)
+            if newest is not None and (Path(newest) / "checkpoint_last.pt").is_file():
+                resume = newest
+                log(f"torchrun restarted the processes: resuming {newest}")
+            else:
+                run_dir = newest
+        trainer = Trainer(config, world, resume=resume, run_dir=run_dir,
+                          progress_bar=progress_bar, log=log)
         return trainer.run()
 
 
@@ -427,11 +441,13 @@ class Trainer:
     """
 
     def __init__(self, config: Config, world: Distributed | None = None, *,
-                 resume: bool = False, progress_bar: bool | None = None,
+                 resume: bool | str | Path = False, run_dir: str | Path | None = None,
+                 progress_bar: bool | None = None,
                  log: Callable[[str], None] | None = None) -> None:
         self.started = time.perf_counter()
-        self.config, self.cfg, self.run_dir = config, config.train, config.run_path
+        self.config, self.cfg = config, config.train
         self.world = world or Distributed(device=resolve_device(config.train.device))
+        self.run_dir = self._run_folder(resume, run_dir)
         self.device = self.world.device
         self.autocast_dtype = _train_precision(self.cfg, self.device)
         self.log = log or _quiet
@@ -521,6 +537,25 @@ class Trainer:
         self.train_model = torch.compile(self.replica, dynamic=True) if self.cfg.compile \
             else self.replica
 
+    def _run_folder(self, resume: bool | str | Path, run_dir: str | Path | None) -> Path:
+        """This run's folder, chosen by rank 0 for every rank: ``run_dir`` if given, the run
+        ``resume`` names (:func:`~attention.translation.runs.resumed_run`), or a new
+        ``version_N`` in ``config.run_path``."""
+        if run_dir is not None:
+            return Path(run_dir)
+        chosen: tuple[str | None, str | None] = (None, None)
+        if self.world.is_main:
+            try:
+                folder = resumed_run(self.config.run_path, resume) if resume \
+                    else new_run(self.config.run_path)
+                chosen = (str(folder), None)
+            except FileNotFoundError as error:
+                chosen = (None, str(error))
+        folder, error = self.world.broadcast(chosen)  # every rank raises, or none
+        if error is not None:
+            raise FileNotFoundError(error)
+        return Path(folder)
+
     def _open_run_dir(self, fresh: bool) -> _Metrics | None:
         """Rank 0: the run's folder, its ``config.yaml`` and its metrics file (``None`` on
         the other ranks). A resumed run drops the records past its checkpoint."""
@@ -531,13 +566,9 @@ class Trainer:
             yaml.safe_dump(self.config.to_dict(), sort_keys=False).encode()))
         stale = [path for step, path in numbered_checkpoints(self.run_dir)
                  if fresh or step > self.progress.step]
-        if fresh and (self.run_dir / "checkpoint_last.pt").is_file():
-            self.log(f"starting a new run in {self.run_dir}: its previous files are replaced "
-                     f"(--resume would have continued it)"
-                     + (f"; its {len(stale)} numbered checkpoints are deleted now" if stale
-                        else ""))
-        # Numbered checkpoints this run did not write (a previous run's, or past the step it
-        # resumes from) would be averaged with its own, and an average of them is stale.
+        self.log(f"{'a new run' if fresh else 'resuming the run'} in {self.run_dir}")
+        # Numbered checkpoints this run did not write (past the step it resumes from, or a
+        # restarted run's before its first checkpoint) would be averaged with its own.
         for path in stale:
             path.unlink()
         if self.cfg.average_last:
@@ -951,11 +982,13 @@ class Trainer:
         results.update(checkpoint=scored, **compared)
         results.update(best_step=best["progress"]["step"], steps=self.progress.step,
                        parameters=self.n_params, device=str(self.device),
-                       precision=precision_name(self.autocast_dtype), ranks=self.world.world_size)
+                       precision=precision_name(self.autocast_dtype), ranks=self.world.world_size,
+                       run_dir=str(self.run_dir))
         write_atomic(self.run_dir / "results.json",
                      lambda f: f.write((json.dumps(results, indent=2) + "\n").encode()))
         self._plot_test_attention()
         self.log(_summary(results, time.perf_counter() - self.started))
+        self.log(f"the run's files: {self.run_dir}")
         return results
 
     def _score_test(self) -> dict[str, Any]:

@@ -1,6 +1,6 @@
 """Translate text with a trained model: tokenize, batch, search, detokenize.
 
-``Translator.from_checkpoint("runs/toy_translation/checkpoint_best.pt").translate([...])``
+``Translator.from_checkpoint("runs/toy_translation/version_0/checkpoint_best.pt").translate([...])``
 is the whole use; training uses the same class to score its validation and test splits.
 """
 

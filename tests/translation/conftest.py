@@ -5,6 +5,7 @@ from pathlib import Path
 import pytest
 
 from attention.translation.config import load_config
+from attention.translation.runs import latest_run
 from attention.translation.training import Trainer, train
 from attention.translation.translator import Translator
 
@@ -42,7 +43,7 @@ def checkpoint(tmp_path_factory):
                                 "train.threads=1", "train.max_steps=2", "train.eval_every=1000",
                                 "eval.val_sentences=2", "eval.beam_size=4"])
     train(config, progress_bar=False, log=lambda message: None)
-    return config.run_path / "checkpoint_best.pt"
+    return latest_run(config.run_path) / "checkpoint_best.pt"
 
 
 @pytest.fixture

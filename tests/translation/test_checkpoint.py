@@ -11,6 +11,7 @@ import torch
 from attention.translation.checkpoint import load_checkpoint, save_checkpoint
 from attention.translation.cli import plot_attention_main, translate_main
 from attention.translation.config import load_config
+from attention.translation.runs import latest_run
 from attention.translation.training import train
 from attention.translation.translator import Translator
 
@@ -25,7 +26,7 @@ def checkpoint(tmp_path_factory):
                                 "train.threads=1", "train.max_steps=2", "train.eval_every=1000",
                                 "eval.val_sentences=2"])
     train(config, progress_bar=False, log=lambda message: None)
-    return config.run_path / "checkpoint_best.pt"
+    return latest_run(config.run_path) / "checkpoint_best.pt"
 
 
 def truncated(checkpoint: Path, path: Path, fraction: float) -> Path:

@@ -19,6 +19,7 @@ from hypothesis import strategies as st
 from attention.translation.config import ConfigError, load_config
 from attention.translation.distributed import Distributed, distributed_session, shard
 from attention.translation.plotting import read_metrics
+from attention.translation.runs import latest_run
 from attention.translation.training import train
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -46,7 +47,8 @@ def one_process(run_dir: Path, *overrides: str, resume: bool = False, log=None) 
 
 
 def weights(run: Path) -> dict[str, torch.Tensor]:
-    return torch.load(run / "checkpoint_last.pt", weights_only=True)["model"]
+    """The latest weights of ``run``, a config's ``runs/NAME``: its latest run's."""
+    return torch.load(latest_run(run) / "checkpoint_last.pt", weights_only=True)["model"]
 
 
 def assert_same_weights(a: Path, b: Path) -> None:
@@ -57,7 +59,8 @@ def assert_same_weights(a: Path, b: Path) -> None:
 
 
 def train_records(run: Path) -> dict[int, dict]:
-    return {r["step"]: r for r in read_metrics(run / "metrics.jsonl") if r["kind"] == "train"}
+    return {r["step"]: r for r in read_metrics(latest_run(run) / "metrics.jsonl")
+            if r["kind"] == "train"}
 
 
 @pytest.fixture(scope="module")
@@ -73,7 +76,7 @@ def runs(tmp_path_factory):
 
 
 def test_two_processes_make_the_same_update_as_one_accumulating_the_same_batches(runs):
-    two, one = runs / "two", runs / "one"
+    two, one = latest_run(runs / "two"), latest_run(runs / "one")
     assert_same_weights(two, one)
     records_two, records_one = train_records(two), train_records(one)
     assert records_two.keys() == records_one.keys() == {5, 10, 15, 20}
@@ -90,7 +93,7 @@ def test_two_processes_make_the_same_update_as_one_accumulating_the_same_batches
 
 
 def test_rank_zero_alone_writes_the_run_files(runs):
-    two = runs / "two"
+    two = latest_run(runs / "two")
     records = read_metrics(two / "metrics.jsonl")
     assert [r["step"] for r in records if r["kind"] == "val"] == [10, 20]  # once, not per rank
     assert len([r for r in records if r["kind"] == "train"]) == 4
@@ -146,13 +149,16 @@ def test_after_a_torchrun_restart_the_run_continues_from_its_checkpoint(runs, tm
     assert_same_weights(tmp_path / "one", runs / "straight")
 
 
-def test_a_failing_rank_ends_the_whole_run_with_its_error(tmp_path):
-    # Rank 0 cannot write its checkpoint at the first validation while rank 1 waits for it.
-    (tmp_path / "broken" / "checkpoint_last.pt").mkdir(parents=True)
-    done = torchrun(tmp_path, "name=broken", "train.max_steps=20", timeout=180)
+def test_a_failing_rank_ends_the_whole_run_with_its_error(runs, tmp_path):
+    # Rank 0 cannot draw the curves at the first validation while rank 1 waits for it.
+    shutil.copytree(runs / "two", tmp_path / "broken")
+    curves = latest_run(tmp_path / "broken") / "curves.png"
+    curves.unlink(missing_ok=True)
+    curves.mkdir()
+    done = torchrun(tmp_path, "name=broken", "train.max_steps=30", "--resume", timeout=180)
     assert done.returncode != 0
     assert "IsADirectoryError" in done.stderr
-    assert "checkpoint_last.pt" in done.stderr
+    assert "curves.png" in done.stderr
 
 
 def test_a_step_needs_at_least_its_batches_in_an_epoch(tmp_path):

@@ -28,6 +28,7 @@ from attention.translation.export import (  # noqa: E402  (after the skip)
     save_pretrained,
 )
 from attention.translation.export.folder import FILES  # noqa: E402
+from attention.translation.runs import latest_run
 
 ROOT = Path(__file__).resolve().parents[2]
 SRC_VOCAB, TGT_VOCAB = 40, 36
@@ -373,7 +374,7 @@ def checkpoint(tmp_path_factory):
                           "train.device=cpu", "train.max_steps=2", "train.eval_every=1000",
                           "eval.val_sentences=2", "data.toy_test_size=6"])
     train(config, progress_bar=False, log=lambda message: None)
-    return config.run_path / "checkpoint_best.pt"
+    return latest_run(config.run_path) / "checkpoint_best.pt"
 
 
 SENTENCES = ["the dog sees a cat", "a cat runs", "the big dog sleeps"]

@@ -180,7 +180,7 @@ def test_a_run_trains_and_resumes_with_the_attention_variants(make_trainer):
     assert all(m.n_kv_heads == 1 and m.q_norm is not None for m in attentions)
     assert [layer.self_attn.window for layer in trainer.model.encoder.layers] == \
         [None, (3, 3), None]
-    translator = Translator.from_checkpoint(trainer.config.run_path / "checkpoint_last.pt",
+    translator = Translator.from_checkpoint(trainer.run_dir / "checkpoint_last.pt",
                                             device="cpu")
     for loaded, trained in zip(translator.model.state_dict().items(),
                                trainer.model.state_dict().items(), strict=True):

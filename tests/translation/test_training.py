@@ -19,6 +19,7 @@ from attention.translation.checkpoint import load_checkpoint, save_checkpoint
 from attention.translation.cli import plot_attention_main, translate_main
 from attention.translation.config import load_config
 from attention.translation.plotting import read_metrics
+from attention.translation.runs import latest_run
 from attention.translation.training import NonFiniteLossError, train
 from attention.translation.translator import Translator
 
@@ -45,7 +46,7 @@ def tiny_run(tmp_path_factory):
     run_dir = tmp_path_factory.mktemp("runs")
     config = tiny_config(run_dir, "train.max_steps=60", "train.eval_every=30")
     results = train(config, progress_bar=False, log=lambda message: None)
-    return config.run_path, results
+    return Path(results["run_dir"]), results
 
 
 def test_a_tiny_run_lowers_the_loss_and_writes_every_file(tiny_run):
@@ -87,11 +88,12 @@ def test_a_resumed_run_gives_the_losses_of_an_uninterrupted_one(tmp_path):
     first = tiny_config(tmp_path / "split", *common, "train.max_steps=7")
     train(first, progress_bar=False, log=lambda message: None)
     # A record written after the checkpoint (a run killed hard) must not survive the resume.
-    with (first.run_path / "metrics.jsonl").open("a") as file:
+    with (latest_run(first.run_path) / "metrics.jsonl").open("a") as file:
         file.write(json.dumps({"kind": "train", "step": 9, "loss": -1.0}) + "\n")
     second = tiny_config(tmp_path / "split", *common, "train.max_steps=14")
     train(second, resume=True, progress_bar=False, log=lambda message: None)
-    expected, resumed = train_losses(whole.run_path), train_losses(second.run_path)
+    expected = train_losses(latest_run(whole.run_path))
+    resumed = train_losses(latest_run(second.run_path))
     assert sorted(resumed) == list(range(2, 15, 2))
     assert resumed == expected
 
@@ -108,7 +110,7 @@ def test_a_non_finite_loss_stops_the_run_naming_the_step_and_keeps_the_best_chec
         tmp_path, monkeypatch):
     config = tiny_config(tmp_path, "train.max_steps=10", "train.eval_every=5")
     train(config, progress_bar=False, log=lambda message: None)
-    best = config.run_path / "checkpoint_best.pt"
+    best = latest_run(config.run_path) / "checkpoint_best.pt"
     before = digest(best)
 
     import attention.translation.training as training
@@ -125,7 +127,8 @@ def test_a_non_finite_loss_stops_the_run_naming_the_step_and_keeps_the_best_chec
     with pytest.raises(NonFiniteLossError, match="at step 13"):
         train(longer, resume=True, progress_bar=False, log=lambda message: None)
     assert digest(best) == before
-    assert load_checkpoint(config.run_path / "checkpoint_last.pt")["progress"]["step"] == 10
+    assert load_checkpoint(latest_run(config.run_path) / "checkpoint_last.pt")[
+        "progress"]["step"] == 10
 
 
 def test_a_failed_checkpoint_write_leaves_the_previous_file_whole(tmp_path, monkeypatch):
@@ -159,7 +162,7 @@ def test_ctrl_c_or_sigterm_saves_a_checkpoint_and_exits_cleanly(tmp_path, signal
                "train.eval_every=100000"]
     process = subprocess.Popen(command, stderr=subprocess.PIPE, text=True,
                                env={**os.environ, "PYTHONUNBUFFERED": "1"})
-    metrics = run_dir / "tiny" / "metrics.jsonl"
+    metrics = run_dir / "tiny" / "version_0" / "metrics.jsonl"
     deadline = time.monotonic() + 120
     while time.monotonic() < deadline and process.poll() is None:
         if metrics.is_file() and len(read_metrics(metrics)) >= 3:
@@ -170,7 +173,7 @@ def test_ctrl_c_or_sigterm_saves_a_checkpoint_and_exits_cleanly(tmp_path, signal
     assert process.returncode == 130, stderr
     assert "Traceback" not in stderr
     assert "interrupted at step" in stderr
-    checkpoint = load_checkpoint(run_dir / "tiny" / "checkpoint_last.pt")
+    checkpoint = load_checkpoint(run_dir / "tiny" / "version_0" / "checkpoint_last.pt")
     assert checkpoint["progress"]["step"] >= 3
 
 
@@ -291,7 +294,9 @@ def test_a_user_corpus_trains_with_bpe_and_translates(tmp_path):
         "train.max_steps=10", "train.eval_every=10")
     results = train(config, progress_bar=False, log=lambda message: None)
     assert results["sentences"] == 30 and "alignment_accuracy" not in results
-    checkpoint = torch.load(config.run_path / "checkpoint_best.pt", weights_only=True)
+    checkpoint = torch.load(latest_run(config.run_path) / "checkpoint_best.pt",
+                            weights_only=True)
     assert '"BPE"' in checkpoint["tokenizers"]["source"]
-    translator = Translator.from_checkpoint(config.run_path / "checkpoint_best.pt", "cpu")
+    translator = Translator.from_checkpoint(latest_run(config.run_path) / "checkpoint_best.pt",
+                                            "cpu")
     assert len(translator.translate(["The dog sleeps.", "", "A cat runs."])) == 3

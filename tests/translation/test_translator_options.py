@@ -13,6 +13,7 @@ import pytest
 from attention.translation.cli import translate_main
 from attention.translation.config import load_config
 from attention.translation.export.folder import save_pretrained
+from attention.translation.runs import latest_run
 from attention.translation.training import train
 from attention.translation.translator import Translation
 
@@ -141,7 +142,7 @@ def test_int8_runs_on_a_checkpoint_trained_in_bf16(tmp_path, capsys):
                                 "train.max_steps=1", "train.eval_every=1000",
                                 "eval.val_sentences=2", "train.precision=bf16"])
     train(config, progress_bar=False, log=lambda message: None)
-    assert translate_main(["--checkpoint", str(config.run_path / "checkpoint_best.pt"),
+    assert translate_main(["--checkpoint", str(latest_run(config.run_path) / "checkpoint_best.pt"),
                            "--device", "cpu", "--int8", *SENTENCES[:2]]) == 0
     assert len(capsys.readouterr().out.splitlines()) == 2
 
