@@ -24,7 +24,9 @@ def train_main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(
         prog="attention-train", description="Train a translation Transformer from a YAML config.",
         epilog="Example: attention-train --config configs/toy_translation.yaml train.lr=1e-3")
-    parser.add_argument("--config", required=True, help="YAML file with model/data/train/eval")
+    parser.add_argument("--config", help="YAML file with model/data/train/eval (with --resume "
+                                          "RUN_FOLDER: the run's own config, from its "
+                                          "checkpoint, when left out)")
     parser.add_argument("overrides", nargs="*", metavar="section.key=value",
                         help="override config values, e.g. train.max_minutes=5")
     parser.add_argument("--resume", nargs="?", const=True, default=False, metavar="RUN_FOLDER",
@@ -32,6 +34,9 @@ def train_main(argv: list[str] | None = None) -> int:
                              "folder version_N there; a new run never replaces one), or the "
                              "run folder given, from its checkpoint_last.pt")
     args = parser.parse_intermixed_args(argv)
+    if args.config is None and not isinstance(args.resume, str):
+        parser.error("--config: expected a YAML config, or --resume RUN_FOLDER to continue a "
+                     "run with its own config")
     from .distributed import environment_world_size
 
     if environment_world_size() > 1:
@@ -45,10 +50,14 @@ def train_main(argv: list[str] | None = None) -> int:
 def _train(args: argparse.Namespace) -> int:
     from .config import ConfigError, load_config
     from .distributed import environment_rank
+    from .runs import config_of_run
     from .training import NonFiniteLossError, TrainingInterrupted, train
 
     try:
-        config = load_config(args.config, args.overrides)
+        if args.config is None:  # --resume RUN_FOLDER alone: the run's own config
+            config = config_of_run(args.resume, args.overrides)
+        else:  # a resumed run's tokenizers come from its checkpoint, not from their files
+            config = load_config(args.config, args.overrides, tokenizers_saved=bool(args.resume))
         train(config, resume=args.resume)
     except (ConfigError, FileNotFoundError) as error:
         return _fail_rank(error, str(error), 2)

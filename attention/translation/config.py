@@ -224,11 +224,13 @@ class Config:
 
     @classmethod
     def from_dict(cls, raw: dict[str, Any], *, base_dir: Path | None = None,
-                  check_files: bool = True) -> Config:
+                  check_files: bool = True, tokenizers_saved: bool = False) -> Config:
         """Build and check a config from plain data (a parsed YAML file or a checkpoint's copy).
 
         ``base_dir`` resolves relative data paths (see :func:`load_config`); ``check_files``
-        off skips the data files' existence (a checkpoint used away from its data).
+        off skips the data files' existence (a checkpoint used away from its data);
+        ``tokenizers_saved`` skips only ``data.tokenizer_files``' (a resumed run's tokenizers
+        come from its checkpoint).
         """
         if not isinstance(raw, dict):
             raise ConfigError(f"config: expected a mapping with sections {sorted(SECTIONS)}, "
@@ -246,15 +248,16 @@ class Config:
             setattr(config, section, _build_section(section, section_cls, values))
         if base_dir is not None:
             config.data = _resolve_paths(config.data, base_dir)
-        config.check(check_files=check_files)
+        config.check(check_files=check_files, tokenizers_saved=tokenizers_saved)
         return config
 
-    def override(self, assignments: list[str], check_files: bool = True) -> Config:
+    def override(self, assignments: list[str], check_files: bool = True,
+                 tokenizers_saved: bool = False) -> Config:
         """Apply ``section.key=value`` strings (values parsed as YAML) and check the result."""
         return Config.from_dict(apply_overrides(self.to_dict(), assignments),
-                                check_files=check_files)
+                                check_files=check_files, tokenizers_saved=tokenizers_saved)
 
-    def check(self, check_files: bool = True) -> None:
+    def check(self, check_files: bool = True, tokenizers_saved: bool = False) -> None:
         """Cross-field checks and file existence, so that a run fails before any work."""
         for (section, key), allowed in CHOICES.items():
             value = getattr(getattr(self, section), key)
@@ -301,7 +304,7 @@ class Config:
         self._check_vocabulary()
         self._check_checkpoints()
         if check_files:
-            self._check_data_files()
+            self._check_data_files(tokenizers_saved)
 
     def _check_attention_variants(self) -> None:
         """The library's own checks of the variant keys, their errors named ``model.key``."""
@@ -354,9 +357,9 @@ class Config:
                               f"numbered checkpoints to keep), got save_every={t.save_every} "
                               f"and keep_last null")
 
-    def _check_data_files(self) -> None:
+    def _check_data_files(self, tokenizers_saved: bool = False) -> None:
         d = self.data
-        for path in d.tokenizer_files:
+        for path in [] if tokenizers_saved else d.tokenizer_files:
             if not Path(path).is_file():
                 raise ConfigError(f"data.tokenizer_files: file not found: {path}")
         for split in ("train", "val", "test"):
@@ -495,10 +498,12 @@ def read_yaml_mapping(path: Path, what: str) -> dict[str, Any]:
     return raw
 
 
-def load_config(path: str | Path, overrides: list[str] | None = None) -> Config:
+def load_config(path: str | Path, overrides: list[str] | None = None, *,
+                tokenizers_saved: bool = False) -> Config:
     """Read a YAML config (the run's ``name`` defaults to the file's stem), apply the
-    overrides, then check the result."""
+    overrides, then check the result (``tokenizers_saved``: see :meth:`Config.from_dict`)."""
     path = Path(path)
     raw = read_yaml_mapping(path, f"a mapping with sections {list(SECTIONS)}")
     raw.setdefault("name", path.stem)
-    return Config.from_dict(apply_overrides(raw, overrides or []), base_dir=path.parent)
+    return Config.from_dict(apply_overrides(raw, overrides or []), base_dir=path.parent,
+                            tokenizers_saved=tokenizers_saved)

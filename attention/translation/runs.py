@@ -13,10 +13,11 @@ from __future__ import annotations
 import re
 from pathlib import Path
 
-from .checkpoint import AVERAGE
+from .checkpoint import AVERAGE, load_checkpoint
+from .config import Config, apply_overrides
 
-__all__ = ["VERSION_PREFIX", "latest_run", "model_checkpoint", "new_run", "resumed_run",
-           "run_versions"]
+__all__ = ["VERSION_PREFIX", "config_of_run", "latest_run", "model_checkpoint", "new_run",
+           "resumed_run", "run_versions"]
 
 VERSION_PREFIX = "version_"
 _VERSION = re.compile(rf"{VERSION_PREFIX}(\d+)")
@@ -95,3 +96,13 @@ def model_checkpoint(path: str | Path) -> Path:
         if (run / name).is_file():
             return run / name
     raise FileNotFoundError(f"--checkpoint: the run {run} has no {AVERAGE} or {BEST} yet")
+
+
+def config_of_run(folder: str | Path, overrides: list[str] | None = None) -> Config:
+    """The config a run was trained with (its ``checkpoint_last.pt``'s copy), with
+    ``overrides`` applied: what ``attention-train --resume RUN_FOLDER`` continues with when
+    given no ``--config``. Its tokenizers come from the checkpoint, so ``data.tokenizer_files``
+    need not exist any more."""
+    checkpoint = load_checkpoint(resumed_run(folder, resume=folder) / LAST)
+    return Config.from_dict(apply_overrides(checkpoint["config"], overrides or []),
+                            tokenizers_saved=True)

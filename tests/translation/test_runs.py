@@ -109,3 +109,29 @@ def test_resume_without_a_run_says_so(tmp_path, capsys):
     assert train_main(["--config", str(TINY), f"train.run_dir={tmp_path}", *QUICK,
                        "--resume"]) == 2
     assert "--resume: expected a run with checkpoint_last.pt" in capsys.readouterr().err
+
+
+def test_a_run_resumes_from_its_folder_alone_without_its_tokenizer_files(tmp_path, capsys):
+    """Its tokenizers are in the checkpoint: the files it was trained with may be gone, and
+    the run folder alone says what to continue."""
+    from tokenizers import Tokenizer, models, pre_tokenizers, trainers
+
+    tokenizer = Tokenizer(models.WordLevel(unk_token="[UNK]"))
+    tokenizer.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
+    tokenizer.train_from_iterator(["the dog sees a cat", "now the girls sleep"],
+                                  trainers.WordLevelTrainer(special_tokens=["[UNK]"]))
+    tokenizer_file = tmp_path / "tokenizer.json"
+    tokenizer.save(str(tokenizer_file))
+    common = ["--config", str(TINY), f"train.run_dir={tmp_path / 'runs'}",
+              f"data.tokenizer_files=[{tokenizer_file}]", "train.threads=1",
+              "train.eval_every=1000", "eval.val_sentences=2"]
+    assert train_main([*common, "train.max_steps=2"]) == 0
+    run = latest_run(tmp_path / "runs" / "tiny")
+    tokenizer_file.unlink()
+    assert train_main([*common, "train.max_steps=3", "--resume"]) == 0
+    assert train_main(["--resume", str(run), "train.max_steps=4"]) == 0
+    assert load_checkpoint(run / "checkpoint_last.pt")["progress"]["step"] == 4
+    capsys.readouterr()
+    with pytest.raises(SystemExit):  # neither a config nor a run folder
+        train_main(["train.max_steps=4"])
+    assert "--config: expected a YAML config, or --resume RUN_FOLDER" in capsys.readouterr().err
