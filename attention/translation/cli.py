@@ -51,7 +51,7 @@ def _train(args: argparse.Namespace) -> int:
     from .config import ConfigError, load_config
     from .distributed import environment_rank
     from .runs import config_of_run
-    from .training import NonFiniteLossError, TrainingInterrupted, train
+    from .training import CheckpointSaveError, NonFiniteLossError, TrainingInterrupted, train
 
     try:
         if args.config is None:  # --resume RUN_FOLDER alone: the run's own config
@@ -63,7 +63,7 @@ def _train(args: argparse.Namespace) -> int:
         return _fail_rank(error, str(error), 2)
     except (ValueError, UnicodeDecodeError) as error:  # bad data or settings found on the way
         return _fail_rank(error, f"{type(error).__name__}: {error}", 2)
-    except NonFiniteLossError as error:
+    except (NonFiniteLossError, CheckpointSaveError) as error:
         return _fail_rank(error, str(error), 1)
     except TrainingInterrupted as error:
         if environment_rank() == 0:  # every rank stops; one says so

@@ -76,6 +76,11 @@ class TrainingInterrupted(RuntimeError):
     """Ctrl-C: the run saved ``checkpoint_last.pt`` and stopped; ``--resume`` continues it."""
 
 
+class CheckpointSaveError(RuntimeError):
+    """A checkpoint could not be written (a full disk, …); the file it would have replaced is
+    kept whole, and ``--resume`` continues from it."""
+
+
 @dataclass
 class Progress:
     """Where a run is: saved in checkpoints so that ``--resume`` continues exactly."""
@@ -463,7 +468,7 @@ class Trainer:
         if resume:
             # On the CPU first: load_state_dict then moves each tensor where it belongs (and
             # keeps AdamW's step counters on the CPU, where they cost no synchronisation).
-            checkpoint = load_checkpoint(self.run_dir / "checkpoint_last.pt")
+            checkpoint = self._checkpoint_to_resume()
             saved = config_from_checkpoint(checkpoint)
             _check_resumable(saved, config)
         torch.manual_seed(self.cfg.seed)
@@ -537,6 +542,25 @@ class Trainer:
         self.train_model = torch.compile(self.replica, dynamic=True) if self.cfg.compile \
             else self.replica
 
+    def _checkpoint_to_resume(self) -> dict[str, Any]:
+        """``checkpoint_last.pt``; where it does not load (a disk that failed, a file cut
+        short), the newest numbered checkpoint that does (``train.keep_last``), then
+        ``checkpoint_best.pt``, each a whole training state, said in the log."""
+        try:
+            return load_checkpoint(self.run_dir / "checkpoint_last.pt")
+        except ValueError as error:
+            fallbacks = [path for _, path in reversed(numbered_checkpoints(self.run_dir))]
+            for path in [*fallbacks, self.run_dir / "checkpoint_best.pt"]:
+                try:
+                    checkpoint = load_checkpoint(path)
+                except (ValueError, FileNotFoundError):
+                    continue
+                self.log(f"{error}; resuming from {path.name} instead (step "
+                         f"{checkpoint['progress']['step']}), the newest checkpoint that loads")
+                return checkpoint
+            raise ValueError(f"{error}; no numbered checkpoint (train.keep_last) or "
+                             f"checkpoint_best.pt loads either: nothing to resume") from None
+
     def _run_folder(self, resume: bool | str | Path, run_dir: str | Path | None) -> Path:
         """This run's folder, chosen by rank 0 for every rank: ``run_dir`` if given, the run
         ``resume`` names (:func:`~attention.translation.runs.resumed_run`), or a new
@@ -567,6 +591,8 @@ class Trainer:
         stale = [path for step, path in numbered_checkpoints(self.run_dir)
                  if fresh or step > self.progress.step]
         self.log(f"{'a new run' if fresh else 'resuming the run'} in {self.run_dir}")
+        for leftover in self.run_dir.glob(".*.tmp"):  # a write a kill cut short (write_atomic)
+            leftover.unlink()
         # Numbered checkpoints this run did not write (past the step it resumes from, or a
         # restarted run's before its first checkpoint) would be averaged with its own.
         for path in stale:
@@ -873,15 +899,26 @@ class Trainer:
 
         Writes on whatever rank calls it: in a run only rank 0 does (see :meth:`save_last`).
         """
+        previous = self.progress.last_saved_step
         if name == "checkpoint_last.pt":
             self.progress.last_saved_step = self.progress.step
         rng = [_rng_state(self.device)] if rng is None else rng
-        return save_checkpoint(self.run_dir / name, {
-            "config": self.config.to_dict(), "model": self.model.state_dict(),
-            "optimizer": self.optimizer.state_dict(), "scheduler": self.scheduler.state_dict(),
-            "scaler": self.scaler.state_dict(), "rng": rng[0], "rng_other_ranks": rng[1:],
-            "tokenizers": self.tokenizers, "progress": dataclasses.asdict(self.progress),
-        })
+        path = self.run_dir / name
+        try:
+            return save_checkpoint(path, {
+                "config": self.config.to_dict(), "model": self.model.state_dict(),
+                "optimizer": self.optimizer.state_dict(),
+                "scheduler": self.scheduler.state_dict(), "scaler": self.scaler.state_dict(),
+                "rng": rng[0], "rng_other_ranks": rng[1:], "tokenizers": self.tokenizers,
+                "progress": dataclasses.asdict(self.progress),
+            })
+        except OSError as error:  # write_atomic left the file it would replace as it was
+            self.progress.last_saved_step = previous
+            kept = f"the previous {name} is kept, whole" if path.is_file() else \
+                "no earlier one was written"
+            raise CheckpointSaveError(f"{path}: could not be written at step "
+                                      f"{self.progress.step} ({error.strerror or error}); "
+                                      f"{kept}") from error
 
     def restore(self, checkpoint: dict[str, Any]) -> None:
         """Continue from ``checkpoint`` (as :meth:`save` writes it): the weights, the

@@ -135,3 +135,122 @@ def test_a_run_resumes_from_its_folder_alone_without_its_tokenizer_files(tmp_pat
     with pytest.raises(SystemExit):  # neither a config nor a run folder
         train_main(["train.max_steps=4"])
     assert "--config: expected a YAML config, or --resume RUN_FOLDER" in capsys.readouterr().err
+
+
+# Faults ------------------------------------------------------------------------------------
+
+# Dropout on, so that the restored random state matters; a checkpoint every 3 steps.
+FAULTY = ["model.dropout=0.1", "train.log_every=1", "train.eval_every=3",
+          "train.max_steps=10", "eval.val_sentences=2"]
+
+# Trains in a child process that dies (os._exit, as a kill does: no cleanup) at a chosen
+# point: inside the n-th checkpoint write, half of it on disk, or at the start of a step.
+KILLED_CHILD = """
+import os, sys, torch
+import attention.translation.checkpoint as checkpoint
+import attention.translation.training as training
+from attention.translation.config import load_config
+
+where, count = sys.argv[1], int(sys.argv[2])
+calls = []
+if where == "write":
+    real_save = torch.save
+    def dying_save(obj, file, *args, **kwargs):
+        calls.append(1)
+        if len(calls) == count:
+            file.write(b"half of a checkpoint")
+            file.flush()
+            os._exit(137)
+        return real_save(obj, file, *args, **kwargs)
+    checkpoint.torch.save = dying_save
+else:
+    real_step = training.Trainer.train_step
+    def dying_step(self, *args, **kwargs):
+        if self.progress.step == count:
+            os._exit(137)
+        return real_step(self, *args, **kwargs)
+    training.Trainer.train_step = dying_step
+config = load_config(sys.argv[3], sys.argv[4:])
+training.train(config, progress_bar=False, log=lambda message: None)
+"""
+
+
+def train_losses(run: Path) -> dict[int, float]:
+    from attention.translation.plotting import read_metrics
+
+    return {r["step"]: r["loss"] for r in read_metrics(run / "metrics.jsonl")
+            if r["kind"] == "train"}
+
+
+@pytest.fixture(scope="module")
+def uninterrupted(tmp_path_factory):
+    root = tmp_path_factory.mktemp("whole")
+    config = load_config(TINY, [f"train.run_dir={root}", "train.threads=1", *FAULTY])
+    return train_losses(Path(train(config, progress_bar=False,
+                                   log=lambda message: None)["run_dir"]))
+
+
+@pytest.mark.parametrize(("where", "count"), [("write", 2), ("write", 3), ("step", 7)],
+                         ids=["inside-2nd-write", "inside-3rd-write", "at-step-7"])
+def test_a_kill_anywhere_loses_only_the_steps_since_the_last_checkpoint(
+        where, count, uninterrupted, tmp_path):
+    import subprocess
+    import sys
+
+    overrides = [f"train.run_dir={tmp_path}", "train.threads=1", *FAULTY]
+    done = subprocess.run([sys.executable, "-c", KILLED_CHILD, where, str(count), str(TINY),
+                           *overrides], capture_output=True, text=True, timeout=300)
+    assert done.returncode == 137, done.stderr[-2000:]
+    run = latest_run(tmp_path / "tiny")
+    saved = load_checkpoint(run / "checkpoint_last.pt")["progress"]["step"]  # loads: whole
+    assert saved in (3, 6) and saved < 10
+    config = load_config(TINY, overrides)
+    train(config, resume=True, progress_bar=False, log=lambda message: None)
+    assert train_losses(run) == uninterrupted  # every step, as if never killed
+    assert not list(run.glob(".*.tmp"))
+
+
+def test_a_full_disk_fails_the_save_in_one_line_and_keeps_the_previous_checkpoint(
+        tmp_path, monkeypatch, capsys):
+    import errno
+
+    import attention.translation.checkpoint as checkpoint_module
+
+    overrides = ["--config", str(TINY), f"train.run_dir={tmp_path}", "train.threads=1",
+                 *FAULTY]
+    assert train_main([*overrides[:-2], "train.max_steps=3", "eval.val_sentences=2"]) == 0
+    run = latest_run(tmp_path / "tiny")
+    before = digest(run / "checkpoint_last.pt")
+    real_save, calls = checkpoint_module.torch.save, []
+
+    def full_disk(obj, file, *args, **kwargs):
+        calls.append(1)
+        file.write(b"x" * 1000)
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    monkeypatch.setattr(checkpoint_module.torch, "save", full_disk)
+    capsys.readouterr()
+    assert train_main([*overrides, "--resume"]) == 1
+    error = capsys.readouterr().err.strip().splitlines()
+    assert error[-1].startswith("error: ") and "No space left on device" in error[-1]
+    assert "checkpoint_last.pt is kept, whole" in error[-1]
+    assert calls and digest(run / "checkpoint_last.pt") == before
+    assert load_checkpoint(run / "checkpoint_last.pt")["progress"]["step"] == 3
+    assert not list(run.glob(".*.tmp"))
+    monkeypatch.setattr(checkpoint_module.torch, "save", real_save)
+    assert train_main([*overrides, "--resume"]) == 0  # room again: it goes on
+
+
+def test_a_checkpoint_last_that_does_not_load_resumes_from_the_newest_that_does(
+        tmp_path, uninterrupted):
+    overrides = [f"train.run_dir={tmp_path}", "train.threads=1", *FAULTY]
+    first = load_config(TINY, [*overrides, "train.max_steps=7", "train.keep_last=5"])
+    run = Path(train(first, progress_bar=False, log=lambda message: None)["run_dir"])
+    (run / "checkpoint_last.pt").write_bytes(b"cut short by a failing disk")
+    messages = []
+    train(load_config(TINY, [*overrides, "train.keep_last=5"]), resume=True,
+          progress_bar=False, log=messages.append)
+    # The run saved numbered checkpoints at steps 3, 6 and 7 (its last): the newest loads.
+    assert any("not a complete checkpoint" in m and "resuming from checkpoint_step7.pt" in m
+               for m in messages)
+    assert train_losses(run) == uninterrupted
