@@ -49,7 +49,7 @@ def train_main(argv: list[str] | None = None) -> int:
 
 def _train(args: argparse.Namespace) -> int:
     from .config import ConfigError, load_config
-    from .distributed import environment_rank
+    from .distributed import environment_rank, peer_lost
     from .runs import config_of_run
     from .training import CheckpointSaveError, NonFiniteLossError, TrainingInterrupted, train
 
@@ -69,6 +69,14 @@ def _train(args: argparse.Namespace) -> int:
         if environment_rank() == 0:  # every rank stops; one says so
             print(str(error), file=sys.stderr)
         return 130
+    except RuntimeError as error:
+        if not peer_lost(error):
+            raise
+        # Another rank died (killed, out of memory): torchrun's summary names it, with its
+        # exit code; this rank says in one line why it stops, not in a collective's traceback.
+        first = str(error).strip().splitlines()[0][:200] if str(error).strip() else ""
+        return _fail_rank(error, f"another rank stopped, so this one cannot go on ({first}); "
+                                 f"torchrun's summary names the rank that failed first", 1)
     return 0
 
 

@@ -30,6 +30,7 @@ from .config import ConfigError
 from .translator import resolve_device
 
 __all__ = ["Distributed", "distributed_session", "environment_rank", "environment_world_size",
+           "peer_lost",
            "shard"]
 
 T = TypeVar("T")
@@ -110,6 +111,19 @@ def environment_world_size() -> int:
 def environment_rank() -> int:
     """``RANK`` as ``torchrun`` sets it (0 when it does not)."""
     return _env_int("RANK", 0)
+
+
+# What a collective raises on a rank whose peer died (gloo's RuntimeError, NCCL's
+# DistBackendError): the process group cannot go on.
+_PEER_LOST = ("Connection closed by peer", "Connection reset by peer", "remote worker",
+              "NCCL communicator was aborted", "Broken pipe")
+
+
+def peer_lost(error: BaseException) -> bool:
+    """Whether ``error`` is a collective failing because another rank stopped."""
+    if isinstance(error, (dist.DistNetworkError, dist.DistBackendError)):
+        return True
+    return isinstance(error, RuntimeError) and any(text in str(error) for text in _PEER_LOST)
 
 
 def elastic_restart() -> bool:

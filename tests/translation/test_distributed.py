@@ -7,8 +7,10 @@ from __future__ import annotations
 import json
 import os
 import shutil
+import signal
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -235,3 +237,56 @@ def test_more_processes_than_gpus_is_a_clear_error(two_gpus):
 
     with pytest.raises(ConfigError, match=r"LOCAL_RANK=2 needs GPU 2, but this machine has 2"):
         _rank_device("cuda", 2)
+
+
+def _pids_of_rank(marker: str, rank: int) -> list[int]:
+    """The processes whose environment holds ``marker`` and ``RANK=rank`` (Linux's /proc)."""
+    found = []
+    for environ in Path("/proc").glob("[0-9]*/environ"):
+        try:
+            entries = environ.read_bytes().split(b"\0")
+        except OSError:
+            continue
+        if marker.encode() in entries and f"RANK={rank}".encode() in entries:
+            found.append(int(environ.parent.name))
+    return found
+
+
+@pytest.mark.skipif(not Path("/proc/self/environ").exists(), reason="needs Linux's /proc")
+def test_a_rank_killed_outright_stops_the_others_within_a_minute_naming_it(tmp_path):
+    marker = f"ATTENTION_RANK_KILL_TEST={tmp_path}"
+    env = {**os.environ, "PYTHONUNBUFFERED": "1", marker.split("=")[0]: str(tmp_path)}
+    env.pop("WORLD_SIZE", None)
+    run = subprocess.Popen(
+        [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
+         str(ROOT / "scripts" / "train.py"), "--config", str(TINY),
+         f"train.run_dir={tmp_path}", *COMMON, "train.max_steps=100000", "train.log_every=1",
+         "train.eval_every=100000"],
+        stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env)
+    try:
+        deadline = time.monotonic() + 120
+        while time.monotonic() < deadline:  # until both ranks are training
+            runs = list((tmp_path / "tiny").glob("version_*/metrics.jsonl"))
+            if runs and len(runs[0].read_text().splitlines()) >= 3:
+                break
+            time.sleep(0.2)
+        else:
+            pytest.fail("the run did not start training within 120 s")
+        [victim] = _pids_of_rank(marker, 1)
+        os.kill(victim, signal.SIGKILL)
+        killed = time.monotonic()
+        _, stderr = run.communicate(timeout=90)
+        stopped = time.monotonic() - killed
+    finally:
+        if run.poll() is None:
+            run.kill()
+    assert run.returncode != 0
+    assert stopped < 60, f"the other rank took {stopped:.0f} s to stop"
+    assert not _pids_of_rank(marker, 0)  # no rank left behind
+    # The survivor says in one line why it stops, instead of a collective's traceback ...
+    survivor = [line for line in stderr.splitlines()
+                if line.startswith("error: [rank 0] another rank stopped")]
+    assert len(survivor) == 1, stderr[-3000:]
+    # ... and torchrun's summary names the rank that failed first, and how.
+    root_cause = stderr.split("Root Cause (first observed failure):")[1]
+    assert "rank      : 1 (local_rank: 1)" in root_cause and "(SIGKILL)" in root_cause
