@@ -92,6 +92,7 @@ class Progress:
     best_loss: float = math.inf
     best_step: int = 0
     wall_seconds: float = 0.0  # time spent in this run so far, over all its sessions
+    validation_seconds: float = 0.0  # the last validation's (rank 0's) time: for the budget
     last_eval_step: int = -1
     last_saved_step: int = -1  # the step in checkpoint_last.pt
     validations_without_improvement: int = 0  # in a row, for train.patience
@@ -110,16 +111,31 @@ def inverse_sqrt_schedule(warmup_steps: int):
     return factor
 
 
-def cosine_schedule(warmup_steps: int, total_steps: int):
-    """Learning-rate factor: linear warmup to 1, then a cosine down to 0 at ``total_steps``."""
+class CosineSchedule:
+    """Learning-rate factor: linear warmup to 1, then a cosine down to 0 at ``total_steps``.
 
-    def factor(step: int) -> float:
+    An object, not a closure, so that ``total_steps`` can move (a time budget fits it to the
+    steps the budget allows, see :meth:`Trainer._fit_horizon_to_budget`) and so that
+    ``LambdaLR``'s state dict saves it: a resumed run keeps its horizon.
+    """
+
+    def __init__(self, warmup_steps: int, total_steps: int) -> None:
+        self.warmup_steps = warmup_steps
+        self.total_steps = total_steps
+        self.fitted = False  # whether total_steps was fitted to a time budget
+
+    def __call__(self, step: int) -> float:
         step += 1
-        if step < warmup_steps:
-            return step / warmup_steps
-        progress = min((step - warmup_steps) / max(total_steps - warmup_steps, 1), 1.0)
+        if step < self.warmup_steps:
+            return step / self.warmup_steps
+        progress = min((step - self.warmup_steps)
+                       / max(self.total_steps - self.warmup_steps, 1), 1.0)
         return 0.5 * (1.0 + math.cos(math.pi * progress))
-    return factor
+
+
+def cosine_schedule(warmup_steps: int, total_steps: int) -> CosineSchedule:
+    """Linear warmup to 1, then a cosine down to 0 at ``total_steps``."""
+    return CosineSchedule(warmup_steps, total_steps)
 
 
 def learning_rate_schedule(cfg: TrainConfig) -> Callable[[int], float]:
@@ -490,6 +506,7 @@ class Trainer:
         self.bar = tqdm(total=self.cfg.max_steps, initial=self.progress.step,
                         disable=not show_bar, unit="step", dynamic_ncols=True, file=sys.stderr)
         self.session_start = self.window_start = time.perf_counter()
+        self._pace = (self.session_start, self.progress.step)  # (time, step) the pace is from
 
     # Building ------------------------------------------------------------------------------
 
@@ -709,6 +726,11 @@ class Trainer:
             return "interrupted"
         if self.cfg.max_steps is not None and self.progress.step >= self.cfg.max_steps:
             return f"max_steps={self.cfg.max_steps}"
+        schedule = self._cosine()
+        if schedule is not None and schedule.fitted and self.progress.step >= \
+                schedule.total_steps:
+            return (f"max_minutes={self.cfg.max_minutes:g}: the cosine's end, fitted to the "
+                    f"time budget at step {schedule.total_steps}")
         patience = self.cfg.patience
         if patience is not None and self.progress.validations_without_improvement >= patience:
             return f"patience={patience} (no better validation since step " \
@@ -819,6 +841,9 @@ class Trainer:
             self._log_train_record(grad_norm)
         if self.progress.step % self.cfg.eval_every == 0:
             self.validate()
+            self._pace = (time.perf_counter(), self.progress.step)  # validations apart
+        elif self.progress.step % self.cfg.log_every == 0:
+            self._fit_horizon_to_budget()
         if self.cfg.keep_last and \
                 self.progress.step % (self.cfg.save_every or self.cfg.eval_every) == 0:
             self.save_numbered()
@@ -849,7 +874,9 @@ class Trainer:
         Called on every rank: rank 0 does the work while the others wait for its progress.
         """
         self.progress.last_eval_step = self.progress.step
+        started = time.perf_counter()
         self._on_main(self._validate_on_main)
+        self.progress.validation_seconds = time.perf_counter() - started
 
     def save_last(self) -> None:
         """Save ``checkpoint_last.pt``; called on every rank, written by rank 0."""
@@ -979,6 +1006,51 @@ class Trainer:
 
     # The clock ------------------------------------------------------------------------------
 
+    def _horizon_record(self) -> dict[str, Any]:
+        """For ``results.json``: where the cosine ended, and what set it there."""
+        schedule = self._cosine()
+        if schedule is None:
+            return {}
+        return {"schedule_horizon": schedule.total_steps,
+                "schedule_horizon_from": "max_minutes" if schedule.fitted else "max_steps"}
+
+    def _cosine(self) -> CosineSchedule | None:
+        schedule = self.scheduler.lr_lambdas[0]
+        return schedule if isinstance(schedule, CosineSchedule) else None
+
+    def _fit_horizon_to_budget(self) -> None:
+        """With ``train.max_minutes`` and the cosine schedule, end the cosine (and the run)
+        when the time ends, so that a slower or busier machine trains fewer steps but still
+        ends on an annealed model.
+
+        From the pace of the steps since the last validation (or the start) and the time
+        the last validation took, rank 0 counts the steps the budget still allows; the
+        cosine's end moves there, never past ``max_steps``. Re-fitted every ``log_every``
+        steps until three quarters of the way, so a machine that slows down or speeds up is
+        followed; the same on every rank.
+        """
+        schedule = self._cosine()
+        step = self.progress.step
+        if schedule is None or self.cfg.max_minutes is None \
+                or step >= 0.75 * schedule.total_steps or step - self._pace[1] < 10:
+            return
+        horizon = None
+        if self.world.is_main:
+            started, from_step = self._pace
+            per_step = (time.perf_counter() - started) / (step - from_step)
+            left = self.cfg.max_minutes * 60 - self._wall_seconds()
+            steps = int(left / per_step)
+            # The validations on the way cost time the steps cannot use.
+            validations = (step + steps) // self.cfg.eval_every - step // self.cfg.eval_every
+            steps = int((left - validations * self.progress.validation_seconds) / per_step)
+            horizon = max(step + 1, min(step + steps, self.cfg.max_steps))
+        horizon = self.world.broadcast(horizon)
+        if not schedule.fitted or abs(horizon - schedule.total_steps) > 0.05 * horizon:
+            self.log(f"step {step}: the time budget (train.max_minutes="
+                     f"{self.cfg.max_minutes:g}) allows about {horizon} steps; the cosine "
+                     f"ends there")
+        schedule.total_steps, schedule.fitted = horizon, True
+
     def _bank_time(self) -> None:
         """Move this session's time so far into ``progress.wall_seconds`` (checkpointed)."""
         now = time.perf_counter()
@@ -1020,7 +1092,7 @@ class Trainer:
         results.update(best_step=best["progress"]["step"], steps=self.progress.step,
                        parameters=self.n_params, device=str(self.device),
                        precision=precision_name(self.autocast_dtype), ranks=self.world.world_size,
-                       run_dir=str(self.run_dir))
+                       run_dir=str(self.run_dir), **self._horizon_record())
         write_atomic(self.run_dir / "results.json",
                      lambda f: f.write((json.dumps(results, indent=2) + "\n").encode()))
         self._plot_test_attention()
