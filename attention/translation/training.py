@@ -1043,12 +1043,15 @@ class Trainer:
             # The validations on the way cost time the steps cannot use.
             validations = (step + steps) // self.cfg.eval_every - step // self.cfg.eval_every
             steps = int((left - validations * self.progress.validation_seconds) / per_step)
-            horizon = max(step + 1, min(step + steps, self.cfg.max_steps))
+            horizon = max(step + 1, step + steps)
         horizon = self.world.broadcast(horizon)
+        if horizon >= self.cfg.max_steps:  # the budget allows them all: max_steps decides
+            schedule.total_steps, schedule.fitted = self.cfg.max_steps, False
+            return
         if not schedule.fitted or abs(horizon - schedule.total_steps) > 0.05 * horizon:
             self.log(f"step {step}: the time budget (train.max_minutes="
-                     f"{self.cfg.max_minutes:g}) allows about {horizon} steps; the cosine "
-                     f"ends there")
+                     f"{self.cfg.max_minutes:g}) allows about {horizon} of max_steps="
+                     f"{self.cfg.max_steps} steps; the cosine ends there")
         schedule.total_steps, schedule.fitted = horizon, True
 
     def _bank_time(self) -> None:
