@@ -305,6 +305,14 @@ def head_pairs(ours: nn.Module, theirs: nn.Module) -> list[tuple[nn.Module, nn.M
                      else ours.classifier)]
 
 
+def modernbert_head(config: Any) -> PredictionHead:
+    """ModernBERT's prediction head (dense, activation, norm), before its MLM decoder or its
+    classifier."""
+    return PredictionHead(config.hidden_size, config.classifier_activation,
+                          bias=config.classifier_bias, norm=nn.LayerNorm(
+                              config.hidden_size, eps=config.norm_eps, bias=config.norm_bias))
+
+
 def masked_lm(encoder: PretrainedEncoder, model: nn.Module, config: Any) -> MaskedLanguageModel:
     """The MLM head of ``model`` on ``encoder``; the decoder shares the word embedding when
     ``model``'s does."""
@@ -315,9 +323,7 @@ def masked_lm(encoder: PretrainedEncoder, model: nn.Module, config: Any) -> Mask
         decoder = nn.Linear(d_model, vocab)
         tied = model.cls.predictions.decoder.weight is model.bert.embeddings.word_embeddings.weight
     else:
-        head = PredictionHead(d_model, config.classifier_activation,
-                              bias=config.classifier_bias, norm=nn.LayerNorm(
-                                  d_model, eps=config.norm_eps, bias=config.norm_bias))
+        head = modernbert_head(config)
         decoder = nn.Linear(d_model, vocab, bias=config.decoder_bias)
         tied = model.decoder.weight is model.model.embeddings.tok_embeddings.weight
     ours = MaskedLanguageModel(encoder, head, decoder)
@@ -340,9 +346,7 @@ def sequence_classifier(encoder: PretrainedEncoder, model: nn.Module,
             else config.hidden_dropout_prob
         pooling = "cls"
     else:
-        head = PredictionHead(d_model, config.classifier_activation,
-                              bias=config.classifier_bias, norm=nn.LayerNorm(
-                                  d_model, eps=config.norm_eps, bias=config.norm_bias))
+        head = modernbert_head(config)
         dropout, pooling = config.classifier_dropout, config.classifier_pooling
     ours = SequenceClassifier(encoder, head, nn.Linear(d_model, config.num_labels),
                               pooling=pooling, dropout=dropout)
@@ -402,13 +406,10 @@ def to_transformers(module: PretrainedEncoder | MaskedLanguageModel | SequenceCl
 
 
 def check_plain_attention(encoder: Encoder, architecture: str) -> None:
-    """Refuse, by name, an attention variant the architecture does not have."""
-    attention = encoder.layers[0].self_attn
-    variants = {"n_kv_heads": attention.n_kv_heads != attention.n_heads,
-                "alibi": attention.alibi_slopes is not None,
-                "softcap": attention.softcap is not None,
-                "qk_norm": attention.q_norm is not None}
-    present = [name for name, used in variants.items() if used]
+    """Refuse, by name, an attention variant the architecture does not have (a window is
+    checked apart: ModernBERT has one)."""
+    variants = encoder.layers[0].self_attn.variants()  # MultiHeadAttention's own record
+    present = [name for name in variants if name != "window"]
     if present:
         raise ValueError(f"module: {architecture} has no {', '.join(present)}; expected a "
                          f"module without them")
