@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import shutil
 import signal
 import subprocess
@@ -287,6 +288,10 @@ def test_a_rank_killed_outright_stops_the_others_within_a_minute_naming_it(tmp_p
     survivor = [line for line in stderr.splitlines()
                 if line.startswith("error: [rank 0] another rank stopped")]
     assert len(survivor) == 1, stderr[-3000:]
-    # ... and torchrun's summary names the rank that failed first, and how.
-    root_cause = stderr.split("Root Cause (first observed failure):")[1]
-    assert "rank      : 1 (local_rank: 1)" in root_cause and "(SIGKILL)" in root_cause
+    # ... and torchrun's summary names the rank that was killed, and how. (Not necessarily as
+    # its "root cause": torchrun stamps failures with no error file in whole seconds when it
+    # notices them, so when both ranks are found dead in the same second it names rank 0.)
+    summary = stderr.split("Failures:", 1)[1]
+    failures = re.split(r"\n\s*\[\d+\]:\n", summary)
+    assert any("rank      : 1 (local_rank: 1)" in failure and "(SIGKILL)" in failure
+               for failure in failures), summary
