@@ -31,7 +31,7 @@ from pathlib import Path
 import torch
 
 from attention import Encoder, MultiHeadAttention
-from attention.translation.files import write_atomic
+from attention.common.files import write_atomic
 
 D_MODEL, N_HEADS, N_LAYERS, D_FF, BATCH, LENGTH = 512, 8, 6, 2048, 32, 128
 BEFORE_FUSED_QKV = "9db1123"

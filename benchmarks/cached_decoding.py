@@ -29,7 +29,7 @@ import torch
 from torch import Tensor, nn
 
 from attention import compat
-from attention.translation.files import write_text_atomic
+from attention.common.files import write_text_atomic
 
 RESULTS = Path(__file__).resolve().parent / "results"
 

@@ -33,7 +33,7 @@ from pathlib import Path
 
 import torch
 
-from attention.translation.files import write_text_atomic
+from attention.common.files import write_text_atomic
 
 ROOT = Path(__file__).resolve().parent.parent
 BENCHMARKS = Path(__file__).resolve().parent

@@ -32,13 +32,13 @@ from pathlib import Path
 import ctranslate2
 import torch
 
+from attention.common.files import write_text_atomic
 from attention.translation.checkpoint import config_from_checkpoint, load_checkpoint
 from attention.translation.config import Config
 from attention.translation.data.corpus import read_lines
 from attention.translation.data.dataset import load_splits
 from attention.translation.data.tokenizer import BOS_ID, PAD_ID, SPECIAL_TOKENS
 from attention.translation.export import export_ctranslate2
-from attention.translation.files import write_text_atomic
 from attention.translation.metrics import bleu
 from attention.translation.translator import Translator
 

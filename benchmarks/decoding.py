@@ -44,8 +44,8 @@ from torch import Tensor, nn
 
 from attention import Transformer
 from attention.bench.environment import environment, package_dir
+from attention.common.files import write_text_atomic
 from attention.translation.data.tokenizer import BOS_ID, EOS_ID, PAD_ID, SPECIAL_TOKENS, UNK_ID
-from attention.translation.files import write_text_atomic
 
 ROOT = Path(__file__).resolve().parent.parent
 RESULTS = ROOT / "benchmarks" / "results"

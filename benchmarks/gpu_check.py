@@ -171,7 +171,7 @@ def part_bench(name: str, out: Path, dry_run: bool) -> int:
 
     from attention.bench.config import check_contenders, check_device, load_bench_config
     from attention.bench.runner import Runner, log_to_stderr
-    from attention.translation.files import write_atomic
+    from attention.common.files import write_atomic
 
     path, overrides, contenders = bench_config(name, dry_run)
     device = "cpu" if dry_run else "cuda"

@@ -28,9 +28,9 @@ from pathlib import Path
 import torch
 from torch import nn
 
+from attention.common.files import write_text_atomic
 from attention.quantization import quantize_dynamic
 from attention.translation.data.corpus import read_lines
-from attention.translation.files import write_text_atomic
 from attention.translation.metrics import bleu
 from attention.translation.translator import Translator
 

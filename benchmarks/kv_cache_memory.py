@@ -25,7 +25,7 @@ import torch
 from torch.testing import assert_close
 
 from attention import Decoder
-from attention.translation.files import write_text_atomic
+from attention.common.files import write_text_atomic
 
 RESULTS = Path(__file__).resolve().parent / "results"
 

@@ -31,9 +31,9 @@ import torch
 from attention.bench.cells import round_ratios, timing_summary
 from attention.bench.environment import environment
 from attention.bench.timing import timed
+from attention.common.files import write_text_atomic
 from attention.interop import from_transformers
 from attention.interop.convert import import_transformers
-from attention.translation.files import write_text_atomic
 
 RESULTS = Path(__file__).resolve().parent / "results"
 

@@ -25,8 +25,8 @@ import torch.nn.functional as F
 
 from attention import features
 from attention.bench.environment import environment
+from attention.common.files import write_text_atomic
 from attention.inference import PreparedLinear
-from attention.translation.files import write_text_atomic
 
 RESULTS = Path(__file__).resolve().parent / "results"
 # (out_features, in_features): q/k/v stacked, an attention's q or output projection, the

@@ -30,6 +30,7 @@ from typing import Any
 
 import torch
 
+from attention.common.files import write_text_atomic
 from attention.translation.averaging import average_checkpoints
 from attention.translation.checkpoint import (
     config_from_checkpoint,
@@ -37,7 +38,6 @@ from attention.translation.checkpoint import (
     numbered_checkpoints,
 )
 from attention.translation.data import load_splits
-from attention.translation.files import write_text_atomic
 from attention.translation.metrics import corpus_scores
 from attention.translation.runs import latest_run
 from attention.translation.translator import Translator

@@ -9,7 +9,7 @@ from pathlib import Path
 
 import attention
 
-APPLICATION_PACKAGES = ("attention.translation", "attention.bench")
+APPLICATION_PACKAGES = ("attention.translation", "attention.bench", "attention.common")
 APPLICATION_DEPENDENCIES = ("tokenizers", "sacrebleu", "matplotlib", "yaml", "tqdm")
 
 

@@ -10,7 +10,7 @@ from pathlib import Path
 
 import torch
 
-from ..translation.config import ConfigError
+from ..common.errors import ConfigError
 from .config import (
     DEFAULT_CONTENDERS,
     DEVICES,

@@ -13,8 +13,9 @@ from typing import Any
 
 import torch
 
+from ..common.config_files import check_value, parse_override_value, read_yaml_mapping
+from ..common.errors import ConfigError
 from ..layers import ACTIVATIONS
-from ..translation.config import ConfigError, check_value, read_yaml_mapping
 
 __all__ = [
     "CASES",
@@ -214,14 +215,12 @@ def _check_choices(key: str, values: list[str], allowed: tuple[str, ...]) -> Non
 
 def apply_bench_overrides(raw: dict[str, Any], assignments: Sequence[str]) -> dict[str, Any]:
     """Set ``key=value`` strings (values parsed as YAML) in a raw bench config."""
-    import yaml
-
     raw = dict(raw)
     for assignment in assignments:
         key, sep, text = assignment.partition("=")
         if not sep or not key:
             raise ConfigError(f"override {assignment!r}: expected key=value, e.g. repeats=10")
-        raw[key] = yaml.safe_load(text) if text else None
+        raw[key] = parse_override_value(text)
     return raw
 
 

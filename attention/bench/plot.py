@@ -22,7 +22,7 @@ def plot_scaling(report: dict[str, Any], path: str | os.PathLike) -> Path:
     contender and pass (inference solid, training dashed), in the dense case if run."""
     from matplotlib.figure import Figure
 
-    from ..translation.plotting import save_png
+    from ..common.pictures import save_png
 
     cases = report["config"]["cases"]
     case = "dense" if "dense" in cases else cases[0]

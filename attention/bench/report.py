@@ -9,7 +9,7 @@ import os
 from pathlib import Path
 from typing import Any
 
-from ..translation.files import write_atomic
+from ..common.files import write_atomic
 from .memory import MEMORY_RUNS
 from .plot import plot_scaling
 

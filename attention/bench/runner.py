@@ -15,7 +15,7 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from ..translation.config import ConfigError
+from ..common.errors import ConfigError
 from .cells import group_cells
 from .config import DEFAULT_CONTENDERS, DTYPES, BenchConfig, check_contenders, check_device
 from .contenders import Contender, build_contenders, x_transformers_status

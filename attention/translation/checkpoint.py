@@ -15,9 +15,9 @@ from typing import Any
 
 import torch
 
+from ..common.files import write_atomic
 from ..models import Transformer
 from .config import Config, ModelConfig
-from .files import write_atomic
 
 __all__ = [
     "AVERAGE",

@@ -9,16 +9,16 @@ starts: an unknown key, a value of the wrong type or a data file that does not e
 from __future__ import annotations
 
 import dataclasses
-import types
 import typing
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import torch
-import yaml
 
 from .._checks import check_positive_int
+from ..common.config_files import check_value, parse_override_value, read_yaml_mapping
+from ..common.errors import ConfigError
 from ..functional import check_softcap
 from ..layers import ACTIVATIONS, GLU_ACTIVATIONS, NORMS
 from ..local import check_window
@@ -49,10 +49,6 @@ def multi30k_files(root: str | Path, split: str, src_lang: str, tgt_lang: str
         raise ValueError(f"split: expected one of {list(MULTI30K_SPLITS)}, got {split!r}")
     stem = Path(root) / MULTI30K_SPLITS[split]
     return Path(f"{stem}.{src_lang}.gz"), Path(f"{stem}.{tgt_lang}.gz")
-
-
-class ConfigError(ValueError):
-    """A configuration that cannot run: the message names the key or the path."""
 
 
 @dataclass
@@ -400,49 +396,6 @@ def _build_section(section: str, section_cls: type, values: dict[str, Any]) -> A
     return section_cls(**kwargs)
 
 
-def check_value(name: str, value: Any, expected: Any) -> Any:
-    """Return ``value`` if it has type ``expected`` (ints accepted as floats), else raise."""
-    origin = typing.get_origin(expected)
-    if origin in (typing.Union, types.UnionType):
-        options = typing.get_args(expected)
-        if value is None and type(None) in options:
-            return None
-        errors = []
-        for option in options:
-            if option is type(None):
-                continue
-            try:
-                return check_value(name, value, option)
-            except ConfigError as error:
-                errors.append(error)
-        raise errors[0] if len(errors) == 1 else ConfigError(
-            f"{name}: expected {_type_name(expected)}, got {type(value).__name__} {value!r}")
-    if origin is list:
-        (item_type,) = typing.get_args(expected)
-        if not isinstance(value, list):
-            raise ConfigError(f"{name}: expected a list of {item_type.__name__}, got "
-                              f"{type(value).__name__} {value!r}")
-        return [check_value(f"{name}[{i}]", item, item_type) for i, item in enumerate(value)]
-    if expected is float and isinstance(value, int) and not isinstance(value, bool):
-        return float(value)
-    if expected is float and isinstance(value, str):
-        # YAML 1.1 reads 1e-3 (no dot) as a string; users mean the number.
-        try:
-            return float(value)
-        except ValueError:
-            pass
-    if expected in (int, float) and isinstance(value, bool) or not isinstance(value, expected):
-        raise ConfigError(f"{name}: expected {_type_name(expected)}, got "
-                          f"{type(value).__name__} {value!r}")
-    return value
-
-
-def _type_name(expected: Any) -> str:
-    if typing.get_origin(expected) in (typing.Union, types.UnionType):
-        return " or ".join(_type_name(t) for t in typing.get_args(expected))
-    return "null" if expected is type(None) else getattr(expected, "__name__", str(expected))
-
-
 def _resolve_paths(data: DataConfig, base_dir: Path) -> DataConfig:
     """Relative data paths in a config file are relative to the working directory if they
     exist there, else to the file's own folder (so configs work from anywhere in a clone)."""
@@ -469,7 +422,7 @@ def apply_overrides(raw: dict[str, Any], assignments: list[str]) -> dict[str, An
         if not sep or (not dot and key != "name"):
             raise ConfigError(f"override {assignment!r}: expected section.key=value, "
                               f"e.g. train.lr=0.001")
-        value = yaml.safe_load(text) if text else None
+        value = parse_override_value(text)
         if key == "name":
             raw["name"] = value
         elif section not in SECTIONS:
@@ -480,21 +433,6 @@ def apply_overrides(raw: dict[str, Any], assignments: list[str]) -> dict[str, An
                 raise ConfigError(f"{section}: expected a mapping of keys to values, got "
                                   f"{raw[section]!r}")
             raw[section] = {**(raw.get(section) or {}), name: value}
-    return raw
-
-
-def read_yaml_mapping(path: Path, what: str) -> dict[str, Any]:
-    """The mapping a ``--config`` YAML file holds (empty file: ``{}``); ``what`` describes
-    the mapping expected, for the error when the file holds something else."""
-    if not path.is_file():
-        raise ConfigError(f"--config: file not found: {path}")
-    try:
-        raw = yaml.safe_load(path.read_text(encoding="utf-8")) or {}
-    except yaml.YAMLError as error:
-        raise ConfigError(f"--config: {path} is not valid YAML: {error}") from None
-    if not isinstance(raw, dict):
-        raise ConfigError(f"--config: expected {path} to hold {what}, got a "
-                          f"{type(raw).__name__}")
     return raw
 
 

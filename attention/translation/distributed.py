@@ -26,8 +26,8 @@ from typing import Any, TypeVar
 import torch
 import torch.distributed as dist
 
-from .config import ConfigError
-from .translator import resolve_device
+from ..common.devices import resolve_device
+from ..common.errors import ConfigError
 
 __all__ = ["Distributed", "distributed_session", "environment_rank", "environment_world_size",
            "peer_lost",

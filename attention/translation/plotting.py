@@ -18,22 +18,15 @@ import torch
 from matplotlib.figure import Figure
 from matplotlib.ticker import FuncFormatter
 
-from .files import write_atomic
+from ..common.pictures import save_png
 
-__all__ = ["plot_attention_grid", "plot_curves", "read_metrics", "save_png"]
+__all__ = ["plot_attention_grid", "plot_curves", "read_metrics"]
 
 INCH_PER_TOKEN = 0.28
 MIN_PANEL_INCHES = 2.5
 MAX_FIGURE_INCHES = 60.0
 INCH_PER_LABEL_CHAR = 0.06  # at TICK_FONTSIZE
 TICK_FONTSIZE = 7
-DPI = 110
-
-
-def save_png(fig: Figure, path: str | os.PathLike) -> Path:
-    """Write ``fig`` to ``path`` as a PNG atomically, creating parent directories."""
-    return write_atomic(path, lambda file: fig.savefig(file, format="png", dpi=DPI,
-                                                       bbox_inches="tight"))
 
 
 def _check_labels(name: str, labels: Sequence[str], expected: int, dim: int) -> None:

@@ -41,6 +41,7 @@ from torch import Tensor, nn
 from tqdm import tqdm
 
 from .. import features
+from ..common.devices import resolve_device
 from ..models import Transformer
 from .averaging import average_checkpoints
 from .checkpoint import (
@@ -59,7 +60,7 @@ from .distributed import Distributed, distributed_session, elastic_restart, shar
 from .metrics import alignment_hits, best_alignment_head, corpus_scores, exact_match
 from .precision import autocast, grad_scaler, precision_name, resolve_precision
 from .runs import new_run, resumed_run, run_versions
-from .translator import Translator, resolve_device
+from .translator import Translator
 
 __all__ = ["NonFiniteLossError", "Progress", "Trainer", "TrainingInterrupted", "evaluate",
            "make_optimizer", "sequence_loss", "target_tokens", "train", "train_data_limit"]

@@ -16,6 +16,7 @@ import torch
 from tokenizers import Tokenizer
 from torch import Tensor
 
+from ..common.devices import resolve_device
 from ..inference import prepared_for_inference
 from ..models import Transformer
 from .checkpoint import config_from_checkpoint, load_checkpoint, model_from_config
@@ -24,17 +25,7 @@ from .data.batching import collate
 from .data.tokenizer import BOS_ID, EOS_ID, PAD_ID
 from .precision import autocast, resolve_precision
 
-__all__ = ["Translation", "Translator", "resolve_device"]
-
-
-def resolve_device(name: str | torch.device) -> torch.device:
-    """``auto`` → CUDA when present, else CPU; anything else as ``torch.device`` reads it."""
-    if str(name) == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    device = torch.device(name)
-    if device.type == "cuda" and not torch.cuda.is_available():
-        raise ValueError(f"device: {name!r} requested but torch.cuda.is_available() is False")
-    return device
+__all__ = ["Translation", "Translator"]
 
 
 class Translator:

@@ -30,6 +30,8 @@ from safetensors.torch import save as safetensors_bytes
 from tokenizers import Tokenizer
 from torch import nn
 
+from ...common.devices import resolve_device
+from ...common.files import write_atomic
 from ...models import Transformer
 from ..checkpoint import model_from_config
 from ..config import (
@@ -42,8 +44,7 @@ from ..config import (
     check_value,
 )
 from ..data.tokenizer import PAD_ID, SPECIAL_TOKENS
-from ..files import write_atomic
-from ..translator import Translator, resolve_device
+from ..translator import Translator
 from .atomic_folder import write_folder_atomic
 from .model_config import model_config_of, tied_parameters
 
