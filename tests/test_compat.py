@@ -573,6 +573,39 @@ def test_to_torch_from_torch_round_trips_exactly(case):
         assert torch.equal(again.state_dict()[name], tensor), name
 
 
+SIX_CLASSES = {
+    "MultiheadAttention": lambda ns: ns.MultiheadAttention(E, 2),
+    "TransformerEncoderLayer": lambda ns: ns.TransformerEncoderLayer(E, 2, FF),
+    "TransformerDecoderLayer": lambda ns: ns.TransformerDecoderLayer(E, 2, FF),
+    "TransformerEncoder": lambda ns: ns.TransformerEncoder(ns.TransformerEncoderLayer(E, 2, FF),
+                                                           2, enable_nested_tensor=False),
+    "TransformerDecoder": lambda ns: ns.TransformerDecoder(ns.TransformerDecoderLayer(E, 2, FF),
+                                                           2),
+    "Transformer": lambda ns: ns.Transformer(E, 2, 1, 1, FF),
+}
+
+
+@pytest.mark.parametrize("name", list(SIX_CLASSES))
+def test_each_compat_class_converts_itself(name):
+    """``compat.X.from_torch(nn.X)`` and ``compat.X(...).to_torch()`` are the conversions
+    ``from_torch``/``to_torch`` dispatch to; a wrong class is refused by name."""
+    torch.manual_seed(0)
+    cls = getattr(compat, name)
+    theirs = perturb_(SIX_CLASSES[name](nn))
+    ours = cls.from_torch(theirs)
+    assert type(ours) is cls and cls.torch_class is getattr(nn, name)
+    back = ours.to_torch()
+    assert type(back) is getattr(nn, name)
+    for key, tensor in theirs.state_dict().items():
+        assert torch.equal(ours.state_dict()[key], tensor), key
+        assert torch.equal(back.state_dict()[key], tensor), key
+    assert type(from_torch(theirs)) is cls and type(to_torch(ours)) is type(theirs)
+    other = nn.LayerNorm(E)
+    with pytest.raises(TypeError, match=rf"module: expected torch\.nn\..*\.{name}, exactly, "
+                                        r"got torch\.nn\.modules\.normalization\.LayerNorm"):
+        cls.from_torch(other)
+
+
 def test_to_torch_from_torch_keep_encoder_flags():
     theirs = nn.TransformerEncoder(nn.TransformerEncoderLayer(E, 2, FF, batch_first=True), 2,
                                    mask_check=False)

@@ -9,6 +9,7 @@ earlier calls are kept and the new ones appended, and each layer projects the me
 
 from __future__ import annotations
 
+import copy
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
@@ -27,6 +28,15 @@ from .encoder import (
 )
 from .errors import torch_errors
 from .multihead import MultiheadAttention
+from .twins import (
+    TORCH_CLASSES,
+    check_exact_type,
+    convert_part,
+    finish,
+    layer_args,
+    rebuild_children,
+    twin_of,
+)
 
 __all__ = ["DecoderCache", "LayerCache", "TransformerDecoder", "TransformerDecoderLayer"]
 
@@ -36,10 +46,6 @@ TGT_NAMES = {"attn_mask": "tgt_mask", "key_padding_mask": "tgt_key_padding_mask"
 MEMORY_NAMES = {"attn_mask": "memory_mask", "key_padding_mask": "memory_key_padding_mask",
                 "key, value": "memory", "key": "memory", "value": "memory",
                 "is_causal": "memory_is_causal"}
-
-# torch.nn's class as it was at import: a test harness may put ours in its place later.
-TORCH_DECODER_LAYER = nn.TransformerDecoderLayer
-
 
 @dataclass
 class LayerCache:
@@ -75,6 +81,7 @@ class DecoderCache:
             layer.reorder(index)
 
 
+@twin_of(TORCH_CLASSES["TransformerDecoderLayer"])
 class TransformerDecoderLayer(nn.Module):
     """``torch.nn.TransformerDecoderLayer``: same arguments, defaults, parameters
     (``self_attn``, ``multihead_attn``, ``linear1``, ``linear2``, ``norm1``–``norm3``, in
@@ -113,6 +120,20 @@ class TransformerDecoderLayer(nn.Module):
     def new_cache(self) -> LayerCache:
         """An empty cache for ``forward(…, cache=)``."""
         return LayerCache()
+
+    @classmethod
+    def from_torch(cls, module: nn.TransformerDecoderLayer) -> TransformerDecoderLayer:
+        """This class with the parts, weights, layout, mode and ``requires_grad`` of
+        ``module``, a ``torch.nn.TransformerDecoderLayer`` (exactly: a subclass's own forward
+        would be lost). Every part is copied as it is (a norm's eps, a linear without bias,
+        an activation module), the attention converted with its own flags."""
+        check_exact_type("module", module, cls.torch_class)
+        return rebuild_children(module, cls(**layer_args(module)))
+
+    def to_torch(self) -> nn.TransformerDecoderLayer:
+        """The ``torch.nn.TransformerDecoderLayer`` with this layer's parts, weights, layout and
+        mode."""
+        return rebuild_children(self, self.torch_class(**layer_args(self, for_torch=True)))
 
     @torch_errors
     def forward(
@@ -166,6 +187,7 @@ class TransformerDecoderLayer(nn.Module):
         return feed_forward(x, self.linear1, self.activation, self.dropout, self.linear2)
 
 
+@twin_of(TORCH_CLASSES["TransformerDecoder"])
 class TransformerDecoder(nn.Module):
     """``torch.nn.TransformerDecoder``: ``num_layers`` copies of ``decoder_layer``, then
     ``norm`` if given; plus incremental decoding (:meth:`new_cache`, ``forward(…, cache=)``).
@@ -182,15 +204,26 @@ class TransformerDecoder(nn.Module):
         norm: nn.Module | None = None,
     ) -> None:
         super().__init__()
-        if type(decoder_layer) is TORCH_DECODER_LAYER:  # torch.nn's own: converted
-            from .convert import from_torch
-            decoder_layer = from_torch(decoder_layer)
+        if type(decoder_layer) is TransformerDecoderLayer.torch_class:  # converted
+            decoder_layer = TransformerDecoderLayer.from_torch(decoder_layer)
         elif not isinstance(decoder_layer, nn.Module):  # any other layer is cloned as it is
             raise TypeError("decoder_layer: expected a TransformerDecoderLayer module, got "
                             f"{type(decoder_layer).__name__}")
         self.layers = clones(decoder_layer, num_layers)
         self.num_layers = num_layers
         self.norm = norm
+
+    @classmethod
+    def from_torch(cls, module: nn.TransformerDecoder) -> TransformerDecoder:
+        """This class with the layers (each converted, or copied if it is not torch.nn's
+        own), norm, mode and ``requires_grad`` of ``module``, a
+        ``torch.nn.TransformerDecoder`` (exactly)."""
+        check_exact_type("module", module, cls.torch_class)
+        return _rebuild_stack(module, cls)
+
+    def to_torch(self) -> nn.TransformerDecoder:
+        """The ``torch.nn.TransformerDecoder`` with this decoder's layers and norm."""
+        return _rebuild_stack(self, self.torch_class)
 
     def new_cache(self) -> DecoderCache:
         """An empty cache for ``forward(…, cache=)``, one :class:`LayerCache` per layer."""
@@ -232,3 +265,11 @@ class TransformerDecoder(nn.Module):
                       tgt_is_causal=tgt_is_causal, memory_is_causal=memory_is_causal,
                       cache=None if cache is None else cache.layers[i])
         return self.norm(x) if self.norm is not None else x
+
+
+def _rebuild_stack(source: nn.Module, twin_class: type) -> nn.Module:
+    """A decoder stack as ``twin_class``, each layer converted or copied as it is."""
+    layers = [convert_part(layer) for layer in source.layers]
+    twin = twin_class(layers[0], len(layers), copy.deepcopy(source.norm))
+    twin.layers = nn.ModuleList(layers)
+    return finish(source, twin)

@@ -16,6 +16,15 @@ from ..functional import causal_mask
 from ..layers import feed_forward, get_activation, layer_norm, residual
 from .errors import InvalidInputError, InvalidTypeError, torch_errors
 from .multihead import MultiheadAttention
+from .twins import (
+    TORCH_CLASSES,
+    check_exact_type,
+    convert_part,
+    finish,
+    layer_args,
+    rebuild_children,
+    twin_of,
+)
 
 __all__ = ["TransformerEncoder", "TransformerEncoderLayer", "activation_code",
            "add_layer_parts", "call_attention", "check_layer_input", "clones", "is_causal_mask",
@@ -23,10 +32,6 @@ __all__ = ["TransformerEncoder", "TransformerEncoderLayer", "activation_code",
 
 # The encoder layer's arguments, by the name its self-attention gives them.
 SRC_NAMES = {"attn_mask": "src_mask", "key_padding_mask": "src_key_padding_mask"}
-
-# torch.nn's class as it was at import: a test harness may put ours in its place later.
-TORCH_ENCODER_LAYER = nn.TransformerEncoderLayer
-
 
 def activation_code(activation: Callable[[Tensor], Tensor]) -> int:
     """torch.nn's ``activation_relu_or_gelu``: 1 for relu, 2 for gelu, 0 for anything else."""
@@ -115,6 +120,7 @@ def clones(layer: nn.Module, num_layers: int) -> nn.ModuleList:
     return nn.ModuleList(copy.deepcopy(layer) for _ in range(num_layers))
 
 
+@twin_of(TORCH_CLASSES["TransformerEncoderLayer"])
 class TransformerEncoderLayer(nn.Module):
     """``torch.nn.TransformerEncoderLayer``: same arguments, defaults, parameters (``self_attn``,
     ``linear1``, ``linear2``, ``norm1``, ``norm2``, in torch.nn's order) and forward.
@@ -148,6 +154,20 @@ class TransformerEncoderLayer(nn.Module):
         add_layer_parts(self, 2, d_model, dim_feedforward, dropout, activation, layer_norm_eps,
                         norm_first, bias, factory)
 
+    @classmethod
+    def from_torch(cls, module: nn.TransformerEncoderLayer) -> TransformerEncoderLayer:
+        """This class with the parts, weights, layout, mode and ``requires_grad`` of
+        ``module``, a ``torch.nn.TransformerEncoderLayer`` (exactly: a subclass's own forward
+        would be lost). Every part is copied as it is (a norm's eps, a linear without bias,
+        an activation module), the attention converted with its own flags."""
+        check_exact_type("module", module, cls.torch_class)
+        return rebuild_children(module, cls(**layer_args(module)))
+
+    def to_torch(self) -> nn.TransformerEncoderLayer:
+        """The ``torch.nn.TransformerEncoderLayer`` with this layer's parts, weights, layout and
+        mode."""
+        return rebuild_children(self, self.torch_class(**layer_args(self, for_torch=True)))
+
     @torch_errors
     def forward(
         self,
@@ -173,6 +193,7 @@ class TransformerEncoderLayer(nn.Module):
         return feed_forward(x, self.linear1, self.activation, self.dropout, self.linear2)
 
 
+@twin_of(TORCH_CLASSES["TransformerEncoder"])
 class TransformerEncoder(nn.Module):
     """``torch.nn.TransformerEncoder``: ``num_layers`` copies of ``encoder_layer``, then
     ``norm`` if given.
@@ -194,9 +215,8 @@ class TransformerEncoder(nn.Module):
         mask_check: bool = True,
     ) -> None:
         super().__init__()
-        if type(encoder_layer) is TORCH_ENCODER_LAYER:  # torch.nn's own: converted
-            from .convert import from_torch
-            encoder_layer = from_torch(encoder_layer)
+        if type(encoder_layer) is TransformerEncoderLayer.torch_class:  # converted
+            encoder_layer = TransformerEncoderLayer.from_torch(encoder_layer)
         elif not isinstance(encoder_layer, nn.Module):  # any other layer is cloned as it is
             raise TypeError("encoder_layer: expected a TransformerEncoderLayer module, got "
                             f"{type(encoder_layer).__name__}")
@@ -206,6 +226,29 @@ class TransformerEncoder(nn.Module):
         self.enable_nested_tensor = enable_nested_tensor
         self.use_nested_tensor = False  # torch.nn's flag for its fast path, which this lacks
         self.mask_check = mask_check
+
+    @classmethod
+    def from_torch(cls, module: nn.TransformerEncoder) -> TransformerEncoder:
+        """This class with the layers (each converted, or copied if it is not torch.nn's
+        own), norm, flags, mode and ``requires_grad`` of ``module``, a
+        ``torch.nn.TransformerEncoder`` (exactly)."""
+        check_exact_type("module", module, cls.torch_class)
+        layers = [convert_part(layer) for layer in module.layers]
+        twin = cls(layers[0], len(layers), copy.deepcopy(module.norm),
+                   enable_nested_tensor=module.enable_nested_tensor,
+                   mask_check=module.mask_check)
+        twin.layers = nn.ModuleList(layers)
+        return finish(module, twin)
+
+    def to_torch(self) -> nn.TransformerEncoder:
+        """The ``torch.nn.TransformerEncoder`` with this encoder's layers, norm and flags
+        (its nested-tensor fast path off for pre-norm layers, which it does not support)."""
+        layers = [convert_part(layer) for layer in self.layers]
+        twin = self.torch_class(layers[0], len(layers), copy.deepcopy(self.norm),
+                                enable_nested_tensor=self.enable_nested_tensor
+                                and not layers[0].norm_first, mask_check=self.mask_check)
+        twin.layers = nn.ModuleList(layers)
+        return finish(self, twin)
 
     @torch_errors
     def forward(

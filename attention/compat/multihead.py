@@ -19,6 +19,7 @@ from .._checks import check_divisible, check_positive_int, check_size, check_ten
 from ..functional import attend, causal_mask
 from ..multihead import KVCache
 from .errors import InvalidInputError, torch_errors
+from .twins import TORCH_CLASSES, attention_args, check_exact_type, copy_into, twin_of
 
 __all__ = ["MultiheadAttention", "load_separate_projections"]
 
@@ -73,6 +74,7 @@ def load_separate_projections(module: MultiheadAttention, state_dict: dict[str, 
         state_dict[prefix + "in_proj_bias"] = torch.cat(biases)
 
 
+@twin_of(TORCH_CLASSES["MultiheadAttention"])
 class MultiheadAttention(nn.Module):
     """``torch.nn.MultiheadAttention``: same arguments, defaults, parameters and forward.
 
@@ -157,6 +159,17 @@ class MultiheadAttention(nn.Module):
             nn.init.xavier_normal_(self.bias_k)
         if self.bias_v is not None:
             nn.init.xavier_normal_(self.bias_v)
+
+    @classmethod
+    def from_torch(cls, module: nn.MultiheadAttention) -> MultiheadAttention:
+        """This class with the weights, layout, mode and ``requires_grad`` of ``module``, a
+        ``torch.nn.MultiheadAttention`` (exactly: a subclass's own forward would be lost)."""
+        check_exact_type("module", module, cls.torch_class)
+        return copy_into(module, cls(**attention_args(module)))
+
+    def to_torch(self) -> nn.MultiheadAttention:
+        """The ``torch.nn.MultiheadAttention`` with this module's weights, layout and mode."""
+        return copy_into(self, self.torch_class(**attention_args(self)))
 
     @torch_errors
     def forward(

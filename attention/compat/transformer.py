@@ -13,10 +13,12 @@ from ..layers import layer_norm
 from .decoder import TransformerDecoder, TransformerDecoderLayer
 from .encoder import TransformerEncoder, TransformerEncoderLayer
 from .errors import InvalidInputError, InvalidTypeError, torch_errors
+from .twins import TORCH_CLASSES, check_exact_type, convert_part, copy_into, twin_of
 
 __all__ = ["Transformer"]
 
 
+@twin_of(TORCH_CLASSES["Transformer"])
 class Transformer(nn.Module):
     """``torch.nn.Transformer``: same arguments, defaults, parameters and forward.
 
@@ -76,6 +78,18 @@ class Transformer(nn.Module):
             if p.dim() > 1:
                 nn.init.xavier_uniform_(p)
 
+    @classmethod
+    def from_torch(cls, module: nn.Transformer) -> Transformer:
+        """This class with the encoder and decoder (each converted, or copied if it is a
+        custom one), weights, mode and ``requires_grad`` of ``module``, a
+        ``torch.nn.Transformer`` (exactly)."""
+        check_exact_type("module", module, cls.torch_class)
+        return _rebuild(module, cls)
+
+    def to_torch(self) -> nn.Transformer:
+        """The ``torch.nn.Transformer`` with this model's encoder, decoder and weights."""
+        return _rebuild(self, self.torch_class)
+
     def forward(
         self,
         src: Tensor,
@@ -122,3 +136,10 @@ class Transformer(nn.Module):
         return torch.triu(torch.full((sz, sz), float("-inf"), device=device,
                                      dtype=torch.get_default_dtype() if dtype is None else dtype),
                           diagonal=1)
+
+
+def _rebuild(source: nn.Module, twin_class: type) -> nn.Module:
+    encoder, decoder = convert_part(source.encoder), convert_part(source.decoder)
+    twin = twin_class(source.d_model, source.nhead, custom_encoder=encoder,
+                      custom_decoder=decoder, batch_first=source.batch_first)
+    return copy_into(source, twin)  # the constructor re-initialised the custom parts
