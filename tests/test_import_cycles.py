@@ -55,8 +55,19 @@ def imports_of(name: str, path: Path, modules: dict[str, Path]) -> set[str]:
                        else source for alias in node.names]
         else:
             continue
-        found.update(target for target in targets if target in modules and target != name)
+        for target in targets:
+            found.update(_run_by_importing(target, name, modules))
     return found
+
+
+def _run_by_importing(target: str, importer: str, modules: dict[str, Path]) -> set[str]:
+    """What importing ``target`` runs: the module, and each package above it that the
+    importer is not itself inside (its ``__init__`` runs first, with all it imports)."""
+    parts = target.split(".")
+    run = {".".join(parts[:i]) for i in range(1, len(parts) + 1)}
+    return {module for module in run
+            if module in modules and module != importer
+            and not (importer + ".").startswith(module + ".")}
 
 
 def import_graph(root: Path = PACKAGE_ROOT) -> dict[str, set[str]]:
@@ -107,6 +118,22 @@ def test_the_check_sees_a_cycle_through_a_function_level_import(tmp_path):
     assert graph["attention.b"] == {"attention.a"}
     assert find_cycle(graph) == ["attention.a", "attention.b", "attention.a"]
     assert graph["attention.c"] == set() and graph["attention.d"] == {"attention.c"}
+
+
+def test_the_check_sees_a_cycle_through_a_package_init(tmp_path):
+    """Importing ``pkg.sub.mod`` runs ``pkg/sub/__init__.py`` first: a cycle through what that
+    ``__init__`` imports counts, while a module's own enclosing packages do not."""
+    package = tmp_path / "attention"
+    (package / "sub").mkdir(parents=True)
+    (package / "__init__.py").write_text("from . import user\n")
+    (package / "user.py").write_text("from .sub.plain import thing\n")
+    (package / "sub" / "__init__.py").write_text("from .other import x\n")
+    (package / "sub" / "plain.py").write_text("thing = 1\n")
+    (package / "sub" / "other.py").write_text("from ..user import y\n")
+    graph = import_graph(package)
+    assert graph["attention.user"] == {"attention.sub", "attention.sub.plain"}
+    assert find_cycle(graph) == ["attention.user", "attention.sub", "attention.sub.other",
+                                 "attention.user"]
 
 
 def test_the_application_packages_share_helpers_only_through_common():

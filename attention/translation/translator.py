@@ -23,6 +23,7 @@ from .checkpoint import config_from_checkpoint, load_checkpoint, model_from_conf
 from .config import EvalConfig
 from .data.batching import collate
 from .data.tokenizer import BOS_ID, EOS_ID, PAD_ID
+from .export.folder import load_pretrained
 from .precision import autocast, resolve_precision
 
 __all__ = ["Translation", "Translator"]
@@ -81,9 +82,9 @@ class Translator:
 
         ``precision`` defaults to the saved translator's (``fp16`` becomes ``auto`` off CUDA).
         """
-        from .export.folder import load_pretrained
-
-        return load_pretrained(path, device, precision=precision, translator_type=cls)
+        model, src_tokenizer, tgt_tokenizer, eval_config, precision = load_pretrained(
+            path, device, precision=precision)
+        return cls(model, src_tokenizer, tgt_tokenizer, eval_config, precision=precision)
 
     @property
     def device(self) -> torch.device:

@@ -49,7 +49,7 @@ import os
 import tempfile
 from collections.abc import Sequence
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 from tokenizers import Tokenizer
@@ -59,9 +59,11 @@ from ...models import Transformer
 from ...positional import sinusoid_table
 from ..config import ModelConfig
 from ..data.tokenizer import BOS_ID, EOS_ID, SPECIAL_TOKENS, UNK_ID
-from ..translator import Translator
 from .atomic_folder import write_folder_atomic
 from .model_config import model_config_of
+
+if TYPE_CHECKING:
+    from ..translator import Translator
 
 __all__ = ["MIN_SINUSOID_POSITIONS", "ctranslate2_spec", "export_ctranslate2",
            "tokens_by_id"]
@@ -193,10 +195,12 @@ def ctranslate2_spec(model: Transformer, source_tokens: Sequence[str],
 
 def _parts(translator: Translator | tuple[Transformer, Tokenizer, Tokenizer]
            ) -> tuple[Transformer, Tokenizer, Tokenizer]:
-    if isinstance(translator, Translator):
-        return translator.model, translator.src_tokenizer, translator.tgt_tokenizer
     if isinstance(translator, tuple) and len(translator) == 3:
         return translator
+    # A Translator, or anything holding the same three parts (this module does not import
+    # the Translator class, which builds on the export modules).
+    if all(hasattr(translator, name) for name in ("model", "src_tokenizer", "tgt_tokenizer")):
+        return translator.model, translator.src_tokenizer, translator.tgt_tokenizer
     raise TypeError(f"translator: expected a Translator or a (model, source tokenizer, target "
                     f"tokenizer) tuple, got {type(translator).__name__}")
 

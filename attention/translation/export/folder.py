@@ -21,7 +21,7 @@ import json
 import os
 import typing
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any, NamedTuple
 
 import torch
 from safetensors import safe_open
@@ -44,11 +44,13 @@ from ..config import (
     check_value,
 )
 from ..data.tokenizer import PAD_ID, SPECIAL_TOKENS
-from ..translator import Translator
 from .atomic_folder import write_folder_atomic
 from .model_config import model_config_of, tied_parameters
 
-__all__ = ["FILES", "FORMAT", "load_pretrained", "save_pretrained"]
+if TYPE_CHECKING:
+    from ..translator import Translator
+
+__all__ = ["FILES", "FORMAT", "PretrainedParts", "load_pretrained", "save_pretrained"]
 
 FORMAT = "attention-translation-model/1"
 CONFIG, WEIGHTS = "config.json", "model.safetensors"
@@ -103,10 +105,23 @@ def _write_bytes(path: Path, data: bytes) -> None:
     write_atomic(path, lambda file: file.write(data))
 
 
+class PretrainedParts(NamedTuple):
+    """What a model folder holds, checked and loaded: ``Translator(*parts[:4],
+    precision=parts.precision)`` is the translator it was saved from."""
+
+    model: Transformer
+    src_tokenizer: Tokenizer
+    tgt_tokenizer: Tokenizer
+    eval_config: EvalConfig
+    precision: str
+
+
 def load_pretrained(path: str | os.PathLike, device: str | torch.device = "auto", *,
-                    precision: str | None = None,
-                    translator_type: type[Translator] = Translator) -> Translator:
-    """Read a folder written by :func:`save_pretrained` into a ``translator_type``.
+                    precision: str | None = None) -> PretrainedParts:
+    """Read a folder written by :func:`save_pretrained`: the model (on ``device``, in
+    evaluation mode), its tokenizers, eval config and precision.
+    :meth:`Translator.from_pretrained <attention.translation.translator.Translator.from_pretrained>`
+    builds the translator from them.
 
     ``precision`` defaults to the saved translator's; a saved ``fp16`` (for GPUs without
     bf16) becomes ``auto`` on a device other than CUDA. Raises ``FileNotFoundError`` when
@@ -147,8 +162,8 @@ def load_pretrained(path: str | os.PathLike, device: str | torch.device = "auto"
         precision = config.get("precision", "auto")
         if precision == "fp16" and device.type != "cuda":
             precision = "auto"
-    return translator_type(model.to(device).eval(), src_tokenizer, tgt_tokenizer, eval_config,
-                           precision=precision)
+    return PretrainedParts(model.to(device).eval(), src_tokenizer, tgt_tokenizer, eval_config,
+                           precision)
 
 
 def _read_config(path: Path) -> dict[str, Any]:
