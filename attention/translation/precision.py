@@ -15,7 +15,7 @@ setting       CUDA with native bf16           older CUDA (T4, V100)       CPU
 
 Under autocast, matrix products and attention run in the 16-bit type while autocast keeps
 softmax, norms and reductions in float32, and the loss is taken in float32 by
-:func:`attention.translation.training.sequence_loss`; weights, gradients and the optimizer's
+:func:`attention.translation.loss.sequence_loss`; weights, gradients and the optimizer's
 state stay float32. bfloat16 has float32's exponent range and needs no loss scaling. float16
 has a narrow one: small gradients underflow to zero, so training scales the loss up before
 the backward pass and the gradients down before clipping with a ``torch.amp.GradScaler``

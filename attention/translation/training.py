@@ -1,14 +1,22 @@
 """Train a translation Transformer from a :class:`~attention.translation.config.Config`.
 
 :func:`train` builds a :class:`Trainer` and runs it. The Trainer holds the run's state as
-attributes (data and tokenizers, model, optimizer and scheduler, :class:`Progress`, this
-process's place among the ranks, the metrics file, the clock) and does each stage in a method
-of its own: :meth:`~Trainer.run` loops over epochs of length-bucketed token batches,
-:meth:`~Trainer.train_step` makes one optimizer step (gradient accumulation, label-smoothed
-loss, clipping, warmup), :meth:`~Trainer.validate` scores the validation split and writes the
-checkpoints, :meth:`~Trainer.save` and :meth:`~Trainer.restore` write and read them, and
+attributes (data and tokenizers, model, optimizer and scheduler, its
+:class:`~attention.translation.run_state.Progress`, this process's place among the ranks, the
+metrics file, the clock) and does each stage in a method of its own: :meth:`~Trainer.run`
+loops over epochs of length-bucketed token batches, :meth:`~Trainer.train_step` makes one
+optimizer step (gradient accumulation, label-smoothed loss, clipping, warmup),
+:meth:`~Trainer.validate` scores the validation split and writes the checkpoints,
+:meth:`~Trainer.save` and :meth:`~Trainer.restore` write and read them, and
 :meth:`~Trainer.final_evaluation` scores the best weights on the test split and writes
 ``runs/NAME/results.json``.
+
+The Trainer is where the steps are put in order; what each step uses lives beside it:
+:mod:`~attention.translation.optim` (AdamW and the learning-rate schedules),
+:mod:`~attention.translation.loss` (the label-smoothed loss),
+:mod:`~attention.translation.evaluation` (scoring a split) and
+:mod:`~attention.translation.run_state` (progress, random state, resume checks, the stop flag,
+``metrics.jsonl``).
 
 Under ``torchrun`` the same loop runs on every rank (see
 :mod:`attention.translation.distributed`): a step's batches are shared out, gradients are
@@ -22,19 +30,14 @@ import dataclasses
 import importlib.util
 import json
 import math
-import shutil
-import signal
 import sys
-import threading
 import time
-from collections.abc import Callable, Iterator, Sequence
-from dataclasses import dataclass
+from collections.abc import Callable, Sequence
 from functools import partial
 from pathlib import Path
 from typing import Any
 
 import torch
-import torch.nn.functional as F
 import yaml
 from tokenizers import Tokenizer
 from torch import Tensor, nn
@@ -57,16 +60,24 @@ from .checkpoint import (
 from .config import Config, ConfigError, DataConfig, TrainConfig
 from .data import PAD_ID, Pair, ParallelData, load_splits, token_batches, train_tokenizer
 from .distributed import Distributed, distributed_session, elastic_restart, shard
-from .metrics import alignment_hits, best_alignment_head, corpus_scores, exact_match
+from .evaluation import COMPARED, evaluate, results_summary, score_test_split, validation_scores
+from .loss import Batch, sequence_loss, target_tokens
+from .optim import CosineSchedule, learning_rate_schedule, make_optimizer
 from .precision import autocast, grad_scaler, precision_name, resolve_precision
+from .run_state import (
+    MetricsWriter,
+    Progress,
+    RngStates,
+    StopFlag,
+    check_resumable,
+    restore_rng,
+    rng_state,
+)
 from .runs import new_run, resumed_run, run_versions
 from .translator import Translator
 
-__all__ = ["NonFiniteLossError", "Progress", "Trainer", "TrainingInterrupted", "evaluate",
-           "make_optimizer", "sequence_loss", "target_tokens", "train", "train_data_limit"]
-
-Batch = tuple[Tensor, Tensor, Tensor]  # src (B, Ls), tgt_in (B, Lt), tgt_out (B, Lt)
-RngStates = list[dict[str, Any]]  # each rank's random-number states, in rank order
+__all__ = ["CheckpointSaveError", "NonFiniteLossError", "Trainer", "TrainingInterrupted",
+           "train", "train_data_limit"]
 
 
 class NonFiniteLossError(RuntimeError):
@@ -82,265 +93,9 @@ class CheckpointSaveError(RuntimeError):
     kept whole, and ``--resume`` continues from it."""
 
 
-@dataclass
-class Progress:
-    """Where a run is: saved in checkpoints so that ``--resume`` continues exactly."""
-
-    step: int = 0
-    epoch: int = 0
-    batch_in_epoch: int = 0  # batches of ``epoch`` already trained on
-    best_bleu: float = -1.0
-    best_loss: float = math.inf
-    best_step: int = 0
-    wall_seconds: float = 0.0  # time spent in this run so far, over all its sessions
-    validation_seconds: float = 0.0  # the last validation's (rank 0's) time: for the budget
-    last_eval_step: int = -1
-    last_saved_step: int = -1  # the step in checkpoint_last.pt
-    validations_without_improvement: int = 0  # in a row, for train.patience
-    window_loss: float = 0.0  # summed loss and tokens since the last logged training record
-    window_tokens: int = 0
-    ranks: int = 1  # processes that trained the last session (torchrun's WORLD_SIZE)
-
-
-def inverse_sqrt_schedule(warmup_steps: int):
-    """Learning-rate factor: linear warmup to 1 over ``warmup_steps``, then ``√(warmup/step)``."""
-
-    def factor(step: int) -> float:
-        step += 1
-        return min(step / warmup_steps, math.sqrt(warmup_steps / step)) if warmup_steps else \
-            1.0
-    return factor
-
-
-class CosineSchedule:
-    """Learning-rate factor: linear warmup to 1, then a cosine down to 0 at ``total_steps``.
-
-    An object, not a closure, so that ``total_steps`` can move (a time budget fits it to the
-    steps the budget allows, see :meth:`Trainer._fit_horizon_to_budget`) and so that
-    ``LambdaLR``'s state dict saves it: a resumed run keeps its horizon.
-    """
-
-    def __init__(self, warmup_steps: int, total_steps: int) -> None:
-        self.warmup_steps = warmup_steps
-        self.total_steps = total_steps
-        self.fitted = False  # whether total_steps was fitted to a time budget
-
-    def __call__(self, step: int) -> float:
-        step += 1
-        if step < self.warmup_steps:
-            return step / self.warmup_steps
-        progress = min((step - self.warmup_steps)
-                       / max(self.total_steps - self.warmup_steps, 1), 1.0)
-        return 0.5 * (1.0 + math.cos(math.pi * progress))
-
-
-def cosine_schedule(warmup_steps: int, total_steps: int) -> CosineSchedule:
-    """Linear warmup to 1, then a cosine down to 0 at ``total_steps``."""
-    return CosineSchedule(warmup_steps, total_steps)
-
-
-def learning_rate_schedule(cfg: TrainConfig) -> Callable[[int], float]:
-    """The factor of ``cfg.lr`` at each step, as ``cfg.schedule`` names it."""
-    if cfg.schedule == "cosine":
-        return cosine_schedule(cfg.warmup_steps, cfg.max_steps)
-    return inverse_sqrt_schedule(cfg.warmup_steps)
-
-
-def make_optimizer(model: nn.Module, cfg: TrainConfig) -> torch.optim.AdamW:
-    """AdamW (betas 0.9, 0.98; eps 1e-9) with ``cfg.weight_decay`` on the matrices only.
-
-    Group 0 (decayed) holds every trainable parameter with two or more dimensions: the
-    attention projections, the feed-forward weights, both embeddings (a tied output head *is*
-    the target embedding, one parameter, listed once) and learned positions. Group 1 (no
-    decay) holds the rest: LayerNorm weights, biases, any 1-D parameter. Embeddings are decayed
-    with the other matrices because, tied, the target embedding is the output projection whose
-    logit scale decay is there to hold down (nanoGPT draws the same line, and moving it would
-    leave existing checkpoints' optimizer states unloadable).
-    """
-    params = [p for p in model.parameters() if p.requires_grad]
-    decay = [p for p in params if p.dim() >= 2]
-    no_decay = [p for p in params if p.dim() < 2]
-    groups = [{"params": decay, "weight_decay": cfg.weight_decay},
-              {"params": no_decay, "weight_decay": 0.0}]
-    return torch.optim.AdamW(groups, lr=cfg.lr, betas=(0.9, 0.98), eps=1e-9)
-
-
-def sequence_loss(logits: Tensor, labels: Tensor, label_smoothing: float) -> tuple[Tensor, Tensor]:
-    """Summed cross-entropy over non-pad labels, and their count.
-
-    With smoothing ``ε`` over ``V`` classes, a label ``y`` costs
-    ``(1 - ε) · (-log p_y) + ε · mean_k(-log p_k)``; pad labels cost nothing.
-    logits ``(B, L, V)``, labels ``(B, L)`` → ``(loss_sum, n_tokens)``, both scalars.
-    """
-    loss = F.cross_entropy(logits.float().flatten(0, 1), labels.flatten(), ignore_index=PAD_ID,
-                           label_smoothing=label_smoothing, reduction="sum")
-    return loss, (labels != PAD_ID).sum()
-
-
-def target_tokens(batches: Sequence[Batch]) -> int:
-    """The non-pad target tokens of ``batches``: what a step's loss is normalised by.
-
-    Counted while the batches are still on the CPU, so that it needs no device synchronisation.
-    """
-    return sum(int((tgt_out != PAD_ID).sum()) for _, _, tgt_out in batches)
-
-
 def train_data_limit(config: Config) -> int:
     """The longest training pair kept, in tokens."""
     return min(config.data.max_tokens, config.model.max_len)
-
-
-class _StopFlag:
-    """Turns the first Ctrl-C (or SIGTERM, as a job scheduler sends) into a request to stop
-    after the current step; a second signal acts at once."""
-
-    SIGNALS = (signal.SIGINT, signal.SIGTERM)
-
-    def __init__(self) -> None:
-        self.requested = False
-        self.previous: dict[int, Any] = {}
-
-    @contextlib.contextmanager
-    def installed(self) -> Iterator[None]:
-        if threading.current_thread() is not threading.main_thread():
-            yield
-            return
-        self.previous = {number: signal.getsignal(number) for number in self.SIGNALS}
-        for number in self.SIGNALS:
-            signal.signal(number, self._handle)
-        try:
-            yield
-        finally:
-            for number, handler in self.previous.items():
-                signal.signal(number, handler)
-
-    def _handle(self, signum: int, frame: Any) -> None:
-        self.requested = True
-        signal.signal(signum, self.previous[signum])
-
-
-class _Metrics:
-    """Appends one JSON object per line to ``metrics.jsonl`` (flushed as written) and, given
-    ``tensorboard`` (a folder), each record's numbers as TensorBoard scalars ``kind/key``."""
-
-    def __init__(self, path: Path, fresh: bool, keep_until_step: int = 0,
-                 tensorboard: Path | None = None) -> None:
-        self.path = path
-        if not fresh and path.is_file():
-            # Records past the checkpoint (written before a hard stop) would appear twice.
-            # A val_average record (the end of a finished run) is written again at its end.
-            kept = [line for line in path.read_text(encoding="utf-8").splitlines(keepends=True)
-                    if _record_step(line) <= keep_until_step and '"val_average"' not in line]
-            write_atomic(path, lambda f: f.write("".join(kept).encode()))
-        self.file = path.open("w" if fresh else "a", encoding="utf-8")
-        self.board = None
-        if tensorboard is not None:
-            from torch.utils.tensorboard import SummaryWriter
-
-            if fresh:
-                shutil.rmtree(tensorboard, ignore_errors=True)  # the previous run's events
-            # purge_step: TensorBoard drops a resumed run's events past its checkpoint.
-            self.board = SummaryWriter(str(tensorboard),
-                                       purge_step=None if fresh else keep_until_step + 1)
-
-    def write(self, record: dict[str, Any]) -> None:
-        self.file.write(json.dumps(record) + "\n")
-        self.file.flush()
-        if self.board is not None:
-            for key, value in record.items():
-                if key != "step" and isinstance(value, int | float) and \
-                        not isinstance(value, bool):
-                    self.board.add_scalar(f"{record['kind']}/{key}", value, record["step"])
-            self.board.flush()
-
-    def close(self) -> None:
-        self.file.close()
-        if self.board is not None:
-            self.board.close()
-
-
-def _record_step(line: str) -> float:
-    try:
-        return json.loads(line)["step"]
-    except (ValueError, KeyError, TypeError):
-        return math.inf  # a torn last line goes too
-
-
-@torch.no_grad()
-def evaluate(model: Transformer, data: ParallelData, translator: Translator, *,
-             label_smoothing: float, batch_tokens: int, sentences: int | None = None,
-             beam_size: int | None = None, alignment: bool = False, lowercase: bool = False
-             ) -> dict[str, Any]:
-    """Score ``model`` on ``data``: teacher-forced loss, then BLEU and exact match of its
-    translations of the first ``sentences`` pairs (all when ``None``).
-
-    With ``alignment`` (and gold alignments in ``data``), also the cross-attention
-    alignment counts of :func:`attention.translation.metrics.alignment_hits`, summed over the
-    data. ``lowercase`` compares with lowercased references (for a lowercasing tokenizer).
-    """
-    was_training = model.training
-    model.eval()
-    device = translator.device
-    loss_sum = nll_sum = 0.0
-    n_tokens = 0
-    hits = head_mean_hits = None
-    words = 0
-    try:
-        for indices in token_batches(data.lengths, batch_tokens, seed=0, epoch=0,
-                                     shuffle=False):
-            src, tgt_in, tgt_out = (t.to(device) for t in data.batch(indices))
-            with autocast(device, translator.autocast_dtype):
-                memory = model.encode(src)
-                logits, cross = model.decode(tgt_in, memory, model.padding_mask(src),
-                                             return_attention=True) if alignment else \
-                    (model.decode(tgt_in, memory, model.padding_mask(src)), None)
-            loss, count = sequence_loss(logits, tgt_out, label_smoothing)
-            loss_sum += float(loss)
-            nll_sum += float(sequence_loss(logits, tgt_out, 0.0)[0])
-            n_tokens += int(count)
-            if alignment:
-                gold = [_word_alignment(data, i) for i in indices]
-                h, m, w = alignment_hits(cross, gold)
-                hits = h if hits is None else hits + h
-                head_mean_hits = m if head_mean_hits is None else head_mean_hits + m
-                words += w
-        chosen = range(len(data)) if sentences is None else range(min(sentences, len(data)))
-        hypotheses = translator.decode(translator.generate_ids(
-            [data.sources[i] for i in chosen], beam_size=beam_size))
-    finally:
-        model.train(was_training)
-    references = [data.pairs[i].target for i in chosen]
-    if lowercase:  # the model can only produce what its tokenizer normalizes to
-        references = [r.lower() for r in references]
-    result = {"loss": loss_sum / max(n_tokens, 1), "nll": nll_sum / max(n_tokens, 1),
-              "sentences": len(references), "hypotheses": hypotheses}
-    if references:
-        result.update(corpus_scores(hypotheses, references),
-                      exact_match=exact_match(hypotheses, references))
-    if alignment and words:
-        result.update(alignment_hits=hits, alignment_head_mean_hits=head_mean_hits,
-                      alignment_words=words)
-    return result
-
-
-_COMPARED = ("bleu", "bleu_lowercase", "chrf", "ter", "exact_match", "loss")
-
-
-def _validation_scores(result: dict[str, Any]) -> dict[str, Any]:
-    """The numbers of an :func:`evaluate` result that a ``val`` record keeps."""
-    keys = ("loss", "nll", "bleu", "bleu_lowercase", "chrf", "ter", "exact_match", "sentences")
-    return {key: result[key] for key in keys if key in result}
-
-
-def _word_alignment(data: ParallelData, index: int) -> tuple[int, ...] | None:
-    """The gold alignment of an example if its tokens are its words (one token per word)."""
-    pair = data.pairs[index]
-    if pair.alignment is None:
-        return None
-    if len(data.sources[index]) - 1 != len(pair.source.split()) or \
-            len(data.targets[index]) - 2 != len(pair.alignment):
-        return None
-    return pair.alignment
 
 
 def _train_precision(cfg: TrainConfig, device: torch.device) -> torch.dtype | None:
@@ -349,50 +104,6 @@ def _train_precision(cfg: TrainConfig, device: torch.device) -> torch.dtype | No
         return resolve_precision(cfg.precision, device, key="train.precision")
     except ValueError as error:
         raise ConfigError(str(error)) from None
-
-
-def _rng_state(device: torch.device) -> dict[str, Any]:
-    state = {"torch": torch.get_rng_state()}
-    if device.type == "cuda":  # the training device's only: resuming may see other GPUs
-        state["cuda"] = torch.cuda.get_rng_state(device)
-    return state
-
-
-def _set_rng_state(state: dict[str, Any], device: torch.device) -> None:
-    torch.set_rng_state(state["torch"].cpu())
-    if device.type == "cuda" and "cuda" in state:
-        torch.cuda.set_rng_state(state["cuda"].cpu(), device)
-
-
-def _restore_rng(checkpoint: dict[str, Any], world: Distributed, fallback_seed: int) -> None:
-    """Each rank continues its own random stream; a rank the checkpoint did not have (more
-    ranks than wrote it) starts a new one from ``fallback_seed``."""
-    saved = [checkpoint["rng"], *checkpoint.get("rng_other_ranks", [])]
-    if world.rank < len(saved):
-        _set_rng_state(saved[world.rank], world.device)
-    else:
-        torch.manual_seed(fallback_seed + world.rank)
-
-
-# What a resumed run may not change: what it trains, its data order and its optimizer's
-# settings (restored from the checkpoint, so a change would be silently ignored).
-_FIXED_ON_RESUME = {"train": ("seed", "batch_tokens", "schedule", "warmup_steps", "lr",
-                              "weight_decay")}
-
-
-def _check_resumable(saved: Config, config: Config) -> None:
-    """A resumed run may change how long it trains (and how it logs and evaluates)."""
-    keys = [("model", key) for key in dataclasses.asdict(saved.model)]
-    keys += [("data", key) for key in dataclasses.asdict(saved.data)]
-    keys += [("train", key) for key in _FIXED_ON_RESUME["train"]]
-    if saved.train.schedule == "cosine":  # the schedule is shaped by max_steps
-        keys.append(("train", "max_steps"))
-    for section, key in keys:
-        old, new = getattr(getattr(saved, section), key), getattr(getattr(config, section), key)
-        if old != new:
-            raise ConfigError(f"{section}.{key}: the checkpoint was trained with {old!r}, the "
-                              f"config asks for {new!r}; a resumed run keeps it (start a new "
-                              f"run with another name=... to change it)")
 
 
 def train(config: Config, *, resume: bool | str | Path = False,
@@ -487,7 +198,7 @@ class Trainer:
             # keeps AdamW's step counters on the CPU, where they cost no synchronisation).
             checkpoint = self._checkpoint_to_resume()
             saved = config_from_checkpoint(checkpoint)
-            _check_resumable(saved, config)
+            check_resumable(saved, config)
         torch.manual_seed(self.cfg.seed)
         self._build_data_and_model(checkpoint)
         self.progress = Progress()
@@ -501,7 +212,7 @@ class Trainer:
         self._wrap_model()
         self.metrics = self._open_run_dir(fresh=checkpoint is None)
         self._log_start(saved_batches_per_step)
-        self.stop = _StopFlag()
+        self.stop = StopFlag()
         show_bar = self.world.is_main and (sys.stderr.isatty() if progress_bar is None
                                            else progress_bar)
         self.bar = tqdm(total=self.cfg.max_steps, initial=self.progress.step,
@@ -598,7 +309,7 @@ class Trainer:
             raise FileNotFoundError(error)
         return Path(folder)
 
-    def _open_run_dir(self, fresh: bool) -> _Metrics | None:
+    def _open_run_dir(self, fresh: bool) -> MetricsWriter | None:
         """Rank 0: the run's folder, its ``config.yaml`` and its metrics file (``None`` on
         the other ranks). A resumed run drops the records past its checkpoint."""
         if not self.world.is_main:
@@ -617,7 +328,7 @@ class Trainer:
             path.unlink()
         if self.cfg.average_last:
             (self.run_dir / AVERAGE).unlink(missing_ok=True)
-        return _Metrics(self.run_dir / "metrics.jsonl", fresh=fresh,
+        return MetricsWriter(self.run_dir / "metrics.jsonl", fresh=fresh,
                         keep_until_step=self.progress.step,
                         tensorboard=self.run_dir / "tensorboard" if self.cfg.tensorboard
                         else None)
@@ -910,7 +621,7 @@ class Trainer:
         result = self._evaluate_validation()
         steps = [step for step, _ in chosen]
         self.metrics.write({"kind": "val_average", "step": self.progress.step,
-                            "averaged_steps": steps, **_validation_scores(result)})
+                            "averaged_steps": steps, **validation_scores(result)})
         short = f" (only {len(steps)} numbered checkpoints of the {self.cfg.average_last} " \
             f"train.average_last asks for were written)" if len(steps) < \
             self.cfg.average_last else ""
@@ -930,7 +641,7 @@ class Trainer:
         previous = self.progress.last_saved_step
         if name == "checkpoint_last.pt":
             self.progress.last_saved_step = self.progress.step
-        rng = [_rng_state(self.device)] if rng is None else rng
+        rng = [rng_state(self.device)] if rng is None else rng
         path = self.run_dir / name
         try:
             return save_checkpoint(path, {
@@ -959,13 +670,13 @@ class Trainer:
         if checkpoint.get("scaler"):
             self.scaler.load_state_dict(checkpoint["scaler"])
         self.progress = Progress(**checkpoint["progress"])
-        _restore_rng(checkpoint, self.world, self.cfg.seed + self.progress.step)
+        restore_rng(checkpoint, self.world, self.cfg.seed + self.progress.step)
 
     def _on_main(self, write: Callable[[RngStates], Any]) -> None:
         """Called on every rank: rank 0 runs ``write(rng)`` with each rank's random state,
         while the others wait for its progress, which they take (every rank's stays the
         same)."""
-        rng = self.world.gather(_rng_state(self.device))
+        rng = self.world.gather(rng_state(self.device))
         if self.world.is_main:
             write(rng)
         for key, value in self.world.broadcast(dataclasses.asdict(self.progress)).items():
@@ -998,7 +709,7 @@ class Trainer:
             progress.validations_without_improvement = 0
         else:
             progress.validations_without_improvement += 1
-        self.metrics.write({"kind": "val", "step": progress.step, **_validation_scores(result),
+        self.metrics.write({"kind": "val", "step": progress.step, **validation_scores(result),
                             "elapsed_seconds": round(progress.wall_seconds, 2)})
         self.log(f"step {progress.step}: val loss {result['loss']:.3f}, BLEU "
                  f"{result['bleu']:.2f}, exact match {result['exact_match']:.1%}"
@@ -1084,7 +795,7 @@ class Trainer:
         if self.cfg.average_last:
             # The best single checkpoint's scores too, so that each run measures averaging.
             single = self._score_test()
-            compared = {"checkpoint_best": {key: single[key] for key in _COMPARED
+            compared = {"checkpoint_best": {key: single[key] for key in COMPARED
                                             if key in single}}
             averaged = load_checkpoint(self.run_dir / AVERAGE)
             self.model.load_state_dict(averaged["model"])
@@ -1100,41 +811,17 @@ class Trainer:
         write_atomic(self.run_dir / "results.json",
                      lambda f: f.write((json.dumps(results, indent=2) + "\n").encode()))
         self._plot_test_attention()
-        self.log(_summary(results, time.perf_counter() - self.started))
+        self.log(results_summary(results, time.perf_counter() - self.started))
         self.log(f"the run's files: {self.run_dir}")
         return results
 
     def _score_test(self) -> dict[str, Any]:
-        """BLEU, exact match and loss on test; with gold alignments, the alignment accuracy
-        of the head that aligns best on validation."""
-        cfg = self.cfg
-        has_alignment = any(p.alignment is not None for p in self.test_data.pairs)
-        test = evaluate(self.model, self.test_data, self.translator,
-                        label_smoothing=cfg.label_smoothing, batch_tokens=cfg.batch_tokens,
-                        alignment=has_alignment, lowercase=self.config.data.lowercase)
-        results = {"bleu": round(test["bleu"], 2),
-                   "bleu_lowercase": round(test["bleu_lowercase"], 2),
-                   "chrf": round(test["chrf"], 2), "ter": round(test["ter"], 2),
-                   "exact_match": round(test["exact_match"], 4), "sentences": test["sentences"],
-                   "loss": round(test["loss"], 4), "beam_size": self.config.eval.beam_size,
-                   "length_penalty": self.config.eval.length_penalty,
-                   "signatures": test["signatures"]}
-        if not (has_alignment and "alignment_hits" in test):
-            return results
-        val = evaluate(self.model, self.val_data, self.translator,
-                       label_smoothing=cfg.label_smoothing, batch_tokens=cfg.batch_tokens,
-                       sentences=0, alignment=True)
-        layer, head = best_alignment_head(val["alignment_hits"])
-        test_accuracy = test["alignment_hits"].float() / test["alignment_words"]
-        head_mean = test["alignment_head_mean_hits"].float() / test["alignment_words"]
-        results.update(
-            alignment_accuracy=round(float(test_accuracy[layer, head]), 4),
-            alignment_layer=layer + 1, alignment_head=head + 1,
-            alignment_accuracy_head_mean=round(float(head_mean[-1]), 4),
-            alignment_accuracy_by_head=[[round(float(a), 4) for a in row]
-                                        for row in test_accuracy],
-            alignment_words=test["alignment_words"])
-        return results
+        """The test scores of the model's current weights (see
+        :func:`~attention.translation.evaluation.score_test_split`)."""
+        return score_test_split(self.model, self.test_data, self.val_data, self.translator,
+                                self.config.eval, label_smoothing=self.cfg.label_smoothing,
+                                batch_tokens=self.cfg.batch_tokens,
+                                lowercase=self.config.data.lowercase)
 
     def _plot_test_attention(self) -> None:
         from .plotting import plot_attention_grid
@@ -1182,22 +869,6 @@ def _position_limit(model: Transformer) -> int | None:
     limits = [n for n in (model.encoder.max_positions, model.decoder.max_positions)
               if n is not None]
     return min(limits, default=None)
-
-
-def _summary(results: dict[str, Any], seconds: float) -> str:
-    lines = [f"test: BLEU {results['bleu']:.2f} (lowercased {results['bleu_lowercase']:.2f}), "
-             f"chrF++ {results['chrf']:.2f}, TER {results['ter']:.2f}, exact match "
-             f"{results['exact_match']:.2%} on {results['sentences']} sentences"]
-    if "checkpoint_best" in results:
-        lines.append(f"averaged checkpoints of steps {results['averaged_steps']}; the best "
-                     f"single one (step {results['best_step']}) scores BLEU "
-                     f"{results['checkpoint_best']['bleu']:.2f}")
-    if "alignment_accuracy" in results:
-        lines.append(f"alignment accuracy {results['alignment_accuracy']:.2%} (decoder layer "
-                     f"{results['alignment_layer']}, head {results['alignment_head']}); "
-                     f"last layer, heads averaged: {results['alignment_accuracy_head_mean']:.2%}")
-    lines.append(f"finished in {seconds / 60:.1f} min")
-    return "\n".join(lines)
 
 
 def _plot_curves(run: Path) -> None:

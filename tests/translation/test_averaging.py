@@ -13,7 +13,8 @@ import torch
 from attention.translation.averaging import average_checkpoints, average_state_dicts
 from attention.translation.checkpoint import load_checkpoint, save_checkpoint
 from attention.translation.cli import average_main
-from attention.translation.training import Trainer, target_tokens
+from attention.translation.loss import target_tokens
+from attention.translation.training import Trainer
 from attention.translation.translator import Translator
 
 ROOT = Path(__file__).resolve().parents[2]

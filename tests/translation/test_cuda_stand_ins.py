@@ -16,7 +16,8 @@ import torch.distributed as dist
 from attention.translation.checkpoint import load_checkpoint
 from attention.translation.config import load_config
 from attention.translation.distributed import Distributed, distributed_session
-from attention.translation.training import Trainer, _restore_rng, _rng_state, _set_rng_state
+from attention.translation.run_state import restore_rng, rng_state, set_rng_state
+from attention.translation.training import Trainer
 
 ROOT = Path(__file__).resolve().parents[2]
 TINY = ROOT / "configs" / "tiny.yaml"
@@ -120,21 +121,21 @@ def cuda_rng(monkeypatch):
 
 
 def test_the_random_state_of_a_cuda_run_holds_its_gpus(cuda_rng):
-    state = _rng_state(CUDA1)
+    state = rng_state(CUDA1)
     cuda_rng.get.assert_called_once_with(CUDA1)
     assert torch.equal(state["cuda"], cuda_rng.states[1])
     assert torch.equal(state["torch"], torch.get_rng_state())
-    _set_rng_state(state, CUDA1)
+    set_rng_state(state, CUDA1)
     (given, device), _ = cuda_rng.set.call_args
     assert torch.equal(given, cuda_rng.states[1]) and device == CUDA1
     assert given.device.type == "cpu"  # set_rng_state takes a CPU ByteTensor
 
 
 def test_a_cpu_run_neither_saves_nor_sets_a_gpu_state(cuda_rng):
-    state = _rng_state(torch.device("cpu"))
+    state = rng_state(torch.device("cpu"))
     assert set(state) == {"torch"}
-    _set_rng_state(state, CUDA0)  # a CPU checkpoint resumed on a GPU: torch's state only
-    _set_rng_state({**state, "cuda": cuda_rng.states[0]}, torch.device("cpu"))
+    set_rng_state(state, CUDA0)  # a CPU checkpoint resumed on a GPU: torch's state only
+    set_rng_state({**state, "cuda": cuda_rng.states[0]}, torch.device("cpu"))
     cuda_rng.get.assert_not_called()
     cuda_rng.set.assert_not_called()
 
@@ -167,7 +168,7 @@ def test_a_cuda_checkpoint_round_trips_each_ranks_gpu_state(make_trainer, cuda_r
     torch_state = torch.get_rng_state()
     # As _on_main gathers them: rank 0's state, then rank 1's.
     checkpoint = load_checkpoint(first.save("checkpoint_last.pt",
-                                            [_rng_state(CUDA0), _rng_state(CUDA1)]))
+                                            [rng_state(CUDA0), rng_state(CUDA1)]))
     assert torch.equal(checkpoint["rng"]["cuda"], cuda_rng.states[0])
     assert torch.equal(checkpoint["rng_other_ranks"][0]["cuda"], cuda_rng.states[1])
     assert torch.equal(checkpoint["rng"]["torch"], torch_state)
@@ -193,9 +194,9 @@ def test_save_takes_the_training_gpus_state_by_default(make_trainer, cuda_rng):
 
 
 def test_a_rank_the_checkpoint_did_not_have_starts_a_new_stream(cuda_rng):
-    checkpoint = {"rng": _rng_state(CUDA0), "rng_other_ranks": []}
+    checkpoint = {"rng": rng_state(CUDA0), "rng_other_ranks": []}
     world = Distributed(rank=1, world_size=2, local_rank=1, device=CUDA1)
     with mock.patch("torch.manual_seed") as seed:
-        _restore_rng(checkpoint, world, fallback_seed=10)
+        restore_rng(checkpoint, world, fallback_seed=10)
     seed.assert_called_once_with(11)
     cuda_rng.set.assert_not_called()

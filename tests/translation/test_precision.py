@@ -15,6 +15,8 @@ from attention.translation import training
 from attention.translation.checkpoint import load_checkpoint, save_checkpoint
 from attention.translation.config import CHOICES, ConfigError, load_config
 from attention.translation.data import BOS_ID
+from attention.translation.evaluation import evaluate
+from attention.translation.loss import target_tokens
 from attention.translation.precision import (
     PRECISIONS,
     autocast,
@@ -22,7 +24,7 @@ from attention.translation.precision import (
     precision_name,
     resolve_precision,
 )
-from attention.translation.training import Trainer, evaluate, target_tokens
+from attention.translation.training import Trainer
 from attention.translation.translator import Translator
 
 ROOT = Path(__file__).resolve().parents[2]

@@ -12,7 +12,8 @@ import torch
 
 from attention.translation.checkpoint import load_checkpoint
 from attention.translation.data import PAD_ID
-from attention.translation.training import Trainer, sequence_loss, target_tokens
+from attention.translation.loss import sequence_loss, target_tokens
+from attention.translation.training import Trainer
 
 ROOT = Path(__file__).resolve().parents[2]
 TINY = ROOT / "configs" / "tiny.yaml"

@@ -232,7 +232,7 @@ def test_plot_command_writes_both_heatmaps(tiny_run, tmp_path, capsys):
 
 
 def test_learning_rate_schedules_warm_up_then_decay():
-    from attention.translation.training import cosine_schedule, inverse_sqrt_schedule
+    from attention.translation.optim import cosine_schedule, inverse_sqrt_schedule
 
     cosine, inverse_sqrt = cosine_schedule(10, 100), inverse_sqrt_schedule(10)
     assert [round(cosine(s), 6) for s in (0, 4, 9)] == [0.1, 0.5, 1.0]
