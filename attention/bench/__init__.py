@@ -69,4 +69,13 @@ report) → ``environment`` (machine, versions, git), ``report`` (table, Markdow
 ``plot`` (the PNG) → ``cli`` (arguments only). Import from the module that holds a name;
 this file imports none of them, so that ``python -m attention.bench.memory`` (the memory
 child) loads each module once.
+
+The kit of every script in ``benchmarks/``
+------------------------------------------
+``kit`` gathers, in one import, what the harness above and the scripts share: ``clock``
+(a call timed on its device), ``rounds`` (contenders in alternated rounds, medians,
+per-round ratios), ``environment`` (the record with the git commit and the command line),
+``writer`` (``{stem}.json`` and ``{stem}.md``, atomically), ``subprocesses`` (a child with a
+timeout that takes its process group with it) and ``arguments`` (checks that name the
+argument).
 """

@@ -1,5 +1,6 @@
 """Cells, the records of the results: a group's raw timings become one record per contender
-with its statistics, tokens/s, FLOP/s, MFU and, for ours, the per-round ratios to each peer.
+with its statistics, tokens/s, FLOP/s, MFU and, for ours, the per-round ratios to each peer
+(the statistics and ratios of :mod:`.rounds`, which every benchmark shares).
 """
 
 from __future__ import annotations
@@ -8,23 +9,10 @@ import statistics
 from typing import Any
 
 from .config import OURS, PEERS, TORCH_PEERS, WINDOWED, BenchConfig
+from .rounds import round_ratios, timing_summary
 from .workload import Case, encoder_flops
 
-__all__ = ["group_cells", "round_ratios", "timing_summary"]
-
-
-def timing_summary(times: list[float]) -> dict[str, Any]:
-    """Every run's time (seconds in, milliseconds out), median, min, max and interquartile
-    range."""
-    q1, _, q3 = statistics.quantiles(times, n=4, method="inclusive")
-    return {"times_ms": [t * 1e3 for t in times], "median_ms": statistics.median(times) * 1e3,
-            "min_ms": min(times) * 1e3, "max_ms": max(times) * 1e3, "iqr_ms": (q3 - q1) * 1e3}
-
-
-def round_ratios(peer: list[float], ours: list[float]) -> dict[str, Any]:
-    """Peer time ÷ ours time per round (> 1: ours is faster), and their median."""
-    per_round = [p / o for p, o in zip(peer, ours, strict=True)]
-    return {"median": statistics.median(per_round), "per_round": per_round}
+__all__ = ["group_cells"]
 
 
 def group_cells(config: BenchConfig, group: dict[str, dict[str, Any]], length: int,

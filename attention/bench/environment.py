@@ -1,6 +1,7 @@
 """Where a benchmark runs: the machine (device name, the CPUs this process may use, and so
-the default number of CPU threads), the software, and the git commit of the package's source
-when that source is a git checkout. Nothing here assumes a repository layout."""
+the default number of CPU threads), the software, the git commit of the package's source
+when that source is a git checkout, and the command line. Nothing here assumes a repository
+layout: paths are shown relative to the folder that holds the imported package."""
 
 from __future__ import annotations
 
@@ -8,14 +9,17 @@ import datetime
 import importlib.metadata
 import os
 import platform
+import shlex
 import subprocess
+import sys
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
 import torch
 
-__all__ = ["available_cpus", "default_threads", "device_name", "environment", "git_commit",
-           "package_dir"]
+__all__ = ["available_cpus", "command_line", "default_threads", "device_name", "environment",
+           "git_commit", "package_dir", "package_version", "shown_path"]
 
 
 def package_dir() -> Path:
@@ -81,21 +85,59 @@ def device_name(device: torch.device) -> str:
     return f"{platform.processor() or platform.machine()}, {os.cpu_count()} CPUs"
 
 
-def environment(device: torch.device, command: str) -> dict[str, Any]:
-    """What the results record about the run: date, device, threads, versions, platform,
-    git commit (and dirty flag) and the command line."""
-    commit, dirty = git_commit()
+def package_version(name: str) -> str | None:
+    """The installed version of the distribution ``name``, or ``None`` if it is not."""
     try:
-        x_version = importlib.metadata.version("x-transformers")
+        return importlib.metadata.version(name)
     except importlib.metadata.PackageNotFoundError:
-        x_version = None
-    return {
+        return None
+
+
+def shown_path(path: str | os.PathLike) -> str:
+    """``path`` as results show it, without this machine's folders: relative to the folder
+    holding the package when inside it, else its last two parts when absolute, else as
+    given."""
+    path = Path(path)
+    if not path.is_absolute():
+        return str(path)
+    resolved = path.resolve()
+    if resolved.is_relative_to(package_dir().parent):
+        return str(resolved.relative_to(package_dir().parent))
+    return str(Path(*resolved.parts[-2:]))
+
+
+def command_line(script: str | os.PathLike, argv: Sequence[str] | None = None) -> str:
+    """``python SCRIPT ARGS`` as run: ``argv`` (default ``sys.argv[1:]``), absolute paths
+    in it (and in ``--flag=PATH``) shown by :func:`shown_path`."""
+    def shown(argument: str) -> str:
+        flag, equals, value = argument.partition("=")
+        if equals and flag.startswith("-"):
+            return f"{flag}={shown_path(value)}" if value.startswith("/") else argument
+        return shown_path(argument) if argument.startswith("/") else argument
+
+    arguments = sys.argv[1:] if argv is None else list(argv)
+    return shlex.join(["python", shown_path(Path(script).resolve()),
+                       *map(shown, map(str, arguments))])
+
+
+def environment(device: torch.device | str, command: str,
+                packages: Sequence[str] = ()) -> dict[str, Any]:
+    """What the results record about the run: date, device, threads, versions, platform,
+    git commit (and dirty flag) and the command line; ``packages``: distributions whose
+    versions are recorded too, under ``packages`` (``None``: not installed)."""
+    device = torch.device(device)
+    commit, dirty = git_commit()
+    record = {
         "date": datetime.datetime.now().astimezone().isoformat(timespec="seconds"),
         "device": device.type, "device_name": device_name(device),
         "threads": torch.get_num_threads(), "torch": torch.__version__,
         "cuda": torch.version.cuda if device.type == "cuda" else None,
         "float32_matmul_precision": torch.get_float32_matmul_precision(),
-        "x_transformers": x_version, "python": platform.python_version(),
+        "x_transformers": package_version("x-transformers"),
+        "python": platform.python_version(),
         "platform": platform.platform(), "git_commit": commit, "git_dirty": dirty,
         "command": command,
     }
+    if packages:
+        record["packages"] = {name: package_version(name) for name in packages}
+    return record

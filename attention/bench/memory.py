@@ -12,7 +12,6 @@ from __future__ import annotations
 import gc
 import json
 import os
-import subprocess
 import sys
 from pathlib import Path
 from typing import Any
@@ -22,6 +21,7 @@ import torch
 from .config import DTYPES, BenchConfig
 from .contenders import build_contenders
 from .environment import package_dir
+from .subprocesses import run_process
 from .timing import MIB, describe_error, is_out_of_memory, prepare, run_once
 from .workload import make_case, make_input
 
@@ -42,10 +42,8 @@ def measure_cpu_peak_rss(config: BenchConfig, name: str, length: int, dtype: str
             "length": length, "dtype": dtype, "pass": pass_, "case": case, "runs": runs,
             "threads": threads or torch.get_num_threads()}
     command = [sys.executable, "-m", __spec__.name, json.dumps(spec)]
-    try:
-        done = subprocess.run(command, capture_output=True, text=True,
-                              env=child_environment(), timeout=timeout)
-    except subprocess.TimeoutExpired:
+    done = run_process(command, env=child_environment(), timeout=timeout)
+    if done.timed_out:
         return {"status": "error", "error": f"memory subprocess: over {timeout} s"}
     lines = done.stdout.strip().splitlines()
     if done.returncode or not lines:

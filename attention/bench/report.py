@@ -9,9 +9,10 @@ import os
 from pathlib import Path
 from typing import Any
 
-from ..common.files import write_atomic
+from ..common.files import write_text_atomic
 from .memory import MEMORY_RUNS
 from .plot import plot_scaling
+from .writer import environment_lines, markdown_table, to_json
 
 __all__ = ["format_markdown", "format_table", "result_stem", "table_rows", "write_results"]
 
@@ -57,10 +58,8 @@ def format_table(report: dict[str, Any], markdown: bool = False) -> str:
     """The cells as a table: aligned columns for a terminal, or Markdown."""
     header, rows = table_rows(report)
     if markdown:
-        lines = ["| " + " | ".join(header) + " |",
-                 "| " + " | ".join("---" if h in LEFT_ALIGNED else "---:" for h in header)
-                 + " |"]
-        return "\n".join(lines + ["| " + " | ".join(row) + " |" for row in rows])
+        align = "".join("l" if h in LEFT_ALIGNED else "r" for h in header)
+        return "\n".join(markdown_table(header, rows, align))
     widths = [max(len(h), *(len(row[i]) for row in rows)) if rows else len(h)
               for i, h in enumerate(header)]
     return "\n".join(_aligned(cells, widths, header) for cells in [header, *rows])
@@ -94,7 +93,7 @@ def format_markdown(report: dict[str, Any]) -> str:
         lines += ["", "Skipped: " + "; ".join(f"{name} ({why})"
                                               for name, why in report["skipped"].items())]
     lines += _correctness_lines(report)
-    lines += ["", "## Environment", ""] + [f"- {key}: {value}" for key, value in env.items()]
+    lines += ["", *environment_lines(env)]
     lines += ["", "## Config", "", "```json", json.dumps(report["config"], indent=2), "```"]
     return "\n".join(lines) + "\n"
 
@@ -145,10 +144,8 @@ def write_results(report: dict[str, Any], out_dir: str | os.PathLike) -> list[Pa
     into ``out_dir`` atomically; return their paths."""
     out_dir = Path(out_dir)
     stem = result_stem(report)
-    text = json.dumps(report, indent=2, allow_nan=False) + "\n"
-    paths = [write_atomic(out_dir / f"{stem}.json", lambda f: f.write(text.encode())),
-             write_atomic(out_dir / f"{stem}.md",
-                          lambda f: f.write(format_markdown(report).encode()))]
+    paths = [write_text_atomic(out_dir / f"{stem}.json", to_json(report)),
+             write_text_atomic(out_dir / f"{stem}.md", format_markdown(report))]
     if len(report["lengths"]) > 1:
         paths.append(plot_scaling(report, out_dir / f"{stem}.png"))
     return paths

@@ -8,7 +8,6 @@ subprocess per cell (:mod:`attention.bench.memory`).
 
 from __future__ import annotations
 
-import sys
 from collections.abc import Callable, Sequence
 from typing import Any
 
@@ -21,6 +20,7 @@ from .config import DEFAULT_CONTENDERS, DTYPES, BenchConfig, check_contenders, c
 from .contenders import Contender, build_contenders, x_transformers_status
 from .correctness import check_against_torch, checked_encoder
 from .environment import environment
+from .kit import say as log_to_stderr
 from .memory import measure_cpu_peak_rss
 from .timing import free_memory, measure_matmul_peak, run_group
 from .workload import Case, make_case, make_input
@@ -28,10 +28,6 @@ from .workload import Case, make_case, make_input
 __all__ = ["Runner", "log_to_stderr", "run_benchmark"]
 
 Log = Callable[[str], None]
-
-
-def log_to_stderr(message: str) -> None:
-    print(message, file=sys.stderr, flush=True)
 
 
 def run_benchmark(config: BenchConfig, device: str = "cpu", *,

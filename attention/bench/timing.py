@@ -2,21 +2,22 @@
 CUDA memory of each run), out-of-memory and other failures recorded instead of raised, and
 the matmul peak that MFU is measured against.
 
-A run is timed with ``time.perf_counter`` on the CPU, with CUDA events after a synchronize
-on the GPU. Shapes: ``x`` is ``(B, L, d)``.
+A run is timed by :func:`.clock.timed` (``time.perf_counter`` on the CPU, CUDA events after
+a synchronize on the GPU), in the rotated order of :func:`.rounds.rotated`. Shapes: ``x``
+is ``(B, L, d)``.
 """
 
 from __future__ import annotations
 
 import gc
-import time
-from collections.abc import Callable
 from typing import Any
 
 import torch
 from torch import Tensor
 
+from .clock import timed
 from .contenders import Contender
+from .rounds import rotated
 from .workload import Case
 
 __all__ = [
@@ -56,22 +57,6 @@ def prepare(contender: Contender, x: Tensor, training: bool) -> None:
     for parameter in contender.module.parameters():
         parameter.grad = None
     x.grad = None
-
-
-def timed(fn: Callable[[], None], device: torch.device) -> float:
-    """Seconds that ``fn`` takes, measured on the GPU's clock on CUDA."""
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
-        start = torch.cuda.Event(enable_timing=True)
-        end = torch.cuda.Event(enable_timing=True)
-        start.record()
-        fn()
-        end.record()
-        end.synchronize()
-        return start.elapsed_time(end) / 1000
-    start_time = time.perf_counter()
-    fn()
-    return time.perf_counter() - start_time
 
 
 def is_out_of_memory(error: BaseException) -> bool:
@@ -129,9 +114,7 @@ class GroupTimer:
     def time_round(self, round_index: int) -> None:
         """One timed run of every contender still ``ok``; round ``i`` starts at the
         ``i``-th contender, so that none always follows the same neighbour."""
-        names = list(self.contenders)
-        start = round_index % len(names)
-        for name in names[start:] + names[:start]:
+        for name in rotated(list(self.contenders), round_index):
             if self.results[name]["status"] == "ok":
                 self.time_one(name)
 
