@@ -1,5 +1,5 @@
-"""benchmarks/decoding.py: every system generates the same number of tokens (end of sentence
-suppressed even where it is the likeliest token), CTranslate2 in float32 picks our greedy
+"""benchmarks/decoding_speed.py: every system generates the same number of tokens (end of
+sentence suppressed even where it is the likeliest token), CTranslate2 in float32 picks our greedy
 tokens, missing peers are skipped with a notice, and the results are written."""
 
 import importlib.util
@@ -11,8 +11,8 @@ import pytest
 import torch
 
 ROOT = Path(__file__).resolve().parents[2]
-SPEC = importlib.util.spec_from_file_location("benchmarks_decoding",
-                                              ROOT / "benchmarks" / "decoding.py")
+SPEC = importlib.util.spec_from_file_location("benchmarks_decoding_speed",
+                                              ROOT / "benchmarks" / "decoding_speed.py")
 decoding = importlib.util.module_from_spec(SPEC)
 sys.modules[SPEC.name] = decoding
 SPEC.loader.exec_module(decoding)

@@ -15,7 +15,7 @@ call; a round times one whole ``generate`` of the batch. Per round, the ratio pe
 (> 1: ours is faster); the figure is the median of the rounds' ratios, per (threads, beam)
 cell. Peers whose package (or our converter) is missing are skipped with a notice.
 
-    python benchmarks/decoding.py --threads 1 2 --beams 1 4 --rounds 7
+    python benchmarks/decoding_speed.py --threads 1 2 --beams 1 4 --rounds 7
 
 The "before" figure of a change: the same script with ``PYTHONPATH`` set to an older tree.
 """
@@ -488,7 +488,7 @@ def main(argv: list[str] | None = None) -> dict:
     with tempfile.TemporaryDirectory(prefix="decoding-ct2-") as folder:
         peers = find_peers(model, Path(folder))
         cells, details = run_all(args, model, src, peers)
-    command = " ".join(["python benchmarks/decoding.py", *(sys.argv[1:] if argv is None
+    command = " ".join(["python benchmarks/decoding_speed.py", *(sys.argv[1:] if argv is None
                                                              else argv)])
     env = environment(torch.device("cpu"), command)
     env["threads"] = args.threads  # the cells' (torch's and CTranslate2's intra_threads)
