@@ -16,12 +16,6 @@ the figure is the median of the per-round ratios.
 from __future__ import annotations
 
 import argparse
-import json
-import os
-import platform
-import statistics
-import sys
-import time
 from datetime import date
 from pathlib import Path
 
@@ -29,9 +23,10 @@ import torch
 from torch import Tensor, nn
 
 from attention import compat
-from attention.common.files import write_text_atomic
+from attention.bench import kit
 
 RESULTS = Path(__file__).resolve().parent / "results"
+SETUP = ("d_model", "n_heads", "n_layers", "d_ff", "batch", "memory", "new_tokens", "rounds")
 
 
 def build_decoders(args: argparse.Namespace) -> tuple[nn.TransformerDecoder,
@@ -65,107 +60,74 @@ def cached(decoder: compat.TransformerDecoder, tgt: Tensor, memory: Tensor, pref
     return torch.cat(outputs, dim=1)
 
 
-def timed(run, *args) -> float:
-    start = time.perf_counter()
-    run(*args)
-    return time.perf_counter() - start
-
-
 def measure(args: argparse.Namespace, prefix: int) -> dict:
+    """Both decoders at one prefix: their outputs compared, then alternated rounds."""
     theirs, ours = build_decoders(args)
     torch.manual_seed(1)
     tgt = torch.randn(args.batch, prefix + args.new_tokens, args.d_model)
     memory = torch.randn(args.batch, args.memory, args.d_model)
-    difference = (cached(ours, tgt, memory, prefix)
-                  - rerun_prefix(theirs, tgt, memory, prefix)).abs().max().item()
-    if difference > 1e-4:
-        raise RuntimeError(f"outputs differ by {difference:.2e} at prefix {prefix}")
-    rounds = []
-    for _ in range(args.rounds):  # alternated, so that drifts in the machine hit both
-        torch_seconds = timed(rerun_prefix, theirs, tgt, memory, prefix)
-        ours_seconds = timed(cached, ours, tgt, memory, prefix)
-        rounds.append({"torch_s": torch_seconds, "ours_s": ours_seconds,
-                       "speedup": torch_seconds / ours_seconds})
+
+    def agree(outputs: dict[str, Tensor]) -> dict:
+        difference = (outputs["ours"] - outputs["torch.nn"]).abs().max().item()
+        if difference > 1e-4:
+            raise RuntimeError(f"outputs differ by {difference:.2e} at prefix {prefix}")
+        return {"max_abs_difference": difference}
+
+    result = kit.alternate({"torch.nn": lambda: rerun_prefix(theirs, tgt, memory, prefix),
+                            "ours": lambda: cached(ours, tgt, memory, prefix)},
+                           args.rounds, pairs={"speedup": ("torch.nn", "ours")}, check=agree)
     tokens = args.batch * args.new_tokens
-    return {
-        "prefix": prefix,
-        "max_abs_difference": difference,
-        "rounds": rounds,
-        "torch_tokens_per_s": tokens / statistics.median(r["torch_s"] for r in rounds),
-        "ours_tokens_per_s": tokens / statistics.median(r["ours_s"] for r in rounds),
-        "median_speedup": statistics.median(r["speedup"] for r in rounds),
-    }
+    return {"prefix": prefix, **result, "tokens_per_s": {
+        name: tokens / (cell["median_ms"] / 1e3) for name, cell in result["contenders"].items()}}
 
 
-def markdown(report: dict) -> str:
+def markdown(report: dict) -> list[str]:
     setup = report["setup"]
-    lines = [
-        f"# Cached decoding vs torch.nn's re-run of the prefix ({report['date']})",
-        "",
-        f"`{report['command']}` on {report['machine']}, torch {report['torch']}, "
-        f"{report['threads']} threads. Decoder: d_model {setup['d_model']}, "
-        f"{setup['n_heads']} heads, {setup['n_layers']} layers, d_ff {setup['d_ff']}; batch "
-        f"{setup['batch']}, memory {setup['memory']} positions, {setup['new_tokens']} new "
-        f"positions after the prefix; fp32, eval, no grad. Median of {setup['rounds']} "
-        "alternated rounds; the prefill of ours is counted in its time.",
-        "",
-        "| prefix | torch.nn tokens/s | ours (cached) tokens/s | speed-up (median ratio) | "
-        "max abs difference |",
-        "| ---: | ---: | ---: | ---: | ---: |",
-    ]
-    for row in report["results"]:
-        lines.append(f"| {row['prefix']} | {row['torch_tokens_per_s']:.1f} | "
-                     f"{row['ours_tokens_per_s']:.1f} | {row['median_speedup']:.2f}× | "
-                     f"{row['max_abs_difference']:.1e} |")
-    return "\n".join(lines) + "\n"
-
+    return [
+        f"Decoder: d_model {setup['d_model']}, {setup['n_heads']} heads, {setup['n_layers']} "
+        f"layers, d_ff {setup['d_ff']}; batch {setup['batch']}, memory {setup['memory']} "
+        f"positions, {setup['new_tokens']} new positions after the prefix; fp32, eval, no grad. "
+        f"Median of {setup['rounds']} alternated rounds; the prefill of ours is counted in its "
+        "time.", "",
+        *kit.markdown_table(
+            ["prefix", "torch.nn tokens/s", "ours (cached) tokens/s", "speed-up (median ratio)",
+             "max abs difference"],
+            [[row["prefix"], f"{row['tokens_per_s']['torch.nn']:.1f}",
+              f"{row['tokens_per_s']['ours']:.1f}", f"{row['ratios']['speedup']['median']:.2f}×",
+              f"{row['check']['max_abs_difference']:.1e}"] for row in report["results"]],
+            align="rrrrr")]
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--prefix", type=int, nargs="+", default=[128, 512])
-    parser.add_argument("--new-tokens", type=int, default=16)
-    parser.add_argument("--batch", type=int, default=4)
-    parser.add_argument("--memory", type=int, default=64)
-    parser.add_argument("--d-model", type=int, default=256)
-    parser.add_argument("--n-heads", type=int, default=4)
-    parser.add_argument("--n-layers", type=int, default=4)
-    parser.add_argument("--d-ff", type=int, default=1024)
-    parser.add_argument("--rounds", type=int, default=5)
+    parser.add_argument("--prefix", type=kit.positive_int, nargs="+", default=[128, 512])
+    parser.add_argument("--new-tokens", type=kit.positive_int, default=16)
+    parser.add_argument("--batch", type=kit.positive_int, default=4)
+    parser.add_argument("--memory", type=kit.positive_int, default=64)
+    parser.add_argument("--d-model", type=kit.positive_int, default=256)
+    parser.add_argument("--n-heads", type=kit.positive_int, default=4)
+    parser.add_argument("--n-layers", type=kit.positive_int, default=4)
+    parser.add_argument("--d-ff", type=kit.positive_int, default=1024)
+    parser.add_argument("--rounds", type=kit.positive_int, default=5)
     parser.add_argument("--out", type=Path, help="results path, without suffix",
                         default=RESULTS / f"cached-decoding-cpu-{date.today()}")
-    args = parser.parse_args(argv)
-    for name in ("new_tokens", "batch", "memory", "rounds"):
-        if getattr(args, name) < 1:
-            parser.error(f"--{name.replace('_', '-')}: expected a positive int, got "
-                         f"{getattr(args, name)}")
-    if any(p < 1 for p in args.prefix):
-        parser.error(f"--prefix: expected positive lengths, got {args.prefix}")
-    return args
+    return parser.parse_args(argv)
 
 
-def main(argv: list[str] | None = None) -> None:
+def main(argv: list[str] | None = None) -> dict:
     args = parse_args(argv)
     results = []
     for prefix in args.prefix:
         results.append(measure(args, prefix))
-        row = results[-1]
-        print(f"prefix {prefix}: torch.nn {row['torch_tokens_per_s']:.1f} tokens/s, ours "
-              f"{row['ours_tokens_per_s']:.1f} tokens/s, {row['median_speedup']:.2f}×",
-              flush=True)
-    report = {
-        "date": str(date.today()),
-        "command": " ".join(["python benchmarks/cached_decoding.py", *(argv or sys.argv[1:])]),
-        "machine": f"{platform.machine()} CPU, {os.cpu_count()} cores",
-        "torch": torch.__version__,
-        "threads": torch.get_num_threads(),
-        "setup": {k: getattr(args, k) for k in ("d_model", "n_heads", "n_layers", "d_ff",
-                                                "batch", "memory", "new_tokens", "rounds")},
-        "results": results,
-    }
-    write_text_atomic(args.out.with_suffix(".json"), json.dumps(report, indent=2) + "\n")
-    write_text_atomic(args.out.with_suffix(".md"), markdown(report))
-    print(f"wrote {args.out}.json and .md")
+        kit.say(f"prefix {prefix}: " + ", ".join(
+            f"{name} {rate:.1f} tokens/s" for name, rate in results[-1]["tokens_per_s"].items())
+            + f", {results[-1]['ratios']['speedup']['median']:.2f}×")
+    report = {"environment": kit.environment("cpu", kit.command_line(__file__, argv)),
+              "setup": {key: getattr(args, key) for key in SETUP}, "results": results}
+    kit.write_report(args.out, report, body=markdown(report),
+                     title="Cached decoding vs torch.nn's re-run of the prefix")
+    kit.say(f"wrote {args.out}.json and .md")
+    return report
 
 
 if __name__ == "__main__":

@@ -1,20 +1,12 @@
 """benchmarks/cached_decoding.py: both decoders do the same work and agree before they are
 timed, and the results are written as JSON and Markdown."""
 
-import importlib.util
-import json
-import sys
-from pathlib import Path
-
 import pytest
 import torch
 
-ROOT = Path(__file__).resolve().parents[2]
-SPEC = importlib.util.spec_from_file_location("benchmarks_cached_decoding",
-                                              ROOT / "benchmarks" / "cached_decoding.py")
-cached_decoding = importlib.util.module_from_spec(SPEC)
-sys.modules[SPEC.name] = cached_decoding
-SPEC.loader.exec_module(cached_decoding)
+from .scripts import load_script, positive_ratio, read_results
+
+cached_decoding = load_script("cached_decoding")
 
 TINY = ["--d-model", "16", "--n-heads", "2", "--n-layers", "2", "--d-ff", "32", "--batch", "2",
         "--memory", "5", "--new-tokens", "3", "--rounds", "2"]
@@ -23,13 +15,15 @@ TINY = ["--d-model", "16", "--n-heads", "2", "--n-layers", "2", "--d-ff", "32", 
 def test_writes_both_reports_with_one_row_per_prefix(tmp_path):
     out = tmp_path / "cached"
     cached_decoding.main([*TINY, "--prefix", "4", "9", "--out", str(out)])
-    report = json.loads(out.with_suffix(".json").read_text())
+    report, markdown = read_results(out, "cached_decoding")
     assert [row["prefix"] for row in report["results"]] == [4, 9]
     for row in report["results"]:
-        assert row["max_abs_difference"] <= 1e-5
-        assert len(row["rounds"]) == 2 and row["median_speedup"] > 0
-    assert "--prefix 4 9" in report["command"]
-    assert "| 9 |" in out.with_suffix(".md").read_text()
+        assert row["check"]["max_abs_difference"] <= 1e-5
+        assert positive_ratio(row["ratios"]["speedup"], rounds=2)
+        assert set(row["contenders"]) == {"torch.nn", "ours"}
+        assert all(rate > 0 for rate in row["tokens_per_s"].values())
+    assert "--prefix 4 9" in report["environment"]["command"]
+    assert "| 9 |" in markdown
 
 
 def test_the_two_decoders_produce_the_same_outputs():
@@ -45,4 +39,4 @@ def test_the_two_decoders_produce_the_same_outputs():
 def test_bad_arguments_are_refused_by_name(bad, capsys):
     with pytest.raises(SystemExit):
         cached_decoding.parse_args(bad)
-    assert bad[0] in capsys.readouterr().err
+    assert f"argument {bad[0]}: expected a positive int, got 0" in capsys.readouterr().err
