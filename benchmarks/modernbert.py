@@ -21,17 +21,12 @@ run SDPA over every key with a band mask; ours run blocked local attention on lo
 from __future__ import annotations
 
 import argparse
-import json
-import sys
 from datetime import date
 from pathlib import Path
 
 import torch
 
-from attention.bench.cells import round_ratios, timing_summary
-from attention.bench.environment import environment
-from attention.bench.timing import timed
-from attention.common.files import write_text_atomic
+from attention.bench import kit
 from attention.interop import from_transformers
 from attention.interop.convert import import_transformers
 
@@ -64,14 +59,14 @@ def padded_lengths(batch: int, length: int, padding: float) -> list[int]:
 
 
 def cases(args: argparse.Namespace) -> list[dict]:
+    """Each input: its name, lengths, ``(ids, attention_mask)`` of ``(batch, length)``."""
     generator = torch.Generator().manual_seed(args.seed)
-    result = []
-    for length in args.lengths:
-        result.append({"name": f"1 x {length}", "lengths": [length], "length": length})
+    result = [{"name": f"1 x {length}", "lengths": [length], "length": length}
+              for length in args.lengths]
     if args.batch:
-        lengths = padded_lengths(args.batch, args.batch_length, args.padding)
-        result.append({"name": f"{args.batch} x {args.batch_length}, padded",
-                       "lengths": lengths, "length": args.batch_length})
+        result.append({"name": f"{args.batch} x {args.batch_length}, padded", "length":
+                       args.batch_length,
+                       "lengths": padded_lengths(args.batch, args.batch_length, args.padding)})
     for case in result:
         ids = torch.randint(3, args.vocab, (len(case["lengths"]), case["length"]),
                             generator=generator)
@@ -82,95 +77,80 @@ def cases(args: argparse.Namespace) -> list[dict]:
 
 def measure(args: argparse.Namespace, theirs: torch.nn.Module, ours: torch.nn.Module,
             case: dict) -> dict:
+    """One input: the outputs compared at real positions, then alternated rounds."""
     ids, mask = case["inputs"]
-    runs = {"transformers": lambda: theirs(input_ids=ids, attention_mask=mask),
-            "ours": lambda: ours(ids, mask)}
-    cpu = torch.device("cpu")
+
+    def agree(outputs: dict) -> dict:
+        difference = outputs["ours"] - outputs["transformers"].last_hidden_state
+        return {"max_abs_difference": difference[mask.bool()].abs().max().item()}
+
     with torch.inference_mode():
-        reference = runs["transformers"]().last_hidden_state
-        difference = (runs["ours"]() - reference)[mask.bool()].abs().max().item()
-        times: dict[str, list[float]] = {name: [] for name in runs}
-        for round_ in range(args.rounds):
-            order = list(runs) if round_ % 2 == 0 else list(reversed(runs))
-            for name in order:
-                times[name].append(timed(runs[name], cpu))
-    real = int(mask.sum())
+        result = kit.alternate({"transformers": lambda: theirs(input_ids=ids, attention_mask=mask),
+                                "ours": lambda: ours(ids, mask)}, args.rounds, check=agree,
+                               pairs={"ratio": ("transformers", "ours")})
     return {"case": case["name"], "lengths": case["lengths"],
-            "padding": 1 - real / mask.numel(), "max_abs_difference": difference,
-            "ratio": round_ratios(times["transformers"], times["ours"]),
-            **{name: timing_summary(values) for name, values in times.items()}}
+            "padding": 1 - int(mask.sum()) / mask.numel(), **result}
 
 
-def markdown(report: dict) -> str:
-    config = report["config"]
-    lines = [
-        f"# ModernBERT, ours converted vs transformers, CPU inference, {report['date']}",
-        "",
-        f"`{report['environment']['command']}`: {report['environment']['device_name']}, "
-        f"{report['environment']['threads']} threads, torch {report['environment']['torch']}"
-        f", transformers {report['transformers']}, commit "
-        f"{report['environment']['git_commit']}. ModernBertModel of {config['n_layers']} "
-        f"layers, d_model {config['d_model']}, {config['n_heads']} heads, GeGLU "
-        f"{config['d_ff']}, window {config['window']} each side, layer i global when i % "
-        f"{config['global_every']} == 0, float32, random weights; transformers "
-        f"with attn_implementation='sdpa'. {config['rounds']} alternated rounds after a "
-        f"warm-up run; ratio = transformers' time / ours per round, median (> 1: ours "
-        f"faster).",
-        "",
-        "| input | padding | transformers (ms) | ours (ms) | ratio (median) | "
-        "max abs diff |",
-        "| --- | ---: | ---: | ---: | ---: | ---: |",
-    ]
-    for row in report["rows"]:
-        lines.append(f"| {row['case']} | {row['padding']:.0%} | "
-                     f"{row['transformers']['median_ms']:.1f} | {row['ours']['median_ms']:.1f}"
-                     f" | {row['ratio']['median']:.2f}x | {row['max_abs_difference']:.1e} |")
-    return "\n".join(lines) + "\n"
+def markdown(report: dict) -> list[str]:
+    config, env = report["config"], report["environment"]
+    return [
+        f"{env['device_name']}, {env['threads']} threads, torch {env['torch']}, transformers "
+        f"{env['packages']['transformers']}, commit {env['git_commit']}. ModernBertModel of "
+        f"{config['n_layers']} layers, d_model {config['d_model']}, {config['n_heads']} heads, "
+        f"GeGLU {config['d_ff']}, window {config['window']} each side, layer i global when i % "
+        f"{config['global_every']} == 0, float32, random weights; transformers with "
+        f"attn_implementation='sdpa'. {config['rounds']} alternated rounds after a warm-up run; "
+        "ratio = transformers' time / ours per round, median (> 1: ours faster).", "",
+        *kit.markdown_table(
+            ["input", "padding", "transformers (ms)", "ours (ms)", "ratio (median)",
+             "max abs diff"],
+            [[row["case"], f"{row['padding']:.0%}",
+              f"{row['contenders']['transformers']['median_ms']:.1f}",
+              f"{row['contenders']['ours']['median_ms']:.1f}",
+              f"{row['ratios']['ratio']['median']:.2f}x",
+              f"{row['check']['max_abs_difference']:.1e}"] for row in report["rows"]])]
 
 
-def main(argv: list[str] | None = None) -> int:
+def main(argv: list[str] | None = None) -> dict:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--lengths", type=int, nargs="+", default=[512, 2048, 8192])
-    parser.add_argument("--batch", type=int, default=16, help="0: no padded batch")
-    parser.add_argument("--batch-length", type=int, default=512)
-    parser.add_argument("--padding", type=float, default=0.25)
-    parser.add_argument("--d-model", type=int, default=512)
-    parser.add_argument("--n-heads", type=int, default=8)
-    parser.add_argument("--n-layers", type=int, default=8)
-    parser.add_argument("--d-ff", type=int, default=768)
-    parser.add_argument("--window", type=int, default=64, help="each side")
-    parser.add_argument("--global-every", type=int, default=3)
-    parser.add_argument("--vocab", type=int, default=1000)
-    parser.add_argument("--rounds", type=int, default=7)
-    parser.add_argument("--threads", type=int, default=None)
+    parser.add_argument("--lengths", type=kit.positive_int, nargs="+", default=[512, 2048, 8192])
+    parser.add_argument("--batch", type=kit.non_negative_int, default=16,
+                        help="0: no padded batch")
+    parser.add_argument("--batch-length", type=kit.positive_int, default=512)
+    parser.add_argument("--padding", type=kit.fraction, default=0.25)
+    parser.add_argument("--d-model", type=kit.positive_int, default=512)
+    parser.add_argument("--n-heads", type=kit.positive_int, default=8)
+    parser.add_argument("--n-layers", type=kit.positive_int, default=8)
+    parser.add_argument("--d-ff", type=kit.positive_int, default=768)
+    parser.add_argument("--window", type=kit.positive_int, default=64, help="each side")
+    parser.add_argument("--global-every", type=kit.positive_int, default=3)
+    parser.add_argument("--vocab", type=kit.positive_int, default=1000)
+    parser.add_argument("--rounds", type=kit.positive_int, default=7)
+    parser.add_argument("--threads", type=kit.positive_int, default=None)
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--out", type=Path, default=RESULTS)
     parser.add_argument("--tag", default="", help="appended to the results' file names")
     args = parser.parse_args(argv)
-    if not 0 <= args.padding < 1:
-        parser.error(f"--padding: expected a fraction in [0, 1), got {args.padding}")
     if args.threads:
         torch.set_num_threads(args.threads)
     theirs, ours = build_models(args)
     rows = []
     for case in cases(args):
-        rows.append(measure(args, theirs, ours, case))
-        row = rows[-1]
-        print(f"{row['case']}: {row['ratio']['median']:.2f}x (transformers "
-              f"{row['transformers']['median_ms']:.1f} ms, ours {row['ours']['median_ms']:.1f}"
-              f" ms, max abs diff {row['max_abs_difference']:.1e})", file=sys.stderr)
-    report = {"schema": 1, "date": date.today().isoformat(),
-              "environment": environment(torch.device("cpu"), " ".join(sys.argv)),
-              "transformers": import_transformers().__version__,
+        rows.append(row := measure(args, theirs, ours, case))
+        kit.say(f"{row['case']}: {row['ratios']['ratio']['median']:.2f}x (transformers "
+                f"{row['contenders']['transformers']['median_ms']:.1f} ms, ours "
+                f"{row['contenders']['ours']['median_ms']:.1f} ms, max abs diff "
+                f"{row['check']['max_abs_difference']:.1e})")
+    report = {"environment": kit.environment("cpu", kit.command_line(__file__, argv),
+                                             packages=["transformers"]),
               "config": {key: value for key, value in vars(args).items() if key != "out"},
               "rows": rows}
-    stem = f"modernbert-cpu-{report['date']}{args.tag}"
-    write_text_atomic(args.out / f"{stem}.json", json.dumps(report, indent=2) + "\n")
-    text = markdown(report)
-    write_text_atomic(args.out / f"{stem}.md", text)
-    print(text)
-    return 0
+    kit.write_report(args.out / f"modernbert-cpu-{date.today()}{args.tag}", report,
+                     title=f"ModernBERT, ours converted vs transformers, CPU inference, "
+                           f"{date.today()}", body=markdown(report))
+    return report
 
 
 if __name__ == "__main__":
-    raise SystemExit(main())
+    main()
