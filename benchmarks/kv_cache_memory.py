@@ -15,9 +15,6 @@ machine. Each layout's decoder output is checked against a full causal pass firs
 from __future__ import annotations
 
 import argparse
-import json
-import platform
-import sys
 from datetime import date
 from pathlib import Path
 
@@ -25,7 +22,7 @@ import torch
 from torch.testing import assert_close
 
 from attention import Decoder
-from attention.common.files import write_text_atomic
+from attention.bench import kit
 
 RESULTS = Path(__file__).resolve().parent / "results"
 
@@ -62,7 +59,9 @@ def check_against_full_pass(decoder: Decoder, memory: torch.Tensor, steps: int =
     assert_close(stepped, full, atol=1e-4, rtol=1e-4)
 
 
-def measure(args: argparse.Namespace) -> dict:
+def measure(args: argparse.Namespace) -> list[dict]:
+    """One row per layout and checkpoint step, with its cache's bytes and its ratio to
+    full multi-head attention's allocation."""
     rows = []
     checkpoints = sorted(set(args.steps))
     for name, kwargs in layouts(args.n_heads, args.n_kv_heads, args.window).items():
@@ -78,58 +77,46 @@ def measure(args: argparse.Namespace) -> dict:
                 decoder(x, memory, cache=cache)
                 if step in checkpoints:
                     rows.append({"layout": name, "steps": step, **cache_bytes(cache)})
-        print(f"{name}: done", file=sys.stderr)
+        kit.say(f"{name}: done")
     full = {row["steps"]: row["self_room"] for row in rows
             if row["layout"] == f"MHA ({args.n_heads} KV heads)"}
     for row in rows:
         row["vs_mha"] = row["self_room"] / full[row["steps"]]
-    return {"schema": 1, "date": date.today().isoformat(), "command": " ".join(sys.argv),
-            "machine": platform.processor() or platform.machine(),
-            "torch": torch.__version__,
-            "config": {key: value for key, value in vars(args).items() if key != "out"},
-            "rows": rows}
+    return rows
 
 
-def markdown(report: dict) -> str:
+def markdown(report: dict) -> list[str]:
     config = report["config"]
-    lines = [
-        f"# Decoder KV cache memory, {report['date']}",
-        "",
-        f"`{report['command']}` (torch {report['torch']}). A Decoder of d_model "
-        f"{config['d_model']}, {config['n_heads']} query heads, {config['n_layers']} layers, "
-        f"float32, decoding one position a step over a {config['source_length']}-token "
-        f"source; the cache is created with capacity = the last step count, as generate "
-        f"creates it. Bytes are the cache tensors' own sizes.",
-        "",
-        "| layout | steps | self-attention allocated | held | vs MHA | cross-attention |",
-        "| --- | ---: | ---: | ---: | ---: | ---: |",
-    ]
-    for row in report["rows"]:
-        lines.append(f"| {row['layout']} | {row['steps']} | {row['self_room'] / 2**10:.0f} KiB "
-                     f"| {row['self_held'] / 2**10:.0f} KiB | {row['vs_mha']:.3f} | "
-                     f"{row['cross'] / 2**10:.0f} KiB |")
-    return "\n".join(lines) + "\n"
+    return [
+        f"A Decoder of d_model {config['d_model']}, {config['n_heads']} query heads, "
+        f"{config['n_layers']} layers, float32, decoding one position a step over a "
+        f"{config['source_length']}-token source; the cache is created with capacity = the "
+        "last step count, as generate creates it. Bytes are the cache tensors' own sizes.", "",
+        *kit.markdown_table(
+            ["layout", "steps", "self-attention allocated", "held", "vs MHA", "cross-attention"],
+            [[row["layout"], row["steps"], f"{row['self_room'] / 2**10:.0f} KiB",
+              f"{row['self_held'] / 2**10:.0f} KiB", f"{row['vs_mha']:.3f}",
+              f"{row['cross'] / 2**10:.0f} KiB"] for row in report["rows"]])]
 
 
-def main(argv: list[str] | None = None) -> int:
+def main(argv: list[str] | None = None) -> dict:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--d-model", type=int, default=256)
-    parser.add_argument("--n-heads", type=int, default=16)
-    parser.add_argument("--n-kv-heads", type=int, default=4)
-    parser.add_argument("--n-layers", type=int, default=2)
-    parser.add_argument("--window", type=int, default=64)
-    parser.add_argument("--source-length", type=int, default=32)
-    parser.add_argument("--steps", type=int, nargs="+", default=[256, 1024, 4096])
+    parser.add_argument("--d-model", type=kit.positive_int, default=256)
+    parser.add_argument("--n-heads", type=kit.positive_int, default=16)
+    parser.add_argument("--n-kv-heads", type=kit.positive_int, default=4)
+    parser.add_argument("--n-layers", type=kit.positive_int, default=2)
+    parser.add_argument("--window", type=kit.positive_int, default=64)
+    parser.add_argument("--source-length", type=kit.positive_int, default=32)
+    parser.add_argument("--steps", type=kit.positive_int, nargs="+", default=[256, 1024, 4096])
     parser.add_argument("--out", type=Path, default=RESULTS)
     args = parser.parse_args(argv)
-    report = measure(args)
-    stem = f"kv-cache-memory-{report['date']}"
-    write_text_atomic(args.out / f"{stem}.json", json.dumps(report, indent=2) + "\n")
-    text = markdown(report)
-    write_text_atomic(args.out / f"{stem}.md", text)
-    print(text)
-    return 0
+    report = {"environment": kit.environment("cpu", kit.command_line(__file__, argv)),
+              "config": {key: value for key, value in vars(args).items() if key != "out"},
+              "rows": measure(args)}
+    kit.write_report(args.out / f"kv-cache-memory-{date.today()}", report, body=markdown(report),
+                     title=f"Decoder KV cache memory, {date.today()}")
+    return report
 
 
 if __name__ == "__main__":
-    raise SystemExit(main())
+    main()
