@@ -7,7 +7,7 @@ VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 
-.PHONY: install test test-oldest lint train bench gpu-check clean
+.PHONY: install test test-oldest lint train bench figures gpu-check clean
 
 $(STAMP): pyproject.toml constraints.txt
 	$(PYTHON) -m venv $(VENV)
@@ -43,6 +43,11 @@ train: $(STAMP)
 
 bench: $(STAMP)
 	$(BIN)/attention-bench --device cpu --config configs/bench/small.yaml
+
+# The README's table of current figures, rewritten from the committed results
+# (`python scripts/readme_figures.py --check` says whether it is current).
+figures: $(STAMP)
+	$(BIN)/python scripts/readme_figures.py
 
 # What a session lent a GPU runs (README, "GPU check"): tests on cuda, a compiled bf16
 # training run and the base and long benchmarks, results in OUT (the device machine sets
