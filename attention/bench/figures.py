@@ -4,9 +4,10 @@
 repository root; a name with ``*`` means the newest file that matches, by the date and the
 ``-runN`` in its name), a pure function that turns the loaded files into the figure, and one
 that says where they come from (the command, machine, date and commit the files record).
-No number is typed here: every figure is read, or computed, from a results file. What a
-file does not record (the translation runs' and the conformance run's machine and date) is
-said in the row's source, marked as not recorded by the file.
+No figure is typed here: every number shown is read, or computed, from a results file (the
+lengths the scaling row picks are a choice of what to show, and must be in its files). What
+a file does not record (the translation runs' and the conformance run's command, machine and
+date) is typed in its row's source, which says so.
 
 :func:`render_table` makes the block the README holds between its two marker lines, and
 :func:`replace_block` puts it there; ``python scripts/readme_figures.py`` does both, and a
@@ -61,6 +62,9 @@ class Record(Mapping):
 
     def __contains__(self, key: object) -> bool:
         return key in self.value
+
+    def get(self, key: str, default: Any = None) -> Any:
+        return self[key] if key in self.value else default
 
     def __iter__(self) -> Iterator[str]:
         return iter(self.value)
