@@ -18,13 +18,7 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
-import json
-import os
-import platform
-import statistics
-import sys
 import tempfile
-import time
 from collections.abc import Sequence
 from datetime import date
 from pathlib import Path
@@ -32,7 +26,7 @@ from pathlib import Path
 import ctranslate2
 import torch
 
-from attention.common.files import write_text_atomic
+from attention.bench import kit
 from attention.translation.checkpoint import config_from_checkpoint, load_checkpoint
 from attention.translation.config import Config
 from attention.translation.data.corpus import read_lines
@@ -107,32 +101,26 @@ def measure(args: argparse.Namespace) -> dict:
     translator = Translator.from_checkpoint(args.checkpoint, "cpu", precision="fp32")
     real = [i for i, sentence in enumerate(sources) if sentence.strip()]
     ids = translator.encode([sources[i] for i in real])
-    rows, ours = [], {}
-    for beam in args.beam_sizes:
-        start = time.perf_counter()
-        ours[beam] = translator.generate_ids(ids, beam_size=beam)
-        seconds = time.perf_counter() - start
-        rows.append(row("ours", "float32", beam, ours[beam], ours[beam], seconds, translator,
-                        sources, real, references))
-        print(f"ours float32 beam {beam}: BLEU {rows[-1]['bleu']:.2f}", flush=True)
-    sizes, models = {}, {}
+    engines = {("ours", "float32"): lambda beam: translator.generate_ids(ids, beam_size=beam)}
+    rows, ours, sizes, models = [], {}, {}, {}
     with tempfile.TemporaryDirectory() as scratch:
         for quantization in QUANTIZATIONS:
             folder = export_ctranslate2(translator, Path(scratch) / quantization,
                                         quantization=quantization)
             sizes[quantization] = (folder / "model.bin").stat().st_size
-            model = ctranslate2.Translator(str(folder), device="cpu", inter_threads=1,
-                                           intra_threads=torch.get_num_threads())
-            models[quantization] = model
+            models[quantization] = ctranslate2.Translator(
+                str(folder), device="cpu", inter_threads=1,
+                intra_threads=torch.get_num_threads())
+            engines["ctranslate2", quantization] = \
+                lambda beam, m=models[quantization]: ctranslate2_ids(m, translator, ids, beam)
+        for (engine, weights), translate in engines.items():
             for beam in args.beam_sizes:
-                start = time.perf_counter()
-                theirs = ctranslate2_ids(model, translator, ids, beam)
-                seconds = time.perf_counter() - start
-                rows.append(row("ctranslate2", quantization, beam, theirs, ours[beam],
-                                seconds, translator, sources, real, references))
-                print(f"ctranslate2 {quantization} beam {beam}: identical "
-                      f"{rows[-1]['identical_to_ours']:.2%}, BLEU {rows[-1]['bleu']:.2f}",
-                      flush=True)
+                seconds, found = kit.timed_call(lambda t=translate, b=beam: t(b))
+                ours.setdefault(beam, found)
+                rows.append(row(engine, weights, beam, found, ours[beam], seconds, translator,
+                                sources, real, references))
+                kit.say(f"{engine} {weights} beam {beam}: identical "
+                        f"{rows[-1]['identical_to_ours']:.2%}, BLEU {rows[-1]['bleu']:.2f}")
         speed = [alternated(translator, models, ids, beam, args.rounds)
                  for beam in args.beam_sizes] if args.rounds else []
     return {"checkpoint_step": checkpoint["progress"]["step"],
@@ -143,28 +131,17 @@ def measure(args: argparse.Namespace) -> dict:
 
 def alternated(translator: Translator, models: dict[str, ctranslate2.Translator],
                ids: Sequence[Sequence[int]], beam: int, rounds: int) -> dict:
-    """Seconds to translate the whole test set, ours and each CTranslate2 model in turn,
-    ``rounds`` times (the order rotating); medians, and each peer's median per-round ratio
-    (its time ÷ ours: above 1, ours is faster)."""
+    """The whole test set translated by ours and each CTranslate2 model in turn, ``rounds``
+    rotated rounds after a warm-up: medians, and each peer's time ÷ ours per round (above 1,
+    ours is faster)."""
     runs = {"ours": lambda: translator.generate_ids(ids, beam_size=beam)}
     for name, model in models.items():
         runs[f"ctranslate2 {name}"] = lambda m=model: ctranslate2_ids(m, translator, ids, beam)
-    names = list(runs)
-    seconds: dict[str, list[float]] = {name: [] for name in names}
-    for run in runs.values():  # warm-up
-        run()
-    for index in range(rounds):
-        for name in names[index % len(names):] + names[:index % len(names)]:
-            start = time.perf_counter()
-            runs[name]()
-            seconds[name].append(time.perf_counter() - start)
-    print(f"beam {beam}: " + ", ".join(f"{n} {statistics.median(t):.2f} s"
-                                       for n, t in seconds.items()), flush=True)
-    return {"beam_size": beam, "rounds": rounds, "seconds": seconds,
-            "median_seconds": {n: statistics.median(t) for n, t in seconds.items()},
-            "ratio_to_ours": {n: statistics.median(a / b for a, b in
-                                                   zip(t, seconds["ours"], strict=True))
-                              for n, t in seconds.items() if n != "ours"}}
+    result = kit.alternate(runs, rounds, pairs={name: (name, "ours") for name in runs
+                                                if name != "ours"})
+    kit.say(f"beam {beam}: " + ", ".join(f"{name} {cell['median_ms'] / 1e3:.2f} s"
+                                         for name, cell in result["contenders"].items()))
+    return {"beam_size": beam, **result}
 
 
 def row(engine: str, weights: str, beam: int, ids: list[list[int]], ours: list[list[int]],
@@ -180,13 +157,11 @@ def row(engine: str, weights: str, beam: int, ids: list[list[int]], ours: list[l
             "seconds": round(seconds, 3)}
 
 
-def markdown(report: dict) -> str:
-    model = report["model"]
+def markdown(report: dict) -> list[str]:
+    model, env = report["model"], report["environment"]
     lines = [
-        f"# CTranslate2 export: agreement with ours ({report['date']})",
-        "",
-        f"`{report['command']}` on {report['machine']}, torch {report['torch']}, ctranslate2 "
-        f"{report['ctranslate2']}, {report['threads']} thread"
+        f"{env['device_name']}, torch {env['torch']}, ctranslate2 "
+        f"{env['packages']['ctranslate2']}, {report['threads']} thread"
         f"{'s' if report['threads'] != 1 else ''}. Checkpoint `{report['checkpoint']}` of "
         f"step {report['checkpoint_step']} (d_model {model['d_model']}, {model['n_heads']} heads, "
         f"{model['n_encoder_layers']}+{model['n_decoder_layers']} layers, "
@@ -195,37 +170,27 @@ def markdown(report: dict) -> str:
         "Each search gets our length limit over our batches; CTranslate2 with "
         "`suppress_sequences=[['<pad>'], ['<bos>']]`, `min_decoding_length=0`. "
         "Identical: the output tokens equal ours at the same beam size. Seconds: wall time "
-        "of the whole test set on a machine shared with other work (indicative only).",
-        "",
-        "| engine | weights | beam | identical to ours | BLEU | BLEU (lowercased) | seconds |",
-        "| --- | --- | ---: | ---: | ---: | ---: | ---: |",
-    ]
-    for r in report["results"]:
-        identical = "(reference)" if r["engine"] == "ours" else \
-            f"{r['identical_to_ours']:.2%} ({r['identical_sentences']})"
-        lines.append(f"| {r['engine']} | {r['weights']} | {r['beam_size']} | {identical} | "
-                     f"{r['bleu']:.2f} | {r['bleu_lowercase']:.2f} | {r['seconds']:.2f} |")
-    sizes = report["model_bin_bytes"]
-    lines += ["", "model.bin: " + ", ".join(f"{name} {size / 1e6:.2f} MB"
-                                            for name, size in sizes.items())]
-    if report.get("speed"):
+        "of the whole test set on a machine shared with other work (indicative only).", "",
+        *kit.markdown_table(
+            ["engine", "weights", "beam", "identical to ours", "BLEU", "BLEU (lowercased)",
+             "seconds"],
+            [[r["engine"], r["weights"], r["beam_size"], "(reference)" if r["engine"] == "ours"
+              else f"{r['identical_to_ours']:.2%} ({r['identical_sentences']})",
+              f"{r['bleu']:.2f}", f"{r['bleu_lowercase']:.2f}", f"{r['seconds']:.2f}"]
+             for r in report["results"]], align="llrrrrr"), "",
+        "model.bin: " + ", ".join(f"{name} {size / 1e6:.2f} MB"
+                                  for name, size in report["model_bin_bytes"].items())]
+    if report["speed"]:
         lines += ["", "Speed, alternated: the whole test set translated by each in turn, "
                   f"{report['speed'][0]['rounds']} rounds; medians, and each peer's median "
                   "per-round ratio, its time ÷ ours (above 1: ours faster).", "",
-                  "| beam | engine | seconds | time ÷ ours |", "| ---: | --- | ---: | ---: |"]
-        for cell in report["speed"]:
-            for name, median in cell["median_seconds"].items():
-                ratio = cell["ratio_to_ours"].get(name)
-                lines.append(f"| {cell['beam_size']} | {name} | {median:.2f} | "
-                             f"{'-' if ratio is None else f'{ratio:.2f}×'} |")
-    return "\n".join(lines) + "\n"
-
-
-def shown(argument: str) -> str:
-    """An absolute path as its folder's name and its own (a reader's machine has others)."""
-    path = Path(argument)
-    return f"{path.parent.name}/{path.name}" if path.is_absolute() else argument
-
+                  *kit.markdown_table(["beam", "engine", "seconds", "time ÷ ours"], [
+                      [cell["beam_size"], name, f"{entry['median_ms'] / 1e3:.2f}",
+                       f"{cell['ratios'][name]['median']:.2f}×" if name in cell["ratios"]
+                       else "-"]
+                      for cell in report["speed"] for name, entry in cell["contenders"].items()],
+                      align="rlrr")]
+    return lines
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -233,11 +198,11 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--checkpoint", type=Path, required=True)
     parser.add_argument("--source", type=Path, help="source sentences, one a line (.gz too)")
     parser.add_argument("--reference", type=Path, help="their reference translations")
-    parser.add_argument("--beam-sizes", type=int, nargs="+", default=[1, 4])
-    parser.add_argument("--limit", type=int, help="only the first N sentences")
-    parser.add_argument("--rounds", type=int, default=0,
+    parser.add_argument("--beam-sizes", type=kit.positive_int, nargs="+", default=[1, 4])
+    parser.add_argument("--limit", type=kit.positive_int, help="only the first N sentences")
+    parser.add_argument("--rounds", type=kit.non_negative_int, default=0,
                         help="also time ours and CTranslate2 alternately this many rounds")
-    parser.add_argument("--threads", type=int,
+    parser.add_argument("--threads", type=kit.positive_int,
                         help="CPU threads of torch and CTranslate2 (default: torch's); on a "
                              "machine shared with other work, 1 avoids threads that spin "
                              "waiting for a busy core")
@@ -246,11 +211,6 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     args = parser.parse_args(argv)
     if (args.source is None) != (args.reference is None):
         parser.error("--source, --reference: expected both or neither, got one")
-    if any(b < 1 for b in args.beam_sizes):
-        parser.error(f"--beam-sizes: expected positive ints, got {args.beam_sizes}")
-    for name in ("limit", "threads"):
-        if getattr(args, name) is not None and getattr(args, name) < 1:
-            parser.error(f"--{name}: expected a positive int, got {getattr(args, name)}")
     return args
 
 
@@ -259,19 +219,15 @@ def main(argv: list[str] | None = None) -> dict:
     if args.threads is not None:
         torch.set_num_threads(args.threads)
     report = {
-        "date": str(date.today()),
-        "command": " ".join(["python benchmarks/ctranslate2_agreement.py",
-                             *map(shown, sys.argv[1:] if argv is None else argv)]),
-        "machine": f"{platform.machine()} CPU, {os.cpu_count()} cores",
-        "torch": torch.__version__,
-        "ctranslate2": ctranslate2.__version__,
+        "environment": kit.environment("cpu", kit.command_line(__file__, argv),
+                                       packages=["ctranslate2"]),
         "threads": torch.get_num_threads(),
-        "checkpoint": shown(str(args.checkpoint)),
+        "checkpoint": kit.shown_path(args.checkpoint.resolve()),
         **measure(args),
     }
-    write_text_atomic(args.out.with_suffix(".json"), json.dumps(report, indent=2) + "\n")
-    write_text_atomic(args.out.with_suffix(".md"), markdown(report))
-    print(f"wrote {args.out}.json and .md")
+    kit.write_report(args.out, report, body=markdown(report),
+                     title=f"CTranslate2 export: agreement with ours ({date.today()})")
+    kit.say(f"wrote {args.out}.json and .md")
     return report
 
 
