@@ -21,16 +21,13 @@ from __future__ import annotations
 
 import argparse
 import json
-import platform
-import time
 from collections.abc import Sequence
-from datetime import date
 from pathlib import Path
 from typing import Any
 
 import torch
 
-from attention.common.files import write_text_atomic
+from attention.bench import kit
 from attention.translation.averaging import average_checkpoints
 from attention.translation.checkpoint import (
     config_from_checkpoint,
@@ -48,10 +45,8 @@ SCORES = ("bleu", "chrf", "ter")
 def score(translator: Translator, pairs: Sequence[Any], beam: int, penalty: float
           ) -> dict[str, float]:
     """Cased BLEU, chrF++ and TER of ``translator`` on ``pairs``, and the decoding seconds."""
-    start = time.perf_counter()
-    hypotheses = translator.translate([p.source for p in pairs], beam_size=beam,
-                                      length_penalty=penalty)
-    seconds = time.perf_counter() - start
+    seconds, hypotheses = kit.timed_call(lambda: translator.translate(
+        [p.source for p in pairs], beam_size=beam, length_penalty=penalty))
     scores = corpus_scores(hypotheses, [p.target for p in pairs])
     return {**{key: round(scores[key], 2) for key in SCORES}, "seconds": round(seconds, 1)}
 
@@ -69,9 +64,7 @@ def measure(run: Path, averages: list[int], beams: list[int], penalties: list[fl
     val, test = splits["val"], splits["test"]
     beam, penalty = config.eval.beam_size, config.eval.length_penalty
     report: dict[str, Any] = {
-        "run": run.name, "date": date.today().isoformat(), "machine": platform.processor()
-        or platform.machine(), "threads": torch.get_num_threads(),
-        "decoding": {"beam_size": beam, "length_penalty": penalty},
+        "run": run.name, "decoding": {"beam_size": beam, "length_penalty": penalty},
         "numbered_steps": [step for step, _ in numbered], "averaging": [], "search": []}
 
     report["averaging"].append({"checkpoints": "best", "steps": [best["progress"]["step"]],
@@ -88,7 +81,7 @@ def measure(run: Path, averages: list[int], beams: list[int], penalties: list[fl
         report["averaging"].append({"checkpoints": count, "steps": [s for s, _ in chosen],
                                     "val": score(translator, val, beam, penalty),
                                     "test": score(translator, test, beam, penalty)})
-        print(json.dumps(report["averaging"][-1]), flush=True)
+        kit.say(json.dumps(report["averaging"][-1]))
 
     if final_weights is None:
         final_weights = average_checkpoints([path for _, path in numbered[-final:]])["model"]
@@ -102,54 +95,53 @@ def measure(run: Path, averages: list[int], beams: list[int], penalties: list[fl
             if row["length_penalty"] in (1.0, chosen["length_penalty"]):
                 row["test"] = score(translator, test, size, row["length_penalty"])
             row["chosen_on_val"] = row is chosen
-            print(json.dumps(row), flush=True)
+            kit.say(json.dumps(row))
         report["search"].extend(rows)
     return report
 
 
-def markdown(report: dict[str, Any]) -> str:
-    lines = [f"# Recipe effects: {report['run']} ({report['date']}, {report['machine']}, "
-             f"{report['threads']} threads)", "",
-             "Scores: sacreBLEU cased BLEU, chrF++, TER on detokenized output.", "",
-             f"## Checkpoint averaging (beam {report['decoding']['beam_size']}, length penalty "
-             f"{report['decoding']['length_penalty']})", "",
-             "| checkpoints | steps | val BLEU | test BLEU | test chrF++ | test TER |",
-             "| --- | --- | ---: | ---: | ---: | ---: |"]
-    for row in report["averaging"]:
-        name = "best single" if row["checkpoints"] == "best" else \
-            ("last alone" if row["checkpoints"] == 1 else f"last {row['checkpoints']}")
-        lines.append(f"| {name} | {', '.join(map(str, row['steps']))} | {row['val']['bleu']} "
-                     f"| {row['test']['bleu']} | {row['test']['chrf']} | {row['test']['ter']} |")
-    lines += ["", f"## Beam size and length penalty ({report['search_model']})", "",
-              "Test is scored for length penalty 1.0 and for the one validation chose (*).", "",
-              "| beam | length penalty | val BLEU | test BLEU | test chrF++ | test TER | "
-              "val seconds |", "| ---: | ---: | ---: | ---: | ---: | ---: | ---: |"]
-    for row in report["search"]:
-        test = row.get("test")
-        cells = [str(test[key]) for key in SCORES] if test else ["", "", ""]
-        mark = " *" if row["chosen_on_val"] else ""
-        lines.append(f"| {row['beam_size']} | {row['length_penalty']}{mark} | "
-                     f"{row['val']['bleu']} | {' | '.join(cells)} | {row['val']['seconds']} |")
-    return "\n".join(lines) + "\n"
+def markdown(report: dict[str, Any]) -> list[str]:
+    def name(count: int | str) -> str:
+        return {"best": "best single", 1: "last alone"}.get(count, f"last {count}")
+
+    def test_scores(row: dict[str, Any]) -> list[str]:
+        return [str(row["test"][key]) if "test" in row else "" for key in SCORES]
+
+    decoding = report["decoding"]
+    return [
+        "Scores: sacreBLEU cased BLEU, chrF++, TER on detokenized output.", "",
+        f"## Checkpoint averaging (beam {decoding['beam_size']}, length penalty "
+        f"{decoding['length_penalty']})", "",
+        *kit.markdown_table(
+            ["checkpoints", "steps", "val BLEU", "test BLEU", "test chrF++", "test TER"],
+            [[name(row["checkpoints"]), ", ".join(map(str, row["steps"])), row["val"]["bleu"],
+              *test_scores(row)] for row in report["averaging"]], align="llrrrr"),
+        "", f"## Beam size and length penalty ({report['search_model']})", "",
+        "Test is scored for length penalty 1.0 and for the one validation chose (*).", "",
+        *kit.markdown_table(
+            ["beam", "length penalty", "val BLEU", "test BLEU", "test chrF++", "test TER",
+             "val seconds"],
+            [[row["beam_size"], f"{row['length_penalty']}{' *' if row['chosen_on_val'] else ''}",
+              row["val"]["bleu"], *test_scores(row), row["val"]["seconds"]]
+             for row in report["search"]], align="r" * 7)]
 
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("run", type=Path, help="the run folder (runs/NAME)")
     parser.add_argument("--out", type=Path, required=True, help="folder for effects.json/.md")
-    parser.add_argument("--average", type=int, nargs="+", default=[1, 2, 3, 5, 8])
-    parser.add_argument("--beams", type=int, nargs="+", default=[1, 4, 8])
+    parser.add_argument("--average", type=kit.positive_int, nargs="+", default=[1, 2, 3, 5, 8])
+    parser.add_argument("--beams", type=kit.positive_int, nargs="+", default=[1, 4, 8])
     parser.add_argument("--length-penalties", type=float, nargs="+",
                         default=[0.6, 0.8, 1.0, 1.2, 1.5])
-    parser.add_argument("--threads", type=int, default=None)
+    parser.add_argument("--threads", type=kit.positive_int, default=None)
     args = parser.parse_args(argv)
     if args.threads:
         torch.set_num_threads(args.threads)
-    report = measure(args.run, args.average, args.beams, args.length_penalties)
-    args.out.mkdir(parents=True, exist_ok=True)
-    write_text_atomic(args.out / "effects.json", json.dumps(report, indent=2) + "\n")
-    write_text_atomic(args.out / "effects.md", markdown(report))
-    print(markdown(report))
+    report = {"environment": kit.environment("cpu", kit.command_line(__file__, argv)),
+              **measure(args.run, args.average, args.beams, args.length_penalties)}
+    kit.write_report(args.out / "effects", report, body=markdown(report),
+                     title=f"Recipe effects: {report['run']}")
     return 0
 
 
