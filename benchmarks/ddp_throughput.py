@@ -1,111 +1,111 @@
 """Training throughput with one process and with several (torchrun), on this machine.
 
-Runs ``scripts/train.py`` for a few steps in each setting, alternating the settings round by
-round, and reads the target tokens per second from each run's ``metrics.jsonl`` (the first
-logged window, which holds the warm-up, is left out). Prints a table and writes JSON::
+Runs ``scripts/train.py`` for a few steps in each setting, in alternated rounds (each round
+starting one setting later), and reads the target tokens per second from each run's
+``metrics.jsonl`` (the first logged window, which holds the warm-up, is left out). Writes
+JSON and Markdown::
 
     python benchmarks/ddp_throughput.py --rounds 3 --steps 60
 
 Settings ``NAME=PROCESSES:THREADS:GRAD_ACCUM`` (``--setting`` repeats); the first is the
-reference of the ratios.
+reference of the ratios (a setting's tokens/s ÷ the reference's, per round).
 """
 
 from __future__ import annotations
 
 import argparse
 import datetime
-import json
 import os
-import platform
 import statistics
-import subprocess
 import sys
 import tempfile
 from pathlib import Path
 
+from attention.bench import kit
 from attention.translation.plotting import read_metrics
+from attention.translation.runs import latest_run
 
 ROOT = Path(__file__).resolve().parents[1]
 DEFAULT_SETTINGS = ["1 process x 2 threads=1:2:1", "1 process x 2 threads, accumulating 2=1:2:2",
                     "1 process x 1 thread=1:1:1", "2 processes x 1 thread=2:1:1"]
 
 
-def run_once(config: str, processes: int, threads: int, accum: int, steps: int,
-             run_dir: Path, name: str) -> dict:
-    overrides = [f"name={name}", f"train.run_dir={run_dir}", f"train.max_steps={steps}",
-                 f"train.threads={threads}", f"train.grad_accum_steps={accum}",
-                 "train.log_every=10", f"train.eval_every={10 * steps}",
-                 "train.max_minutes=null", "data.toy_val_size=50", "data.toy_test_size=50",
-                 "eval.val_sentences=50"]
-    script = [str(ROOT / "scripts" / "train.py"), "--config", config, *overrides]
-    command = [sys.executable, *script] if processes == 1 else [
-        sys.executable, "-m", "torch.distributed.run", "--standalone",
-        f"--nproc_per_node={processes}", *script]
-    env = {**os.environ, "OMP_NUM_THREADS": str(threads)}
-    done = subprocess.run(command, capture_output=True, text=True, env=env)
-    if done.returncode:
-        raise SystemExit(f"{' '.join(command)} failed:\n{done.stderr[-3000:]}")
-    records = read_metrics(run_dir / name / "metrics.jsonl")
-    rates = [r["tokens_per_second"] for r in records if r["kind"] == "train"][1:]
-    return {"tokens_per_second": statistics.median(rates), "windows": len(rates)}
+class Setting:
+    """One way to train, run as a child process; a call trains ``steps`` steps in a fresh
+    run folder and returns the seconds per target token of its logged windows (median)."""
+
+    def __init__(self, text: str, index: int, config: str, steps: int, work: Path) -> None:
+        self.name, _, numbers = text.rpartition("=")
+        self.processes, self.threads, self.accum = (int(n) for n in numbers.split(":"))
+        self.index, self.config, self.steps, self.work, self.runs = index, config, steps, work, 0
+
+    def __call__(self) -> float:
+        self.runs += 1
+        name = f"s{self.index}r{self.runs}"
+        overrides = [f"name={name}", f"train.run_dir={self.work}", f"train.max_steps={self.steps}",
+                     f"train.threads={self.threads}", f"train.grad_accum_steps={self.accum}",
+                     "train.log_every=10", f"train.eval_every={10 * self.steps}",
+                     "train.max_minutes=null", "data.toy_val_size=50", "data.toy_test_size=50",
+                     "eval.val_sentences=50"]
+        script = [str(ROOT / "scripts" / "train.py"), "--config", self.config, *overrides]
+        command = [sys.executable, *script] if self.processes == 1 else [
+            sys.executable, "-m", "torch.distributed.run", "--standalone",
+            f"--nproc_per_node={self.processes}", *script]
+        done = kit.run_process(command, env={**os.environ, "OMP_NUM_THREADS": str(self.threads)})
+        if done.returncode:
+            raise SystemExit(f"{' '.join(command)} failed ({done.returncode}):\n"
+                             f"{done.stderr[-3000:]}")
+        records = read_metrics(latest_run(self.work / name) / "metrics.jsonl")
+        rates = [r["tokens_per_second"] for r in records if r["kind"] == "train"][1:]
+        if not rates:
+            raise SystemExit(f"--steps: expected enough steps for two logged windows (20 or "
+                             f"more), got {self.steps}")
+        return 1 / statistics.median(rates)
 
 
-def _as_recorded(path: str) -> str:
-    """A path inside the clone relative to it: results carry no path of the machine."""
-    resolved = Path(path).resolve()
-    return str(resolved.relative_to(ROOT)) if resolved.is_relative_to(ROOT) else path
-
-
-def main(argv: list[str] | None = None) -> int:
+def main(argv: list[str] | None = None) -> dict:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--config", default=str(ROOT / "configs" / "toy_translation.yaml"))
-    parser.add_argument("--steps", type=int, default=60)
-    parser.add_argument("--rounds", type=int, default=3)
+    parser.add_argument("--steps", type=kit.positive_int, default=60)
+    parser.add_argument("--rounds", type=kit.positive_int, default=3)
     parser.add_argument("--setting", action="append", default=None,
                         help="NAME=PROCESSES:THREADS:GRAD_ACCUM")
     parser.add_argument("--out", type=Path, default=ROOT / "benchmarks" / "results" /
                         f"ddp-cpu-{datetime.date.today()}.json")
     args = parser.parse_args(argv)
-    settings = []
-    for text in args.setting or DEFAULT_SETTINGS:
-        name, _, numbers = text.rpartition("=")
+    with tempfile.TemporaryDirectory() as work:
         try:
-            processes, threads, accum = (int(n) for n in numbers.split(":"))
+            settings = [Setting(text, i, args.config, args.steps, Path(work))
+                        for i, text in enumerate(args.setting or DEFAULT_SETTINGS)]
         except ValueError:
-            parser.error(f"--setting: expected NAME=PROCESSES:THREADS:GRAD_ACCUM, got {text!r}")
-        settings.append((name, processes, threads, accum))
-
-    rates: dict[str, list[float]] = {name: [] for name, *_ in settings}
-    with tempfile.TemporaryDirectory() as tmp:
-        for round_index in range(args.rounds):
-            for i, (name, processes, threads, accum) in enumerate(settings):
-                result = run_once(args.config, processes, threads, accum, args.steps,
-                                  Path(tmp), f"r{round_index}s{i}")
-                rates[name].append(result["tokens_per_second"])
-                print(f"round {round_index + 1}: {name}: {result['tokens_per_second']:.0f} "
-                      f"target tok/s", file=sys.stderr)
-    reference = settings[0][0]
-    rows = []
-    for name, processes, threads, accum in settings:
-        ratios = [a / b for a, b in zip(rates[name], rates[reference], strict=True)]
-        rows.append({"setting": name, "processes": processes, "threads": threads,
-                     "grad_accum_steps": accum, "tokens_per_second": rates[name],
-                     "median_tokens_per_second": statistics.median(rates[name]),
-                     "median_ratio": statistics.median(ratios)})
-    report = {"config": _as_recorded(args.config), "steps": args.steps, "rounds": args.rounds,
-              "machine": f"{platform.machine()}, {os.cpu_count()} CPUs",
-              "command": " ".join(["python", "benchmarks/ddp_throughput.py",
-                                   *(argv if argv is not None else sys.argv[1:])]),
-              "date": str(datetime.date.today()), "settings": rows}
-    args.out.parent.mkdir(parents=True, exist_ok=True)
-    args.out.write_text(json.dumps(report, indent=2) + "\n")
-    print(f"{'setting':45} {'target tok/s':>12} {'vs ' + reference:>28}")
+            parser.error(f"--setting: expected NAME=PROCESSES:THREADS:GRAD_ACCUM, got "
+                         f"{args.setting}")
+        reference = settings[0].name
+        # Self-timed: each run's seconds per target token, so that a ratio reference ÷
+        # setting is the setting's tokens/s ÷ the reference's.
+        result = kit.alternate({s.name: s for s in settings}, args.rounds, warmup=0,
+                               self_timed=True, log=kit.say,
+                               pairs={s.name: (reference, s.name) for s in settings})
+    rows = [{"setting": s.name, "processes": s.processes, "threads": s.threads,
+             "grad_accum_steps": s.accum,
+             "tokens_per_second": [1e3 / t for t in result["contenders"][s.name]["times_ms"]],
+             "median_ratio": result["ratios"][s.name]["median"]} for s in settings]
     for row in rows:
-        print(f"{row['setting']:45} {row['median_tokens_per_second']:12.0f} "
-              f"{row['median_ratio']:27.2f}×")
-    print(f"wrote {args.out}", file=sys.stderr)
-    return 0
+        row["median_tokens_per_second"] = statistics.median(row["tokens_per_second"])
+    report = {"environment": kit.environment("cpu", kit.command_line(__file__, argv)),
+              "config": kit.shown_path(Path(args.config).resolve()), "steps": args.steps,
+              "rounds": result, "settings": rows}
+    table = kit.markdown_table(
+        ["setting", "processes × threads, accumulation", "target tokens/s (median)",
+         f"÷ {reference}"],
+        [[r["setting"], f"{r['processes']} × {r['threads']}, {r['grad_accum_steps']}",
+          f"{r['median_tokens_per_second']:.0f}", f"{r['median_ratio']:.2f}×"] for r in rows])
+    print("\n".join(table))
+    kit.write_report(args.out, report, title="Training throughput, one process and several",
+                     body=[f"`{report['config']}`, {args.steps} steps a run, {args.rounds} "
+                           "alternated rounds; the first logged window left out.", "", *table])
+    return report
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    main()

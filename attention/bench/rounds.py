@@ -59,18 +59,21 @@ class AlternatedRounds:
     """Contenders (name → a callable of no arguments) timed in alternated rounds.
 
     ``calls``: calls of a contender per timed run, the run's time divided by them (for calls
-    too short for the clock). ``log`` receives a line per round.
+    too short for the clock). ``self_timed``: each contender returns its own measure of the
+    run in seconds (a child process's, read from its metrics) instead of being timed by the
+    clock. ``log`` receives a line per round.
     """
 
     def __init__(self, contenders: Mapping[str, Callable[[], Any]], *,
                  device: torch.device | str = "cpu", calls: int = 1,
-                 log: Log | None = None) -> None:
+                 self_timed: bool = False, log: Log | None = None) -> None:
         if not contenders:
             raise ValueError("contenders: expected at least one name → callable, got none")
         check_positive("calls", calls)
         self.contenders = dict(contenders)
         self.device = torch.device(device)
         self.calls = calls
+        self.self_timed = self_timed
         self.log = log
         self.times: dict[str, list[float]] = {name: [] for name in self.contenders}
         self.order: list[list[str]] = []
@@ -79,6 +82,12 @@ class AlternatedRounds:
     def run_once(self, name: str) -> tuple[float, Any]:
         """One run of ``name``: seconds per call, and what its last call returned."""
         contender = self.contenders[name]
+        if self.self_timed:
+            seconds = contender()
+            if not isinstance(seconds, (int, float)) or seconds <= 0:
+                raise ValueError(f"{name}: expected its run's seconds (self_timed), got "
+                                 f"{seconds!r}")
+            return seconds, seconds
         if self.calls == 1:
             return timed_call(contender, self.device)
 
@@ -112,7 +121,7 @@ class AlternatedRounds:
         self.order.append(order)
         if self.log is not None:
             self.log(f"round {len(self.order)}: " + ", ".join(
-                f"{name} {self.times[name][-1] * 1e3:.1f} ms" for name in self.contenders))
+                f"{name} {self.times[name][-1] * 1e3:.3g} ms" for name in self.contenders))
         return outputs
 
     def summary(self, pairs: Mapping[str, tuple[str, str]] | None = None) -> dict[str, Any]:
@@ -138,7 +147,7 @@ class AlternatedRounds:
 def alternate(contenders: Mapping[str, Callable[[], Any]], rounds: int, *, warmup: int = 1,
               pairs: Mapping[str, tuple[str, str]] | None = None,
               check: Callable[[dict[str, Any]], dict[str, Any] | None] | None = None,
-              device: torch.device | str = "cpu", calls: int = 1,
+              device: torch.device | str = "cpu", calls: int = 1, self_timed: bool = False,
               log: Log | None = None) -> dict[str, Any]:
     """Warm every contender up ``warmup`` times, then time ``rounds`` alternated rounds.
 
@@ -152,7 +161,8 @@ def alternate(contenders: Mapping[str, Callable[[], Any]], rounds: int, *, warmu
     if check is not None and warmup < 1:
         raise ValueError(f"warmup: expected at least 1 with a check (it checks the warm-up's "
                          f"outputs), got {warmup}")
-    timer = AlternatedRounds(contenders, device=device, calls=calls, log=log)
+    timer = AlternatedRounds(contenders, device=device, calls=calls, self_timed=self_timed,
+                             log=log)
     outputs = timer.warm_up(warmup)
     checked = check(outputs) if check is not None else None
     for _ in range(rounds):

@@ -72,6 +72,16 @@ def test_a_failed_check_stops_before_anything_is_timed(monkeypatch):
         kit.alternate({"a": lambda: 1, "b": lambda: 2}, 3, check=differ)
 
 
+def test_self_timed_contenders_report_their_own_seconds():
+    measures = {"a": iter([2.0, 4.0, 6.0]), "b": iter([1.0, 1.0, 2.0])}
+    result = kit.alternate({name: lambda n=name: next(measures[n]) for name in "ab"}, 3,
+                           warmup=0, self_timed=True, pairs={"a/b": ("a", "b")})
+    assert result["contenders"]["a"]["times_ms"] == [2000, 4000, 6000]
+    assert result["ratios"]["a/b"]["per_round"] == [2.0, 4.0, 3.0]
+    with pytest.raises(ValueError, match="a: expected its run's seconds"):
+        kit.alternate({"a": lambda: "fast"}, 1, warmup=0, self_timed=True)
+
+
 def test_calls_per_run_divide_the_time():
     calls = []
     result = kit.alternate({"a": lambda: calls.append(1)}, 2, warmup=0, calls=5)
