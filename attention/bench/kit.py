@@ -19,6 +19,7 @@ What it holds, each from the module of its one idea:
   :func:`command_line`, :func:`shown_path`, :func:`package_version`;
 - the result files (:mod:`.writer`): :func:`write_report`, :func:`markdown_table`;
 - child processes (:mod:`.subprocesses`): :func:`run_process` (timeout, process-group kill);
+- test suites run in them (:mod:`.junit`): :func:`read_junit`, :func:`count_statuses`;
 - argument checks (:mod:`.arguments`): :func:`positive_int`, :func:`non_negative_int`,
   :func:`positive_float`, :func:`fraction`, :func:`check_positive`;
 - :func:`say`: a progress line on stderr, so that stdout stays the script's result.
@@ -31,14 +32,16 @@ import sys
 from .arguments import check_positive, fraction, non_negative_int, positive_float, positive_int
 from .clock import timed, timed_call
 from .environment import command_line, environment, package_version, shown_path
+from .junit import JunitCase, count_statuses, read_junit
 from .rounds import AlternatedRounds, alternate, rotated, round_ratios, timing_summary
 from .subprocesses import Finished, run_process
 from .writer import markdown_table, write_report
 
-__all__ = ["AlternatedRounds", "Finished", "alternate", "check_positive", "command_line",
-           "environment", "fraction", "markdown_table", "non_negative_int", "package_version",
-           "positive_float", "positive_int", "rotated", "round_ratios", "run_process", "say",
-           "shown_path", "timed", "timed_call", "timing_summary", "write_report"]
+__all__ = ["AlternatedRounds", "Finished", "JunitCase", "alternate", "check_positive",
+           "command_line", "count_statuses", "environment", "fraction", "markdown_table",
+           "non_negative_int", "package_version", "positive_float", "positive_int",
+           "read_junit", "rotated", "round_ratios", "run_process", "say", "shown_path", "timed",
+           "timed_call", "timing_summary", "write_report"]
 
 
 def say(message: str) -> None:

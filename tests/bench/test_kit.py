@@ -224,3 +224,21 @@ def test_argument_checks_name_the_flag_and_show_what_came(capsys):
         assert message in capsys.readouterr().err
     with pytest.raises(ValueError, match="rounds: expected a positive int, got True"):
         kit.check_positive("rounds", True)
+
+
+def test_junit_outcomes_are_read_with_their_first_message_line(tmp_path):
+    xml = tmp_path / "tests.xml"
+    xml.write_text('<testsuites><testsuite name="pytest">'
+                   '<testcase classname="t.TestA" name="ok"/>'
+                   '<testcase classname="t.TestA" name="bad"><failure message="\nE boom\nmore"/>'
+                   '</testcase><testcase classname="t" name="err"><error>trace</error></testcase>'
+                   '<testcase classname="t" name="skip"><skipped message="later"/></testcase>'
+                   '</testsuite></testsuites>')
+    cases = kit.read_junit(xml)
+    assert [(c.name, c.status, c.message, c.failing) for c in cases] == [
+        ("ok", "passed", "", False), ("bad", "failed", "E boom", True),
+        ("err", "error", "trace", True), ("skip", "skipped", "later", False)]
+    assert kit.count_statuses(cases) == {"passed": 1, "failed": 1, "skipped": 1, "errors": 1}
+    assert kit.read_junit(tmp_path / "none.xml") is None
+    (tmp_path / "cut.xml").write_text("<testsuites><testsu")
+    assert kit.read_junit(tmp_path / "cut.xml") is None
