@@ -230,7 +230,7 @@ def test_junit_outcomes_are_read_with_their_first_message_line(tmp_path):
     xml = tmp_path / "tests.xml"
     xml.write_text('<testsuites><testsuite name="pytest">'
                    '<testcase classname="t.TestA" name="ok"/>'
-                   '<testcase classname="t.TestA" name="bad"><failure message="\nE boom\nmore"/>'
+                   '<testcase classname="t.TestA" name="bad"><failure message="&#10;E boom&#10;more"/>'
                    '</testcase><testcase classname="t" name="err"><error>trace</error></testcase>'
                    '<testcase classname="t" name="skip"><skipped message="later"/></testcase>'
                    '</testsuite></testsuites>')
