@@ -26,15 +26,12 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import shutil
 import signal
 import statistics
-import subprocess
 import sys
 import tempfile
 import time
-import xml.etree.ElementTree as ElementTree
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -169,9 +166,11 @@ def bench_config(name: str, dry_run: bool) -> tuple[str, list[str], list[str]]:
 def part_bench(name: str, out: Path, dry_run: bool) -> int:
     import torch
 
+    from attention.bench import kit
     from attention.bench.config import check_contenders, check_device, load_bench_config
-    from attention.bench.runner import Runner, log_to_stderr
-    from attention.common.files import write_atomic
+    from attention.bench.runner import Runner
+    from attention.bench.writer import to_json
+    from attention.common.files import write_text_atomic
 
     path, overrides, contenders = bench_config(name, dry_run)
     device = "cpu" if dry_run else "cuda"
@@ -181,16 +180,15 @@ def part_bench(name: str, out: Path, dry_run: bool) -> int:
     if dry_run:  # tiny tensors: more threads only wait on each other (on CUDA: torch's own)
         torch.set_num_threads(1)
     command = f"python3 benchmarks/gpu_check.py --parts {name} ({path})"
-    runner = Runner(config, torch.device(device), list(contenders), {}, command, log_to_stderr)
+    runner = Runner(config, torch.device(device), list(contenders), {}, command, kit.say)
     code = 0
     try:
         runner.run()
     except OutOfTime:
         runner.report["stopped"] = "out of time: the cells measured before the budget ran out"
         code = 1
-    text = json.dumps(runner.report, indent=2, allow_nan=False) + "\n"
     # Atomic: a part past its grace period is killed, and a torn report must not pass.
-    write_atomic(out / f"bench-{name}.json", lambda f: f.write(text.encode()))
+    write_text_atomic(out / f"bench-{name}.json", to_json(runner.report))
     return code
 
 
@@ -227,46 +225,30 @@ class Outcome:
 
 
 def run_child(part: Part, out: Path, work: Path, dry_run: bool) -> Outcome:
-    """Run one part in a child process of its own session, streaming its output to a file;
-    kill its process group if it outlives its budget by :data:`GRACE_S`."""
+    """Run one part in a child process of its own session, its output in a file; kill its
+    process group if it outlives its budget by :data:`GRACE_S`, and what it left when it
+    ends (compile workers)."""
+    from attention.bench import kit
+    from attention.bench.memory import child_environment
+
     log_path = work / f"{part.name}.log"
     command = [sys.executable, str(Path(__file__).resolve()), "--part", part.name,
                "--out", str(out), "--work", str(work), "--seconds", str(part.budget_s)]
     if dry_run:
         command.append("--dry-run-cpu")
-    from attention.bench.memory import child_environment
-
-    env = {**child_environment(), "PYTHONUNBUFFERED": "1"}
     print(f"gpu-check: {part.name} ({part.what}; planned {part.planned_s} s, budget "
           f"{part.budget_s} s)", flush=True)
-    start = time.monotonic()
-    with open(log_path, "wb") as log:
-        child = subprocess.Popen(command, cwd=ROOT, env=env, stdout=log,
-                                 stderr=subprocess.STDOUT, start_new_session=True)
-        try:
-            code = child.wait(timeout=part.budget_s + GRACE_S)
-        except subprocess.TimeoutExpired:
-            code = None
-        _kill_group(child.pid)  # what is left of it: compile workers, or all of it
-        if code is None:
-            code = child.wait()
-    seconds = time.monotonic() - start
+    done = kit.run_process(command, cwd=ROOT, log=log_path, timeout=part.budget_s + GRACE_S,
+                           env={**child_environment(), "PYTHONUNBUFFERED": "1"})
     text = log_path.read_text(encoding="utf-8", errors="replace")
     # A part that its own alarm ends outright (no handler: while it starts or exits) has
     # spent its budget all the same.
-    if code is None or code == -signal.SIGALRM or OUT_OF_TIME in text:
+    if done.timed_out or done.returncode == -signal.SIGALRM or OUT_OF_TIME in text:
         status = "out of time"
     else:
-        status = "ok" if code == 0 else f"failed (exit {code})"
-    print(f"gpu-check: {part.name} {status} in {seconds:.0f} s", flush=True)
-    return Outcome(part, status, seconds, text)
-
-
-def _kill_group(pgid: int) -> None:
-    try:
-        os.killpg(pgid, signal.SIGKILL)
-    except (ProcessLookupError, PermissionError):
-        pass
+        status = "ok" if done.returncode == 0 else f"failed (exit {done.returncode})"
+    print(f"gpu-check: {part.name} {status} in {done.seconds:.0f} s", flush=True)
+    return Outcome(part, status, done.seconds, text)
 
 
 def clipped(text: str, limit: int = LOG_BYTES_PER_PART) -> str:
@@ -293,21 +275,15 @@ def read_jsonl(path: Path) -> list[dict[str, Any]]:
 
 
 def summarize_tests(out: Path) -> list[str]:
-    try:
-        root = ElementTree.parse(out / "tests.xml").getroot()
-    except (OSError, ElementTree.ParseError):
+    from attention.bench import kit
+
+    cases = kit.read_junit(out / "tests.xml")
+    if cases is None:
         return ["no tests.xml"]
-    suites = [root] if root.tag == "testsuite" else list(root)
-    counts = {key: sum(int(s.get(key, 0)) for s in suites)
-              for key in ("tests", "failures", "errors", "skipped")}
-    passed = counts["tests"] - counts["failures"] - counts["errors"] - counts["skipped"]
-    lines = [f"{passed} passed, {counts['failures']} failed, {counts['errors']} errors, "
-             f"{counts['skipped']} skipped of {counts['tests']}"]
-    failing = [f"{case.get('classname')}::{case.get('name')}"
-               for case in root.iter("testcase")
-               if case.find("failure") is not None or case.find("error") is not None]
-    lines += [f"failed: `{name}`" for name in failing[:15]]
-    return lines
+    counts = kit.count_statuses(cases)
+    return [f"{counts['passed']} passed, {counts['failed']} failed, {counts['errors']} errors, "
+            f"{counts['skipped']} skipped of {len(cases)}"] + [
+        f"failed: `{case.classname}::{case.name}`" for case in cases if case.failing][:16]
 
 
 def summarize_train(out: Path) -> list[str]:
@@ -353,18 +329,17 @@ def compare_losses(gpu: list[dict[str, Any]], cpu: list[dict[str, Any]],
 def summarize_base(report: dict[str, Any] | None) -> list[str]:
     if not report:
         return ["no bench-base.json"]
+    from attention.bench import kit
+
     peaks = ", ".join(f"{d} {p['flop_per_s'] / 1e12:.1f} TFLOP/s"
                       for d, p in report["matmul_peak"].items())
-    lines = [f"matmul peak: {peaks}", "",
-             "| pass | case | ours-fused ms (MFU) | ours-compiled ms (MFU) | ours-explicit ms | "
-             "faster torch.nn ms | torch ÷ fused | torch ÷ compiled |",
-             "| --- | --- | ---: | ---: | ---: | ---: | ---: | ---: |"]
-    for pass_ in ("inference", "training"):
-        for case in ("dense", "padded"):
-            group = {c["contender"]: c for c in report["cells"] if c["pass"] == pass_
-                     and c["case"] == case and c["status"] == "ok"}
-            if group:
-                lines.append(f"| {pass_} | {case} | " + " | ".join(_base_row(group)) + " |")
+    groups = {(pass_, case): {c["contender"]: c for c in report["cells"] if c["pass"] == pass_
+                              and c["case"] == case and c["status"] == "ok"}
+              for pass_ in ("inference", "training") for case in ("dense", "padded")}
+    lines = [f"matmul peak: {peaks}", "", *kit.markdown_table(
+        ["pass", "case", "ours-fused ms (MFU)", "ours-compiled ms (MFU)", "ours-explicit ms",
+         "faster torch.nn ms", "torch ÷ fused", "torch ÷ compiled"],
+        [[*key, *_base_row(group)] for key, group in groups.items() if group], "llrrrrrr")]
     failed = [f"{c['contender']} {c['pass']} {c['case']}: {c['status']}"
               for c in report["cells"] if c["status"] != "ok"]
     return lines + (["", "not measured: " + "; ".join(failed)] if failed else []) \
@@ -393,9 +368,9 @@ def _base_row(group: dict[str, dict[str, Any]]) -> list[str]:
 def summarize_long(report: dict[str, Any] | None) -> list[str]:
     if not report:
         return ["no bench-long.json"]
-    lines = ["| length | pass | case | best SDPA kernel ms | ours-fused ms (÷ best) | "
-             "ours-fused MiB | ours-explicit ms, MiB |",
-             "| ---: | --- | --- | ---: | ---: | ---: | ---: |"]
+    from attention.bench import kit
+
+    rows = []
     for length in report["lengths"]:
         for pass_ in ("inference", "training"):
             for case in ("dense", "padded"):
@@ -412,9 +387,11 @@ def summarize_long(report: dict[str, Any] | None) -> list[str]:
                 fused_text = _time_text(fused) + (
                     f" ({fused['median_ms'] / best['median_ms']:.2f})"
                     if best and fused and fused["status"] == "ok" else "")
-                lines.append(f"| {length} | {pass_} | {case} | {best_text} | {fused_text} | "
-                             f"{_memory_text(fused)} | {_time_text(explicit)}, "
-                             f"{_memory_text(explicit)} |")
+                rows.append([length, pass_, case, best_text, fused_text, _memory_text(fused),
+                             f"{_time_text(explicit)}, {_memory_text(explicit)}"])
+    lines = kit.markdown_table(["length", "pass", "case", "best SDPA kernel ms",
+                                "ours-fused ms (÷ best)", "ours-fused MiB",
+                                "ours-explicit ms, MiB"], rows, "rllrrrr")
     errors = sorted({f"{c['contender']}: {c['error']}" for c in report["cells"]
                      if c["status"] == "error"})
     return lines + [f"error: {e}" for e in errors[:6]] \
@@ -467,14 +444,17 @@ def environment_line() -> str:
 
 def write_summary(out: Path, outcomes: list[Outcome], dry_run: bool, started: float,
                   reports: dict[str, dict[str, Any] | None]) -> str:
+    from attention.bench import kit
+    from attention.common.files import write_text_atomic
+
     total = time.monotonic() - started
     lines = ["# GPU check", "", environment_line(), "",
              f"{sum(o.status == 'ok' for o in outcomes)} of {len(outcomes)} parts ok in "
              f"{total:.0f} s (planned {sum(o.part.planned_s for o in outcomes)} s, budgets "
-             f"{sum(o.part.budget_s for o in outcomes)} s).", "",
-             "| part | status | seconds | planned | budget |", "| --- | --- | ---: | ---: | ---: |"]
-    lines += [f"| {o.part.name} | {o.status} | {o.seconds:.0f} | {o.part.planned_s} | "
-              f"{o.part.budget_s} |" for o in outcomes]
+             f"{sum(o.part.budget_s for o in outcomes)} s).", "", *kit.markdown_table(
+                 ["part", "status", "seconds", "planned", "budget"],
+                 [[o.part.name, o.status, f"{o.seconds:.0f}", o.part.planned_s, o.part.budget_s]
+                  for o in outcomes], "llrrr")]
     names = {o.part.name for o in outcomes}
     sections = [("tests", "Tests with a CUDA variant", lambda: summarize_tests(out)),
                 ("train", "Training (toy, bf16 autocast, compiled)", lambda: summarize_train(out)),
@@ -497,12 +477,13 @@ def write_summary(out: Path, outcomes: list[Outcome], dry_run: bool, started: fl
                       f"{name} {seconds:.1f} s" for name, seconds in planned.items())
                   + " (start-up and compilation come on top)."]
     text = "\n".join(lines) + "\n"
-    (out / "summary.md").write_text(text, encoding="utf-8")
+    write_text_atomic(out / "summary.md", text)
     return text
 
 
 def write_bench_markdown(out: Path, reports: dict[str, dict[str, Any] | None]) -> None:
     from attention.bench.report import format_markdown
+    from attention.common.files import write_text_atomic
 
     texts = []
     for report in reports.values():
@@ -510,7 +491,7 @@ def write_bench_markdown(out: Path, reports: dict[str, dict[str, Any] | None]) -
             stopped = f"\n**Stopped early**: {report['stopped']}\n" if report.get("stopped") else ""
             texts.append(format_markdown(report) + stopped)
     if texts:
-        (out / "bench.md").write_text("\n".join(texts), encoding="utf-8")
+        write_text_atomic(out / "bench.md", "\n".join(texts))
 
 
 def no_cuda_line() -> str | None:
