@@ -178,20 +178,20 @@ class Trainer:
                  progress_bar: bool | None = None,
                  log: Callable[[str], None] | None = None) -> None:
         self.started = time.perf_counter()
-        self.config, self.cfg = config, config.train
+        self.config = config
         self.world = world or Distributed(device=resolve_device(config.train.device))
         self.run_dir = self._run_folder(resume, run_dir)
         self.device = self.world.device
-        self.autocast_dtype = _train_precision(self.cfg, self.device)
+        self.autocast_dtype = _train_precision(config.train, self.device)
         self.log = log or _quiet
-        if self.cfg.tensorboard and importlib.util.find_spec("tensorboard") is None:
+        if self.config.train.tensorboard and importlib.util.find_spec("tensorboard") is None:
             # Checked here, not in the config: a checkpoint of such a run loads anywhere.
             raise ConfigError("train.tensorboard: expected the tensorboard package (pip "
                               "install 'attention-blocks[tensorboard]'), got true without it "
                               "installed")
-        self.batches_per_step = self.world.world_size * self.cfg.grad_accum_steps
-        if self.cfg.threads:
-            torch.set_num_threads(self.cfg.threads)
+        self.batches_per_step = self.world.world_size * self.config.train.grad_accum_steps
+        if self.config.train.threads:
+            torch.set_num_threads(self.config.train.threads)
         checkpoint = saved = None
         if resume:
             # On the CPU first: load_state_dict then moves each tensor where it belongs (and
@@ -199,13 +199,13 @@ class Trainer:
             checkpoint = self._checkpoint_to_resume()
             saved = config_from_checkpoint(checkpoint)
             check_resumable(saved, config)
-        torch.manual_seed(self.cfg.seed)
+        torch.manual_seed(self.config.train.seed)
         self._build_data_and_model(checkpoint)
         self.progress = Progress()
         if checkpoint is not None:
             self.restore(checkpoint)
         elif self.world.rank:  # dropout differs between ranks; rank 0 draws as one process would
-            torch.manual_seed(self.cfg.seed + self.world.rank)
+            torch.manual_seed(self.config.train.seed + self.world.rank)
         saved_batches_per_step = self.progress.ranks * saved.train.grad_accum_steps \
             if saved else None
         self.progress.ranks = self.world.world_size
@@ -215,7 +215,7 @@ class Trainer:
         self.stop = StopFlag()
         show_bar = self.world.is_main and (sys.stderr.isatty() if progress_bar is None
                                            else progress_bar)
-        self.bar = tqdm(total=self.cfg.max_steps, initial=self.progress.step,
+        self.bar = tqdm(total=self.config.train.max_steps, initial=self.progress.step,
                         disable=not show_bar, unit="step", dynamic_ncols=True, file=sys.stderr)
         self.session_start = self.window_start = time.perf_counter()
         self._pace = (self.session_start, self.progress.step)  # (time, step) the pace is from
@@ -250,12 +250,12 @@ class Trainer:
         """The model on this rank's device, its optimizer, schedule and translator."""
         vocab_sizes = self.src_tokenizer.get_vocab_size(), self.tgt_tokenizer.get_vocab_size()
         self.model = model_from_config(self.config.model, *vocab_sizes, PAD_ID).to(self.device)
-        self.optimizer = make_optimizer(self.model, self.cfg)
+        self.optimizer = make_optimizer(self.model, self.config.train)
         self.scheduler = torch.optim.lr_scheduler.LambdaLR(self.optimizer,
-                                                           learning_rate_schedule(self.cfg))
+                                                           learning_rate_schedule(self.config.train))
         self.scaler = grad_scaler(self.device, self.autocast_dtype)
         self.translator = Translator(self.model, self.src_tokenizer, self.tgt_tokenizer,
-                                     self.config.eval, precision=self.cfg.precision)
+                                     self.config.eval, precision=self.config.train.precision)
         self.n_params = sum(p.numel() for p in self.model.parameters())
 
     def _wrap_model(self) -> None:
@@ -268,7 +268,7 @@ class Trainer:
             **no_buffer_sync) if self.world.enabled else self.model
         # dynamic=True: every token batch has its own batch size and length; compiling for
         # each shape would recompile on most steps until the recompile limit.
-        self.train_model = torch.compile(self.replica, dynamic=True) if self.cfg.compile \
+        self.train_model = torch.compile(self.replica, dynamic=True) if self.config.train.compile \
             else self.replica
 
     def _checkpoint_to_resume(self) -> dict[str, Any]:
@@ -326,11 +326,11 @@ class Trainer:
         # restarted run's before its first checkpoint) would be averaged with its own.
         for path in stale:
             path.unlink()
-        if self.cfg.average_last:
+        if self.config.train.average_last:
             (self.run_dir / AVERAGE).unlink(missing_ok=True)
         return MetricsWriter(self.run_dir / "metrics.jsonl", fresh=fresh,
                         keep_until_step=self.progress.step,
-                        tensorboard=self.run_dir / "tensorboard" if self.cfg.tensorboard
+                        tensorboard=self.run_dir / "tensorboard" if self.config.train.tensorboard
                         else None)
 
     def _log_start(self, saved_batches_per_step: int | None) -> None:
@@ -345,8 +345,9 @@ class Trainer:
                  f"on {self.device}, {precision_name(self.autocast_dtype)}")
         if self.world.enabled:
             self.log(f"{self.world.world_size} ranks ({torch.distributed.get_backend()}), "
-                     f"{self.cfg.grad_accum_steps} accumulated batch(es) each: "
-                     f"{self.batches_per_step} batches of ≤{self.cfg.batch_tokens} tokens per step")
+                     f"{self.config.train.grad_accum_steps} accumulated batch(es) each: "
+                     f"{self.batches_per_step} batches of ≤{self.config.train.batch_tokens} "
+                     f"tokens per step")
         if saved_batches_per_step is None:
             return
         self.log(f"resuming from step {self.progress.step} (epoch {self.progress.epoch + 1})")
@@ -371,7 +372,7 @@ class Trainer:
                 while reason is None:
                     reason = self.train_epoch()
                 self._finish(reason)
-            if self.cfg.average_last:
+            if self.config.train.average_last:
                 self.average()
         finally:
             self.close()
@@ -400,20 +401,22 @@ class Trainer:
             self._log_and_validate_when_due(grad_norm)
         self.progress.epoch += 1
         self.progress.batch_in_epoch = 0
-        if self.cfg.max_epochs is not None and self.progress.epoch >= self.cfg.max_epochs:
-            return f"max_epochs={self.cfg.max_epochs}"
+        max_epochs = self.config.train.max_epochs
+        if max_epochs is not None and self.progress.epoch >= max_epochs:
+            return f"max_epochs={max_epochs}"
         return None
 
     def epoch_batches(self) -> list[list[int]]:
         """The current epoch's batches of training-pair indices, in the epoch's seeded order
         (the same on every rank)."""
-        batches = token_batches(self.train_data.lengths, self.cfg.batch_tokens,
-                                seed=self.cfg.seed, epoch=self.progress.epoch)
+        train = self.config.train
+        batches = token_batches(self.train_data.lengths, train.batch_tokens,
+                                seed=train.seed, epoch=self.progress.epoch)
         if len(batches) < self.batches_per_step:
             raise ConfigError(
                 f"train.grad_accum_steps: a step takes {self.batches_per_step} batches "
-                f"({self.world.world_size} ranks × {self.cfg.grad_accum_steps}), but an epoch "
-                f"has {len(batches)} of train.batch_tokens={self.cfg.batch_tokens}; lower "
+                f"({self.world.world_size} ranks × {train.grad_accum_steps}), but an epoch "
+                f"has {len(batches)} of train.batch_tokens={train.batch_tokens}; lower "
                 f"them or start fewer processes")
         return batches
 
@@ -434,21 +437,22 @@ class Trainer:
         return tokens, self._stop_reason(interrupted > 0, out_of_time > 0)
 
     def _stop_reason(self, interrupted: bool, out_of_time: bool) -> str | None:
+        train = self.config.train
         if interrupted:
             return "interrupted"
-        if self.cfg.max_steps is not None and self.progress.step >= self.cfg.max_steps:
-            return f"max_steps={self.cfg.max_steps}"
+        if train.max_steps is not None and self.progress.step >= train.max_steps:
+            return f"max_steps={train.max_steps}"
         schedule = self._cosine()
         if schedule is not None and schedule.fitted and self.progress.step >= \
                 schedule.total_steps:
-            return (f"max_minutes={self.cfg.max_minutes:g}: the cosine's end, fitted to the "
+            return (f"max_minutes={train.max_minutes:g}: the cosine's end, fitted to the "
                     f"time budget at step {schedule.total_steps}")
-        patience = self.cfg.patience
+        patience = train.patience
         if patience is not None and self.progress.validations_without_improvement >= patience:
             return f"patience={patience} (no better validation since step " \
                 f"{self.progress.best_step})"
         if out_of_time:
-            return f"max_minutes={self.cfg.max_minutes:g}"
+            return f"max_minutes={train.max_minutes:g}"
         return None
 
     def _finish(self, reason: str) -> None:
@@ -465,7 +469,7 @@ class Trainer:
             self.validate()
         else:
             self.save_last()
-        if self.cfg.keep_last and self._last_numbered_step() != self.progress.step:
+        if self.config.train.keep_last and self._last_numbered_step() != self.progress.step:
             self.save_numbered()
 
     # One step -------------------------------------------------------------------------------
@@ -490,7 +494,7 @@ class Trainer:
         self.optimizer.zero_grad(set_to_none=True)
         loss_here = self.accumulate_gradients(batches, tokens / self.world.world_size)
         self.scaler.unscale_(self.optimizer)  # the true gradients, for clipping
-        grad_norm = nn.utils.clip_grad_norm_(self.model.parameters(), self.cfg.clip_norm)
+        grad_norm = nn.utils.clip_grad_norm_(self.model.parameters(), self.config.train.clip_norm)
         # The step's one host synchronisation, loss and norm together: the checks below must
         # see both before optimizer.step() can spoil the weights (clipping a non-finite
         # gradient only spoils gradients, which the error discards).
@@ -525,7 +529,7 @@ class Trainer:
             with self._no_sync() if i < len(batches) - 1 else contextlib.nullcontext():
                 with autocast(self.device, self.autocast_dtype):
                     logits = self.train_model(src, tgt_in)
-                loss_sum, _ = sequence_loss(logits, tgt_out, self.cfg.label_smoothing)
+                loss_sum, _ = sequence_loss(logits, tgt_out, self.config.train.label_smoothing)
                 self.scaler.scale(loss_sum / tokens_per_rank).backward()
             loss_here += loss_sum.detach()
         return loss_here
@@ -548,16 +552,16 @@ class Trainer:
 
     def _log_and_validate_when_due(self, grad_norm: float) -> None:
         """After a step: the progress bar, and the training record and validation if due."""
+        train = self.config.train
         self.bar.update(1)
-        if self.progress.step % self.cfg.log_every == 0:
+        if self.progress.step % train.log_every == 0:
             self._log_train_record(grad_norm)
-        if self.progress.step % self.cfg.eval_every == 0:
+        if self.progress.step % train.eval_every == 0:
             self.validate()
             self._pace = (time.perf_counter(), self.progress.step)  # validations apart
-        elif self.progress.step % self.cfg.log_every == 0:
+        elif self.progress.step % train.log_every == 0:
             self._fit_horizon_to_budget()
-        if self.cfg.keep_last and \
-                self.progress.step % (self.cfg.save_every or self.cfg.eval_every) == 0:
+        if train.keep_last and self.progress.step % (train.save_every or train.eval_every) == 0:
             self.save_numbered()
 
     def _log_train_record(self, grad_norm: float) -> None:
@@ -599,7 +603,7 @@ class Trainer:
         of them; called on every rank, written by rank 0."""
         def save_and_prune(rng: RngStates) -> None:
             self.save(numbered_checkpoint(self.progress.step), rng)
-            for _, path in numbered_checkpoints(self.run_dir)[:-self.cfg.keep_last]:
+            for _, path in numbered_checkpoints(self.run_dir)[:-self.config.train.keep_last]:
                 path.unlink(missing_ok=True)
         self._on_main(save_and_prune)
 
@@ -614,7 +618,8 @@ class Trainer:
         self._on_main(lambda rng: self._average_on_main())
 
     def _average_on_main(self) -> None:
-        chosen = numbered_checkpoints(self.run_dir)[-self.cfg.average_last:]
+        average_last = self.config.train.average_last
+        chosen = numbered_checkpoints(self.run_dir)[-average_last:]
         averaged = average_checkpoints([path for _, path in chosen])
         save_checkpoint(self.run_dir / AVERAGE, averaged)
         self.model.load_state_dict(averaged["model"])
@@ -622,9 +627,9 @@ class Trainer:
         steps = [step for step, _ in chosen]
         self.metrics.write({"kind": "val_average", "step": self.progress.step,
                             "averaged_steps": steps, **validation_scores(result)})
-        short = f" (only {len(steps)} numbered checkpoints of the {self.cfg.average_last} " \
+        short = f" (only {len(steps)} numbered checkpoints of the {average_last} " \
             f"train.average_last asks for were written)" if len(steps) < \
-            self.cfg.average_last else ""
+            average_last else ""
         self.log(f"average of the checkpoints of steps {steps}{short}: val loss "
                  f"{result['loss']:.3f}, "
                  f"BLEU {result['bleu']:.2f} (best single checkpoint: BLEU "
@@ -670,7 +675,7 @@ class Trainer:
         if checkpoint.get("scaler"):
             self.scaler.load_state_dict(checkpoint["scaler"])
         self.progress = Progress(**checkpoint["progress"])
-        restore_rng(checkpoint, self.world, self.cfg.seed + self.progress.step)
+        restore_rng(checkpoint, self.world, self.config.train.seed + self.progress.step)
 
     def _on_main(self, write: Callable[[RngStates], Any]) -> None:
         """Called on every rank: rank 0 runs ``write(rng)`` with each rank's random state,
@@ -685,8 +690,8 @@ class Trainer:
     def _evaluate_validation(self) -> dict[str, Any]:
         """The model's validation scores, decoded greedily (``eval.val_sentences``)."""
         return evaluate(self.model, self.val_data, self.translator,
-                        label_smoothing=self.cfg.label_smoothing,
-                        batch_tokens=self.cfg.batch_tokens,
+                        label_smoothing=self.config.train.label_smoothing,
+                        batch_tokens=self.config.train.batch_tokens,
                         sentences=self.config.eval.val_sentences, beam_size=1,
                         lowercase=self.config.data.lowercase)
 
@@ -741,29 +746,30 @@ class Trainer:
         steps until three quarters of the way, so a machine that slows down or speeds up is
         followed; the same on every rank.
         """
+        train = self.config.train
         schedule = self._cosine()
         step = self.progress.step
-        if schedule is None or self.cfg.max_minutes is None \
+        if schedule is None or train.max_minutes is None \
                 or step >= 0.75 * schedule.total_steps or step - self._pace[1] < 10:
             return
         horizon = None
         if self.world.is_main:
             started, from_step = self._pace
             per_step = (time.perf_counter() - started) / (step - from_step)
-            left = self.cfg.max_minutes * 60 - self._wall_seconds()
+            left = train.max_minutes * 60 - self._wall_seconds()
             steps = int(left / per_step)
             # The validations on the way cost time the steps cannot use.
-            validations = (step + steps) // self.cfg.eval_every - step // self.cfg.eval_every
+            validations = (step + steps) // train.eval_every - step // train.eval_every
             steps = int((left - validations * self.progress.validation_seconds) / per_step)
             horizon = max(step + 1, step + steps)
         horizon = self.world.broadcast(horizon)
-        if horizon >= self.cfg.max_steps:  # the budget allows them all: max_steps decides
-            schedule.total_steps, schedule.fitted = self.cfg.max_steps, False
+        if horizon >= train.max_steps:  # the budget allows them all: max_steps decides
+            schedule.total_steps, schedule.fitted = train.max_steps, False
             return
         if not schedule.fitted or abs(horizon - schedule.total_steps) > 0.05 * horizon:
             self.log(f"step {step}: the time budget (train.max_minutes="
-                     f"{self.cfg.max_minutes:g}) allows about {horizon} of max_steps="
-                     f"{self.cfg.max_steps} steps; the cosine ends there")
+                     f"{train.max_minutes:g}) allows about {horizon} of max_steps="
+                     f"{train.max_steps} steps; the cosine ends there")
         schedule.total_steps, schedule.fitted = horizon, True
 
     def _bank_time(self) -> None:
@@ -777,8 +783,8 @@ class Trainer:
         return self.progress.wall_seconds + time.perf_counter() - self.session_start
 
     def _out_of_time(self) -> bool:
-        return self.cfg.max_minutes is not None and \
-            self._wall_seconds() / 60 >= self.cfg.max_minutes
+        return self.config.train.max_minutes is not None and \
+            self._wall_seconds() / 60 >= self.config.train.max_minutes
 
     # The end --------------------------------------------------------------------------------
 
@@ -792,7 +798,7 @@ class Trainer:
         best = load_checkpoint(self.run_dir / "checkpoint_best.pt")
         self.model.load_state_dict(best["model"])
         scored, compared = "checkpoint_best.pt", {}
-        if self.cfg.average_last:
+        if self.config.train.average_last:
             # The best single checkpoint's scores too, so that each run measures averaging.
             single = self._score_test()
             compared = {"checkpoint_best": {key: single[key] for key in COMPARED
@@ -819,8 +825,9 @@ class Trainer:
         """The test scores of the model's current weights (see
         :func:`~attention.translation.evaluation.score_test_split`)."""
         return score_test_split(self.model, self.test_data, self.val_data, self.translator,
-                                self.config.eval, label_smoothing=self.cfg.label_smoothing,
-                                batch_tokens=self.cfg.batch_tokens,
+                                self.config.eval,
+                                label_smoothing=self.config.train.label_smoothing,
+                                batch_tokens=self.config.train.batch_tokens,
                                 lowercase=self.config.data.lowercase)
 
     def _plot_test_attention(self) -> None:

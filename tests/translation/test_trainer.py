@@ -51,7 +51,8 @@ def test_accumulated_batches_give_the_loss_and_gradients_of_one_concatenated_bat
 
     # The mean loss per target token of the three batches as one, by autograd.
     src, tgt_in, tgt_out = whole.train_data.batch([i for batch in indices for i in batch])
-    loss, count = sequence_loss(whole.model(src, tgt_in), tgt_out, whole.cfg.label_smoothing)
+    loss, count = sequence_loss(whole.model(src, tgt_in), tgt_out,
+                                whole.config.train.label_smoothing)
     assert int(count) == sum(counts)
     mean = loss / count
     mean.backward()
