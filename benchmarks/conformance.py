@@ -105,13 +105,13 @@ def run_one(args: argparse.Namespace, test_file: str, mode: str, env: dict[str, 
             "counts": kit.count_statuses(cases.values()), "cases": cases}
 
 
-def build_report(args: argparse.Namespace, runs: list[dict], swapped: list[str] | None,
-                 command: str) -> dict:
+def build_report(args: argparse.Namespace, runs: list[dict], swapped: list[str] | None
+                 ) -> dict:
     """The counts of each run; per file, the tests that fail on torch.nn's own classes and
     those that pass on them but fail, or do not run, on ours."""
     cases = {(run["file"], run["mode"]): run.pop("cases") for run in runs}
     commit, dirty = git_commit(args.package_root / "attention")
-    report = {"environment": kit.environment("cpu", command), "pytorch_ref": args.ref,
+    report = {"pytorch_ref": args.ref,
               "tests_folder": kit.shown_path(args.tests),
               "package_root": kit.shown_path(args.package_root),
               "attention_commit": commit, "attention_uncommitted_changes": dirty,
@@ -163,10 +163,9 @@ def main(argv: list[str] | None = None) -> dict:
     runs = [run_one(args, test_file, mode, env) for test_file in TEST_FILES
             for mode in args.modes]
     swapped = json.loads(swap_record.read_text()) if swap_record.is_file() else None
-    report = build_report(args, runs, swapped, kit.command_line(__file__, argv))
-    kit.write_report(args.out / "results", report, body=markdown(report),
-                     title="PyTorch's attention tests on torch.nn's classes and on "
-                           "attention.compat's")
+    report = kit.publish(args.out / "results", __file__, argv, markdown=markdown,
+                         title="PyTorch's attention tests on torch.nn's classes and on "
+                               "attention.compat's", **build_report(args, runs, swapped))
     found = sum(len(items) for items in report["regressions"].values())
     print(f"{found} tests pass on torch.nn's classes and fail on ours; "
           f"see {args.out / 'results.md'}")

@@ -218,17 +218,10 @@ def main(argv: list[str] | None = None) -> dict:
     args = parse_args(argv)
     if args.threads is not None:
         torch.set_num_threads(args.threads)
-    report = {
-        "environment": kit.environment("cpu", kit.command_line(__file__, argv),
-                                       packages=["ctranslate2"]),
-        "threads": torch.get_num_threads(),
-        "checkpoint": kit.shown_path(args.checkpoint.resolve()),
-        **measure(args),
-    }
-    kit.write_report(args.out, report, body=markdown(report),
-                     title=f"CTranslate2 export: agreement with ours ({date.today()})")
-    kit.say(f"wrote {args.out}.json and .md")
-    return report
+    return kit.publish(args.out, __file__, argv, markdown=markdown, packages=["ctranslate2"],
+                       title=f"CTranslate2 export: agreement with ours ({date.today()})",
+                       threads=torch.get_num_threads(),
+                       checkpoint=kit.shown_path(args.checkpoint.resolve()), **measure(args))
 
 
 if __name__ == "__main__":

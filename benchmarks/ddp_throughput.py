@@ -92,19 +92,18 @@ def main(argv: list[str] | None = None) -> dict:
              "median_ratio": result["ratios"][s.name]["median"]} for s in settings]
     for row in rows:
         row["median_tokens_per_second"] = statistics.median(row["tokens_per_second"])
-    report = {"environment": kit.environment("cpu", kit.command_line(__file__, argv)),
-              "config": kit.shown_path(Path(args.config).resolve()), "steps": args.steps,
-              "rounds": result, "settings": rows}
     table = kit.markdown_table(
         ["setting", "processes × threads, accumulation", "target tokens/s (median)",
          f"÷ {reference}"],
         [[r["setting"], f"{r['processes']} × {r['threads']}, {r['grad_accum_steps']}",
           f"{r['median_tokens_per_second']:.0f}", f"{r['median_ratio']:.2f}×"] for r in rows])
     print("\n".join(table))
-    kit.write_report(args.out, report, title="Training throughput, one process and several",
-                     body=[f"`{report['config']}`, {args.steps} steps a run, {args.rounds} "
-                           "alternated rounds; the first logged window left out.", "", *table])
-    return report
+    return kit.publish(args.out, __file__, argv, title="Training throughput, one process and "
+                       "several", markdown=lambda report: [
+                           f"`{report['config']}`, {args.steps} steps a run, {args.rounds} "
+                           "alternated rounds; the first logged window left out.", "", *table],
+                       config=kit.shown_path(Path(args.config).resolve()), steps=args.steps,
+                       rounds=result, settings=rows)
 
 
 if __name__ == "__main__":

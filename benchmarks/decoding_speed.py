@@ -353,15 +353,11 @@ def main(argv: list[str] | None = None) -> dict:
         kit.say(f"{args.rounds} round(s): fewer than 5, smoke figures only")
     with tempfile.TemporaryDirectory(prefix="decoding-ct2-") as folder:
         cells, details, skipped = run_all(args, Path(folder))
-    env = kit.environment("cpu", kit.command_line(__file__, argv),
-                          packages=("ctranslate2", "transformers"))
-    env["threads"] = args.threads  # the cells' (torch's and CTranslate2's intra_threads)
-    report = {"environment": env, "setup": {key: getattr(args, key) for key in SETUP},
-              "systems": details, "skipped": skipped, "cells": cells}
-    kit.write_report(args.out, report, body=markdown(report),
-                     title=f"Decoding: ours vs CTranslate2 and transformers ({date.today()})")
-    kit.say(f"wrote {args.out}.json and .md")
-    return report
+    return kit.publish(args.out, __file__, argv, markdown=markdown,
+                       title=f"Decoding: ours vs CTranslate2 and transformers ({date.today()})",
+                       packages=("ctranslate2", "transformers"),
+                       setup={key: getattr(args, key) for key in SETUP}, systems=details,
+                       skipped=skipped, cells=cells)
 
 
 if __name__ == "__main__":

@@ -138,26 +138,21 @@ def main(argv: list[str] | None = None) -> dict:
         kit.say(f"beam {beam_size}: BLEU fp32 {row['fp32']['bleu']:.2f}, int8 "
                 f"{row['int8']['bleu']:.2f}; {row['fp32']['seconds']:.1f} s vs "
                 f"{row['int8']['seconds']:.1f} s, {row['speedup']:.2f}x")
-    env = kit.environment("cpu", kit.command_line(__file__, argv))
     fp32 = translators["fp32"]
-    report = {
-        "environment": env, "command": env["command"], "threads": torch.get_num_threads(),
-        "quantized_engine": torch.backends.quantized.engine,
-        "checkpoint": kit.shown_path(args.checkpoint.resolve()),
-        "source": kit.shown_path(args.source.resolve()),
-        "reference": kit.shown_path(args.reference.resolve()),
-        "sentences": len(sources), "rounds": args.rounds,
-        "parameters": sum(p.numel() for p in fp32.model.parameters()),
-        "megabytes": {name: serialized_megabytes(t.model) for name, t in translators.items()},
-        "eval": {key: getattr(fp32.eval_config, key)
-                 for key in ("batch_size", "length_penalty", "max_len_a", "max_len_b")},
-        "results": results,
-    }
-    kit.write_report(args.out, report, body=markdown(report),
-                     title=f"int8 dynamic quantization against float32 on the CPU "
-                           f"({date.today()})")
-    kit.say(f"wrote {args.out}.json and .md")
-    return report
+    return kit.publish(
+        args.out, __file__, argv, markdown=markdown,
+        title=f"int8 dynamic quantization against float32 on the CPU ({date.today()})",
+        command=kit.command_line(__file__, argv), threads=torch.get_num_threads(),
+        quantized_engine=torch.backends.quantized.engine,
+        checkpoint=kit.shown_path(args.checkpoint.resolve()),
+        source=kit.shown_path(args.source.resolve()),
+        reference=kit.shown_path(args.reference.resolve()),
+        sentences=len(sources), rounds=args.rounds,
+        parameters=sum(p.numel() for p in fp32.model.parameters()),
+        megabytes={name: serialized_megabytes(t.model) for name, t in translators.items()},
+        eval={key: getattr(fp32.eval_config, key)
+              for key in ("batch_size", "length_penalty", "max_len_a", "max_len_b")},
+        results=results)
 
 
 if __name__ == "__main__":

@@ -110,12 +110,10 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument("--steps", type=kit.positive_int, nargs="+", default=[256, 1024, 4096])
     parser.add_argument("--out", type=Path, default=RESULTS)
     args = parser.parse_args(argv)
-    report = {"environment": kit.environment("cpu", kit.command_line(__file__, argv)),
-              "config": {key: value for key, value in vars(args).items() if key != "out"},
-              "rows": measure(args)}
-    kit.write_report(args.out / f"kv-cache-memory-{date.today()}", report, body=markdown(report),
-                     title=f"Decoder KV cache memory, {date.today()}")
-    return report
+    return kit.publish(args.out / f"kv-cache-memory-{date.today()}", __file__, argv,
+                       title=f"Decoder KV cache memory, {date.today()}", markdown=markdown,
+                       config={k: v for k, v in vars(args).items() if k != "out"},
+                       rows=measure(args))
 
 
 if __name__ == "__main__":

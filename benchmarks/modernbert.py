@@ -142,14 +142,10 @@ def main(argv: list[str] | None = None) -> dict:
                 f"{row['contenders']['transformers']['median_ms']:.1f} ms, ours "
                 f"{row['contenders']['ours']['median_ms']:.1f} ms, max abs diff "
                 f"{row['check']['max_abs_difference']:.1e})")
-    report = {"environment": kit.environment("cpu", kit.command_line(__file__, argv),
-                                             packages=["transformers"]),
-              "config": {key: value for key, value in vars(args).items() if key != "out"},
-              "rows": rows}
-    kit.write_report(args.out / f"modernbert-cpu-{date.today()}{args.tag}", report,
-                     title=f"ModernBERT, ours converted vs transformers, CPU inference, "
-                           f"{date.today()}", body=markdown(report))
-    return report
+    return kit.publish(args.out / f"modernbert-cpu-{date.today()}{args.tag}", __file__, argv,
+                       title=f"ModernBERT, ours converted vs transformers, CPU inference, "
+                             f"{date.today()}", markdown=markdown, packages=["transformers"],
+                       config={k: v for k, v in vars(args).items() if k != "out"}, rows=rows)
 
 
 if __name__ == "__main__":

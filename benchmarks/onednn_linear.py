@@ -77,11 +77,8 @@ def main(argv: list[str] | None = None) -> int:
         torch.manual_seed(0)
         weight = torch.randn(out_features, in_features) * in_features**-0.5
         cells += [measure(weight, rows, args) for rows in args.rows]
-    report = {"environment": kit.environment("cpu", kit.command_line(__file__, argv)),
-              "cells": cells}
-    kit.write_report(args.out, report, body=markdown(report),
-                     title=f"oneDNN-packed weights vs F.linear, {date.today()}")
-    kit.say(f"wrote {args.out}.json and .md")
+    kit.publish(args.out, __file__, argv, markdown=markdown, cells=cells,
+                title=f"oneDNN-packed weights vs F.linear, {date.today()}")
     return 0
 
 

@@ -138,10 +138,9 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     if args.threads:
         torch.set_num_threads(args.threads)
-    report = {"environment": kit.environment("cpu", kit.command_line(__file__, argv)),
-              **measure(args.run, args.average, args.beams, args.length_penalties)}
-    kit.write_report(args.out / "effects", report, body=markdown(report),
-                     title=f"Recipe effects: {report['run']}")
+    report = measure(args.run, args.average, args.beams, args.length_penalties)
+    kit.publish(args.out / "effects", __file__, argv, title=f"Recipe effects: {report['run']}",
+                markdown=markdown, **report)
     return 0
 
 

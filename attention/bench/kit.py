@@ -6,9 +6,7 @@ A benchmark script is a page: its arguments, its contenders, and calls to this k
 
     result = kit.alternate({"torch": run_torch, "ours": run_ours}, rounds=args.rounds,
                            pairs={"speedup": ("torch", "ours")}, check=outputs_agree)
-    report = {"environment": kit.environment("cpu", kit.command_line(__file__, argv)),
-              "result": result}
-    kit.write_report(args.out, report, title="...", body=kit.markdown_table(...))
+    kit.publish(args.out, __file__, argv, title="...", markdown=table_of, result=result)
 
 What it holds, each from the module of its one idea:
 
@@ -17,7 +15,8 @@ What it holds, each from the module of its one idea:
   :func:`rotated`, :func:`timing_summary`, :func:`round_ratios`;
 - the run's record (:mod:`.environment`): :func:`environment` (git commit included),
   :func:`command_line`, :func:`shown_path`, :func:`package_version`;
-- the result files (:mod:`.writer`): :func:`write_report`, :func:`markdown_table`;
+- the result files (:mod:`.writer`): :func:`publish` (the environment record and both
+  files in one call), :func:`write_report`, :func:`markdown_table`;
 - child processes (:mod:`.subprocesses`): :func:`run_process` (timeout, process-group kill);
 - test suites run in them (:mod:`.junit`): :func:`read_junit`, :func:`count_statuses`;
 - argument checks (:mod:`.arguments`): :func:`positive_int`, :func:`non_negative_int`,
@@ -35,11 +34,11 @@ from .environment import command_line, environment, package_version, shown_path
 from .junit import JunitCase, count_statuses, read_junit
 from .rounds import AlternatedRounds, alternate, rotated, round_ratios, timing_summary
 from .subprocesses import Finished, run_process
-from .writer import markdown_table, write_report
+from .writer import markdown_table, publish, write_report
 
 __all__ = ["AlternatedRounds", "Finished", "JunitCase", "alternate", "check_positive",
            "command_line", "count_statuses", "environment", "fraction", "markdown_table",
-           "non_negative_int", "package_version", "positive_float", "positive_int",
+           "non_negative_int", "package_version", "positive_float", "positive_int", "publish",
            "read_junit", "rotated", "round_ratios", "run_process", "say", "shown_path", "timed",
            "timed_call", "timing_summary", "write_report"]
 

@@ -11,13 +11,18 @@ from __future__ import annotations
 
 import json
 import os
-from collections.abc import Iterable, Sequence
+import sys
+from collections.abc import Callable, Iterable, Sequence
 from pathlib import Path
 from typing import Any
 
-from ..common.files import write_text_atomic
+import torch
 
-__all__ = ["environment_lines", "markdown_table", "result_paths", "to_json", "write_report"]
+from ..common.files import write_text_atomic
+from .environment import command_line, environment
+
+__all__ = ["environment_lines", "markdown_table", "publish", "result_paths", "to_json",
+           "write_report"]
 
 REQUIRED = ("command", "git_commit", "date")
 
@@ -73,3 +78,18 @@ def write_report(out: str | os.PathLike, report: dict[str, Any], *, title: str,
                           *environment_lines(env)]) + "\n"
     return [write_text_atomic(json_path, to_json(report)),
             write_text_atomic(markdown_path, markdown)]
+
+
+def publish(out: str | os.PathLike, script: str | os.PathLike, argv: Sequence[str] | None, *,
+            title: str, markdown: Callable[[dict[str, Any]], Sequence[str]],
+            device: torch.device | str = "cpu", packages: Sequence[str] = (),
+            **fields: Any) -> dict[str, Any]:
+    """The report of a run of ``script`` with ``argv`` (``None``: ``sys.argv[1:]``): the
+    :func:`~attention.bench.environment.environment` record (with ``packages``' versions)
+    and ``fields``; written by :func:`write_report` with ``markdown(report)`` as the body,
+    said on stderr, and returned."""
+    report = {"environment": environment(device, command_line(script, argv), packages),
+              **fields}
+    paths = write_report(out, report, title=title, body=markdown(report))
+    print(f"wrote {paths[0]} and {paths[1].name}", file=sys.stderr, flush=True)
+    return report

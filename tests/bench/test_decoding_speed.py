@@ -39,7 +39,7 @@ def test_every_system_generates_the_same_tokens(tmp_path):
         greedy = report["cells"][0]["check"]["agreement_with_ours"]["ctranslate2"]
         assert greedy == {"tokens_percent": 100.0, "sentences_percent": 100.0}
     written, markdown = read_results(out, "decoding_speed")
-    assert written["cells"] == report["cells"] and written["environment"]["threads"] == [1]
+    assert written["cells"] == report["cells"] and written["setup"]["threads"] == [1]
     assert set(written["environment"]["packages"]) == {"ctranslate2", "transformers"}
     assert "## 1 thread(s), beam 2" in markdown
 

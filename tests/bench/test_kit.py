@@ -154,6 +154,17 @@ def test_the_writer_leaves_the_old_files_whole_when_a_write_fails(tmp_path, monk
     assert sorted(p.name for p in tmp_path.iterdir()) == ["x.json", "x.md"]  # no temporaries
 
 
+def test_publish_records_the_run_writes_both_files_and_says_where(tmp_path, capsys):
+    script = ROOT / "benchmarks" / "any.py"
+    report = kit.publish(tmp_path / "r", script, ["--rounds", "2"], title="T", figure=3,
+                         markdown=lambda report: [f"figure {report['figure']}"])
+    assert report["figure"] == 3
+    assert report["environment"]["command"] == "python benchmarks/any.py --rounds 2"
+    assert json.loads((tmp_path / "r.json").read_text()) == report
+    assert "\nfigure 3\n" in (tmp_path / "r.md").read_text()
+    assert capsys.readouterr().err == f"wrote {tmp_path / 'r.json'} and r.md\n"
+
+
 @pytest.mark.parametrize("bad", [{}, {"environment": {"command": "c"}}])
 def test_the_writer_refuses_a_report_without_its_environment(tmp_path, bad):
     with pytest.raises(ValueError, match=r"report\['environment'\]: expected the record"):
@@ -230,7 +241,8 @@ def test_junit_outcomes_are_read_with_their_first_message_line(tmp_path):
     xml = tmp_path / "tests.xml"
     xml.write_text('<testsuites><testsuite name="pytest">'
                    '<testcase classname="t.TestA" name="ok"/>'
-                   '<testcase classname="t.TestA" name="bad"><failure message="&#10;E boom&#10;more"/>'
+                   '<testcase classname="t.TestA" name="bad">'
+                   '<failure message="&#10;E boom&#10;more"/>'
                    '</testcase><testcase classname="t" name="err"><error>trace</error></testcase>'
                    '<testcase classname="t" name="skip"><skipped message="later"/></testcase>'
                    '</testsuite></testsuites>')
