@@ -143,7 +143,8 @@ class HuggingFace:
 
 
 class CTranslate2:
-    """A ``ctranslate2.Translator`` on our converted model."""
+    """A ``ctranslate2.Translator`` on our converted model (one vocabulary, ours, for source
+    and target: the converter writes it as ``shared_vocabulary.json``)."""
 
     def __init__(self, ctranslate2: Any, name: str, path: Path, compute_type: str,
                  threads: int, src: Tensor, new_tokens: int) -> None:
@@ -151,8 +152,8 @@ class CTranslate2:
         self.translator = ctranslate2.Translator(str(path), device="cpu",
                                                  compute_type=compute_type,
                                                  intra_threads=threads, inter_threads=1)
-        source_vocab, self.target_vocab = read_vocabularies(path)
         config = json.loads((path / "config.json").read_text())
+        vocab = json.loads((path / "shared_vocabulary.json").read_text(encoding="utf-8"))
         rows = src.tolist()
         # The model adds these itself: give it the words only, so the encoder sees the
         # same positions as ours.
@@ -160,9 +161,9 @@ class CTranslate2:
             rows = [row[:-1] if row[-1] == EOS_ID else row for row in rows]
         if config.get("add_source_bos"):
             rows = [row[1:] if row[0] == BOS_ID else row for row in rows]
-        self.source = [[source_vocab[t] for t in row] for row in rows]
-        self.banned = [[self.target_vocab[PAD_ID]], [self.target_vocab[BOS_ID]]]
-        self.index = {token: i for i, token in enumerate(self.target_vocab)}
+        self.source = [[vocab[t] for t in row] for row in rows]
+        self.banned = [[vocab[PAD_ID]], [vocab[BOS_ID]]]
+        self.index = {token: i for i, token in enumerate(vocab)}
 
     def run(self, beam: int) -> list:
         # max_decoding_length counts decoder steps, an EOS included; min_decoding_length
@@ -178,31 +179,18 @@ class CTranslate2:
         return [[self.index[t] for t in result.hypotheses[0]] for result in output]
 
 
-def read_vocabularies(path: Path) -> tuple[list[str], list[str]]:
-    """The source and target token lists of a CTranslate2 model folder."""
-    def read(stem: str) -> list[str] | None:
-        if (path / f"{stem}.json").exists():
-            return json.loads((path / f"{stem}.json").read_text(encoding="utf-8"))
-        if (path / f"{stem}.txt").exists():
-            return (path / f"{stem}.txt").read_text(encoding="utf-8").splitlines()
-        return None
-
-    shared = read("shared_vocabulary")
-    source = read("source_vocabulary") or shared
-    target = read("target_vocabulary") or shared
-    if source is None or target is None:
-        raise FileNotFoundError(f"no vocabulary files in the CTranslate2 model {path}")
-    return source, target
+def words(vocab: int) -> list[str]:
+    """``vocab`` made-up words, the special tokens first: the vocabulary of every system."""
+    return SPECIAL_TOKENS + [f"w{i}" for i in range(len(SPECIAL_TOKENS), vocab)]
 
 
 def word_tokenizer(vocab: int) -> Any:
-    """A word-level tokenizer of ``vocab`` made-up words, the special tokens first: what the
-    converter reads the vocabulary from."""
+    """A word-level tokenizer of :func:`words`: what the converter reads the vocabulary
+    from."""
     from tokenizers import Tokenizer, models
 
-    words = SPECIAL_TOKENS + [f"w{i}" for i in range(len(SPECIAL_TOKENS), vocab)]
-    unk = SPECIAL_TOKENS[UNK_ID]
-    return Tokenizer(models.WordLevel({word: i for i, word in enumerate(words)}, unk_token=unk))
+    return Tokenizer(models.WordLevel({word: i for i, word in enumerate(words(vocab))},
+                                      unk_token=SPECIAL_TOKENS[UNK_ID]))
 
 
 def convert(model: Transformer, folder: Path, quantization: str) -> Path:
