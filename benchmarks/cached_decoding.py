@@ -103,7 +103,8 @@ def markdown(report: dict) -> list[str]:
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser = kit.benchmark_parser(__doc__, rounds=5,
+                                  out=RESULTS / f"cached-decoding-cpu-{date.today()}")
     parser.add_argument("--prefix", type=kit.positive_int, nargs="+", default=[128, 512])
     parser.add_argument("--new-tokens", type=kit.positive_int, default=16)
     parser.add_argument("--batch", type=kit.positive_int, default=4)
@@ -112,9 +113,6 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--n-heads", type=kit.positive_int, default=4)
     parser.add_argument("--n-layers", type=kit.positive_int, default=4)
     parser.add_argument("--d-ff", type=kit.positive_int, default=1024)
-    parser.add_argument("--rounds", type=kit.positive_int, default=5)
-    parser.add_argument("--out", type=Path, help="results path, without suffix",
-                        default=RESULTS / f"cached-decoding-cpu-{date.today()}")
     return parser.parse_args(argv)
 
 

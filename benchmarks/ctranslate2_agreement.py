@@ -194,7 +194,8 @@ def markdown(report: dict) -> list[str]:
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser = kit.benchmark_parser(__doc__,
+                                  out=RESULTS / f"ctranslate2-agreement-{date.today()}")
     parser.add_argument("--checkpoint", type=Path, required=True)
     parser.add_argument("--source", type=Path, help="source sentences, one a line (.gz too)")
     parser.add_argument("--reference", type=Path, help="their reference translations")
@@ -206,8 +207,6 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                         help="CPU threads of torch and CTranslate2 (default: torch's); on a "
                              "machine shared with other work, 1 avoids threads that spin "
                              "waiting for a busy core")
-    parser.add_argument("--out", type=Path, help="results path, without suffix",
-                        default=RESULTS / f"ctranslate2-agreement-{date.today()}")
     args = parser.parse_args(argv)
     if (args.source is None) != (args.reference is None):
         parser.error("--source, --reference: expected both or neither, got one")

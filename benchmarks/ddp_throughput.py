@@ -13,7 +13,6 @@ reference of the ratios (a setting's tokens/s ÷ the reference's, per round).
 
 from __future__ import annotations
 
-import argparse
 import datetime
 import os
 import statistics
@@ -64,14 +63,12 @@ class Setting:
 
 
 def main(argv: list[str] | None = None) -> dict:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser = kit.benchmark_parser(__doc__, rounds=3, out=ROOT / "benchmarks" / "results" /
+                                  f"ddp-cpu-{datetime.date.today()}.json")
     parser.add_argument("--config", default=str(ROOT / "configs" / "toy_translation.yaml"))
     parser.add_argument("--steps", type=kit.positive_int, default=60)
-    parser.add_argument("--rounds", type=kit.positive_int, default=3)
     parser.add_argument("--setting", action="append", default=None,
                         help="NAME=PROCESSES:THREADS:GRAD_ACCUM")
-    parser.add_argument("--out", type=Path, default=ROOT / "benchmarks" / "results" /
-                        f"ddp-cpu-{datetime.date.today()}.json")
     args = parser.parse_args(argv)
     with tempfile.TemporaryDirectory() as work:
         try:

@@ -311,10 +311,10 @@ def markdown(report: dict) -> list[str]:
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser = kit.benchmark_parser(__doc__, rounds=7,
+                                  out=RESULTS / f"decoding-cpu-{date.today()}")
     parser.add_argument("--threads", type=kit.positive_int, nargs="+", default=[1, 2])
     parser.add_argument("--beams", type=kit.positive_int, nargs="+", default=[1, 4])
-    parser.add_argument("--rounds", type=kit.positive_int, default=7)
     parser.add_argument("--batch", type=kit.positive_int, default=32)
     parser.add_argument("--src-len", type=int, default=16, help="source tokens, EOS included")
     parser.add_argument("--new-tokens", type=kit.positive_int, default=24)
@@ -324,8 +324,6 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                         help="encoder and decoder, each")
     parser.add_argument("--d-ff", type=kit.positive_int, default=1024)
     parser.add_argument("--vocab", type=int, default=8000)
-    parser.add_argument("--out", type=Path, help="results path, without suffix",
-                        default=RESULTS / f"decoding-cpu-{date.today()}")
     args = parser.parse_args(argv)
     if args.src_len < 2:
         parser.error(f"--src-len: expected at least 2 (a word and EOS), got {args.src_len}")

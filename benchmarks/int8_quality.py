@@ -113,17 +113,14 @@ def markdown(report: dict) -> list[str]:
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser = kit.benchmark_parser(__doc__, rounds=3, out=RESULTS / f"int8-cpu-{date.today()}")
     parser.add_argument("--checkpoint", type=Path, required=True)
     parser.add_argument("--source", type=Path, required=True, help="plain or .gz text")
     parser.add_argument("--reference", type=Path, required=True, help="plain or .gz text")
     parser.add_argument("--limit", type=kit.positive_int, help="the first N sentences only")
     parser.add_argument("--beams", type=kit.positive_int, nargs="+", default=[1, 4],
                         help="beam sizes (1: greedy)")
-    parser.add_argument("--rounds", type=kit.positive_int, default=3)
     parser.add_argument("--threads", type=kit.positive_int, default=2)
-    parser.add_argument("--out", type=Path, help="results path, without suffix",
-                        default=RESULTS / f"int8-cpu-{date.today()}")
     return parser.parse_args(argv)
 
 

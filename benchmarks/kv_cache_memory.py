@@ -100,7 +100,7 @@ def markdown(report: dict) -> list[str]:
 
 
 def main(argv: list[str] | None = None) -> dict:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser = kit.benchmark_parser(__doc__, out=RESULTS, out_help="results folder")
     parser.add_argument("--d-model", type=kit.positive_int, default=256)
     parser.add_argument("--n-heads", type=kit.positive_int, default=16)
     parser.add_argument("--n-kv-heads", type=kit.positive_int, default=4)
@@ -108,7 +108,6 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument("--window", type=kit.positive_int, default=64)
     parser.add_argument("--source-length", type=kit.positive_int, default=32)
     parser.add_argument("--steps", type=kit.positive_int, nargs="+", default=[256, 1024, 4096])
-    parser.add_argument("--out", type=Path, default=RESULTS)
     args = parser.parse_args(argv)
     return kit.publish(args.out / f"kv-cache-memory-{date.today()}", __file__, argv,
                        title=f"Decoder KV cache memory, {date.today()}", markdown=markdown,

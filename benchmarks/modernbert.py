@@ -113,7 +113,7 @@ def markdown(report: dict) -> list[str]:
 
 
 def main(argv: list[str] | None = None) -> dict:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser = kit.benchmark_parser(__doc__, rounds=7, out=RESULTS, out_help="results folder")
     parser.add_argument("--lengths", type=kit.positive_int, nargs="+", default=[512, 2048, 8192])
     parser.add_argument("--batch", type=kit.non_negative_int, default=16,
                         help="0: no padded batch")
@@ -126,10 +126,8 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument("--window", type=kit.positive_int, default=64, help="each side")
     parser.add_argument("--global-every", type=kit.positive_int, default=3)
     parser.add_argument("--vocab", type=kit.positive_int, default=1000)
-    parser.add_argument("--rounds", type=kit.positive_int, default=7)
     parser.add_argument("--threads", type=kit.positive_int, default=None)
     parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--out", type=Path, default=RESULTS)
     parser.add_argument("--tag", default="", help="appended to the results' file names")
     args = parser.parse_args(argv)
     if args.threads:

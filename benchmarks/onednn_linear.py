@@ -60,13 +60,11 @@ def markdown(report: dict) -> list[str]:
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser = kit.benchmark_parser(__doc__, rounds=7,
+                                  out=RESULTS / f"onednn-linear-cpu-{date.today()}")
     parser.add_argument("--rows", type=kit.positive_int, nargs="+", default=[1, 8, 32, 128])
-    parser.add_argument("--rounds", type=kit.positive_int, default=7)
     parser.add_argument("--calls", type=kit.positive_int, default=20)
     parser.add_argument("--threads", type=kit.positive_int, default=1)
-    parser.add_argument("--out", type=Path, help="results path, without suffix",
-                        default=RESULTS / f"onednn-linear-cpu-{date.today()}")
     args = parser.parse_args(argv)
     if not features.ONEDNN_LINEAR:
         kit.say("this torch has no oneDNN linear ops: nothing to compare")

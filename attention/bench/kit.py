@@ -19,8 +19,9 @@ What it holds, each from the module of its one idea:
   files in one call), :func:`write_report`, :func:`markdown_table`;
 - child processes (:mod:`.subprocesses`): :func:`run_process` (timeout, process-group kill);
 - test suites run in them (:mod:`.junit`): :func:`read_junit`, :func:`count_statuses`;
-- argument checks (:mod:`.arguments`): :func:`positive_int`, :func:`non_negative_int`,
-  :func:`positive_float`, :func:`fraction`, :func:`check_positive`;
+- arguments (:mod:`.arguments`): :func:`benchmark_parser` (``--rounds``, ``--out``),
+  :func:`positive_int`, :func:`non_negative_int`, :func:`positive_float`,
+  :func:`fraction`, :func:`check_positive`;
 - :func:`say`: a progress line on stderr, so that stdout stays the script's result.
 """
 
@@ -28,7 +29,14 @@ from __future__ import annotations
 
 import sys
 
-from .arguments import check_positive, fraction, non_negative_int, positive_float, positive_int
+from .arguments import (
+    benchmark_parser,
+    check_positive,
+    fraction,
+    non_negative_int,
+    positive_float,
+    positive_int,
+)
 from .clock import timed, timed_call
 from .environment import command_line, environment, package_version, shown_path
 from .junit import JunitCase, count_statuses, read_junit
@@ -36,11 +44,11 @@ from .rounds import AlternatedRounds, alternate, rotated, round_ratios, timing_s
 from .subprocesses import Finished, run_process
 from .writer import markdown_table, publish, write_report
 
-__all__ = ["AlternatedRounds", "Finished", "JunitCase", "alternate", "check_positive",
-           "command_line", "count_statuses", "environment", "fraction", "markdown_table",
-           "non_negative_int", "package_version", "positive_float", "positive_int", "publish",
-           "read_junit", "rotated", "round_ratios", "run_process", "say", "shown_path", "timed",
-           "timed_call", "timing_summary", "write_report"]
+__all__ = ["AlternatedRounds", "Finished", "JunitCase", "alternate", "benchmark_parser",
+           "check_positive", "command_line", "count_statuses", "environment", "fraction",
+           "markdown_table", "non_negative_int", "package_version", "positive_float",
+           "positive_int", "publish", "read_junit", "rotated", "round_ratios", "run_process",
+           "say", "shown_path", "timed", "timed_call", "timing_summary", "write_report"]
 
 
 def say(message: str) -> None:

@@ -254,3 +254,15 @@ def test_junit_outcomes_are_read_with_their_first_message_line(tmp_path):
     assert kit.read_junit(tmp_path / "none.xml") is None
     (tmp_path / "cut.xml").write_text("<testsuites><testsu")
     assert kit.read_junit(tmp_path / "cut.xml") is None
+
+
+def test_a_benchmark_parser_has_the_shared_flags_asked_for(capsys):
+    parser = kit.benchmark_parser("What it measures,\non two lines.\n\nMore.", rounds=7,
+                                  out="results/x")
+    args = parser.parse_args([])
+    assert (args.rounds, args.out) == (7, Path("results/x"))
+    assert parser.description == "What it measures, on two lines."
+    with pytest.raises(SystemExit):
+        parser.parse_args(["--rounds", "0"])
+    assert "argument --rounds: expected a positive int, got 0" in capsys.readouterr().err
+    assert not hasattr(kit.benchmark_parser("Doc.").parse_args([]), "rounds")
