@@ -428,18 +428,16 @@ def bench_flop_seconds(name: str, dry_run: bool, rate: float = ASSUMED_TFLOPS * 
 def environment_line() -> str:
     import torch
 
-    from attention.bench.environment import device_name, git_commit
+    from attention.bench import kit
 
-    if torch.cuda.is_available():
-        device = (f"{device_name(torch.device('cuda'))} (CUDA {torch.version.cuda}, "
-                  f"capability {'.'.join(map(str, torch.cuda.get_device_capability()))})")
-    else:
-        device = "CPU (dry run)"
-    commit, dirty = git_commit()
-    commit_text = "unknown (no git here)" if commit is None else \
-        commit + (" with uncommitted changes" if dirty else "")
-    return (f"{device}; torch {torch.__version__}, Python {sys.version.split()[0]}; "
-            f"commit {commit_text}")
+    cuda = torch.cuda.is_available()
+    env = kit.environment("cuda" if cuda else "cpu", "")
+    device = "CPU (dry run)" if not cuda else (
+        f"{env['device_name']} (CUDA {env['cuda']}, capability "
+        f"{'.'.join(map(str, torch.cuda.get_device_capability()))})")
+    commit = "unknown (no git here)" if env["git_commit"] is None else \
+        env["git_commit"] + (" with uncommitted changes" if env["git_dirty"] else "")
+    return f"{device}; torch {env['torch']}, Python {env['python']}; commit {commit}"
 
 
 def write_summary(out: Path, outcomes: list[Outcome], dry_run: bool, started: float,
