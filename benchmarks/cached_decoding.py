@@ -75,7 +75,8 @@ def measure(args: argparse.Namespace, prefix: int) -> dict:
 
     result = kit.alternate({"torch.nn": lambda: rerun_prefix(theirs, tgt, memory, prefix),
                             "ours": lambda: cached(ours, tgt, memory, prefix)},
-                           args.rounds, pairs={"speedup": ("torch.nn", "ours")}, check=agree)
+                           args.rounds, pairs={"speedup": ("torch.nn", "ours")}, check=agree,
+                           log=kit.say, label=f"prefix {prefix}")
     rate = {name: args.batch * args.new_tokens / (cell["median_ms"] / 1e3)
             for name, cell in result["contenders"].items()}
     # The headline figures by the names the committed results (and the README's figures,
@@ -118,11 +119,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 
 def main(argv: list[str] | None = None) -> dict:
     args = parse_args(argv)
-    results = []
-    for prefix in args.prefix:
-        results.append(row := measure(args, prefix))
-        kit.say(f"prefix {prefix}: torch.nn {row['torch_tokens_per_s']:.1f} tokens/s, ours "
-                f"{row['ours_tokens_per_s']:.1f} tokens/s, {row['median_speedup']:.2f}×")
+    results = [measure(args, prefix) for prefix in args.prefix]
     return kit.publish(args.out, __file__, argv, markdown=markdown,
                        title="Cached decoding vs torch.nn's re-run of the prefix",
                        setup={key: getattr(args, key) for key in SETUP}, results=results)

@@ -137,10 +137,8 @@ def alternated(translator: Translator, models: dict[str, ctranslate2.Translator]
     runs = {"ours": lambda: translator.generate_ids(ids, beam_size=beam)}
     for name, model in models.items():
         runs[f"ctranslate2 {name}"] = lambda m=model: ctranslate2_ids(m, translator, ids, beam)
-    result = kit.alternate(runs, rounds, pairs={name: (name, "ours") for name in runs
-                                                if name != "ours"})
-    kit.say(f"beam {beam}: " + ", ".join(f"{name} {cell['median_ms'] / 1e3:.2f} s"
-                                         for name, cell in result["contenders"].items()))
+    result = kit.alternate(runs, rounds, log=kit.say, label=f"beam {beam}",
+                           pairs={name: (name, "ours") for name in runs if name != "ours"})
     return {"beam_size": beam, **result}
 
 

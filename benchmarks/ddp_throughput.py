@@ -81,7 +81,7 @@ def main(argv: list[str] | None = None) -> dict:
         # Self-timed: each run's seconds per target token, so that a ratio reference ÷
         # setting is the setting's tokens/s ÷ the reference's.
         result = kit.alternate({s.name: s for s in settings}, args.rounds, warmup=0,
-                               self_timed=True, log=kit.say,
+                               self_timed=True, log=kit.say, label="time per target token",
                                pairs={s.name: (reference, s.name) for s in settings})
     rows = [{"setting": s.name, "processes": s.processes, "threads": s.threads,
              "grad_accum_steps": s.accum,

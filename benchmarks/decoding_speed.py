@@ -238,9 +238,9 @@ def measure_cell(systems: list, beam: int, threads: int, args: argparse.Namespac
         return {"generated_tokens": generated, "agreement_with_ours": {
             name: agreement(ids[OURS], ids[name]) for name in ids if name.startswith("ctrans")}}
 
-    kit.say(f"{threads} thread(s), beam {beam}: {', '.join(s.name for s in systems)}")
     result = kit.alternate({system.name: lambda s=system: s.run(beam) for system in systems},
                            args.rounds, check=equal_work, log=kit.say,
+                           label=f"{threads} thread(s), beam {beam}",
                            pairs={s.name: (s.name, OURS) for s in systems if s.name != OURS})
     tokens_per_s = {name: expected / (cell["median_ms"] / 1e3)
                     for name, cell in result["contenders"].items()}

@@ -69,7 +69,7 @@ def measure(translators: dict[str, Translator], sources: list[str], references: 
     timing = kit.alternate(
         {name: lambda t=translator: t.translate(sources, beam_size=beam_size)
          for name, translator in translators.items()}, rounds, check=keep,
-        pairs={"speedup": ("fp32", "int8")})
+        pairs={"speedup": ("fp32", "int8")}, log=kit.say, label=f"beam {beam_size}")
     ratios = timing["ratios"]["speedup"]["per_round"]
     row: dict = {"beam_size": beam_size}
     for name in MODELS:

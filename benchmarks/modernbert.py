@@ -87,7 +87,8 @@ def measure(args: argparse.Namespace, theirs: torch.nn.Module, ours: torch.nn.Mo
     with torch.inference_mode():
         result = kit.alternate({"transformers": lambda: theirs(input_ids=ids, attention_mask=mask),
                                 "ours": lambda: ours(ids, mask)}, args.rounds, check=agree,
-                               pairs={"ratio": ("transformers", "ours")})
+                               pairs={"ratio": ("transformers", "ours")}, log=kit.say,
+                               label=case["name"])
     return {"case": case["name"], "lengths": case["lengths"],
             "padding": 1 - int(mask.sum()) / mask.numel(), **result}
 
@@ -133,13 +134,7 @@ def main(argv: list[str] | None = None) -> dict:
     if args.threads:
         torch.set_num_threads(args.threads)
     theirs, ours = build_models(args)
-    rows = []
-    for case in cases(args):
-        rows.append(row := measure(args, theirs, ours, case))
-        kit.say(f"{row['case']}: {row['ratios']['ratio']['median']:.2f}x (transformers "
-                f"{row['contenders']['transformers']['median_ms']:.1f} ms, ours "
-                f"{row['contenders']['ours']['median_ms']:.1f} ms, max abs diff "
-                f"{row['check']['max_abs_difference']:.1e})")
+    rows = [measure(args, theirs, ours, case) for case in cases(args)]
     return kit.publish(args.out / f"modernbert-cpu-{date.today()}{args.tag}", __file__, argv,
                        title=f"ModernBERT, ours converted vs transformers, CPU inference, "
                              f"{date.today()}", markdown=markdown, packages=["transformers"],

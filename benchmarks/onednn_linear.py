@@ -39,11 +39,9 @@ def measure(weight: torch.Tensor, rows: int, args: argparse.Namespace) -> dict:
         return {"max_abs_difference": float((outputs["F.linear"] - outputs["packed"]).abs().max())}
 
     result = kit.alternate({"F.linear": lambda: F.linear(x, weight), "packed": lambda: prepared(x)},
-                           args.rounds, calls=args.calls, check=agree,
-                           pairs={"ratio": ("F.linear", "packed")})
-    kit.say(f"{weight.shape[0]}x{weight.shape[1]} rows {rows}: " + ", ".join(
-        f"{name} {1e3 * c['median_ms']:.1f} us" for name, c in result["contenders"].items())
-        + f", {result['ratios']['ratio']['median']:.2f}x")
+                           args.rounds, calls=args.calls, check=agree, log=kit.say,
+                           pairs={"ratio": ("F.linear", "packed")},
+                           label=f"{weight.shape[0]}x{weight.shape[1]} rows {rows}")
     return {"weight": list(weight.shape), "rows": rows, **result}
 
 

@@ -61,12 +61,13 @@ class AlternatedRounds:
     ``calls``: calls of a contender per timed run, the run's time divided by them (for calls
     too short for the clock). ``self_timed``: each contender returns its own measure of the
     run in seconds (a child process's, read from its metrics) instead of being timed by the
-    clock. ``log`` receives a line per round.
+    clock. ``log`` receives a line per round, and one of the medians and ratios from
+    :meth:`summary`, each starting with ``label``.
     """
 
     def __init__(self, contenders: Mapping[str, Callable[[], Any]], *,
                  device: torch.device | str = "cpu", calls: int = 1,
-                 self_timed: bool = False, log: Log | None = None) -> None:
+                 self_timed: bool = False, log: Log | None = None, label: str = "") -> None:
         if not contenders:
             raise ValueError("contenders: expected at least one name → callable, got none")
         check_positive("calls", calls)
@@ -75,6 +76,7 @@ class AlternatedRounds:
         self.calls = calls
         self.self_timed = self_timed
         self.log = log
+        self.label = label
         self.times: dict[str, list[float]] = {name: [] for name in self.contenders}
         self.order: list[list[str]] = []
         self.warmup = 0
@@ -119,10 +121,13 @@ class AlternatedRounds:
             seconds, outputs[name] = self.run_once(name)
             self.times[name].append(seconds)
         self.order.append(order)
-        if self.log is not None:
-            self.log(f"round {len(self.order)}: " + ", ".join(
-                f"{name} {self.times[name][-1] * 1e3:.3g} ms" for name in self.contenders))
+        self.say(f"round {len(self.order)}: " + ", ".join(
+            f"{name} {self.times[name][-1] * 1e3:.3g} ms" for name in self.contenders))
         return outputs
+
+    def say(self, message: str) -> None:
+        if self.log is not None:
+            self.log(f"{self.label}, {message}" if self.label else message)
 
     def summary(self, pairs: Mapping[str, tuple[str, str]] | None = None) -> dict[str, Any]:
         """The rounds as a JSON-ready record: ``rounds``, ``warmup``, ``calls``, ``order``
@@ -138,17 +143,22 @@ class AlternatedRounds:
                                      f"{list(self.times)}, got {name!r}")
             ratios[pair] = {"of": [numerator, denominator],
                             **round_ratios(self.times[numerator], self.times[denominator])}
-        return {"rounds": len(self.order), "warmup": self.warmup, "calls": self.calls,
-                "order": self.order,
-                "contenders": {name: timing_summary(t) for name, t in self.times.items()},
-                "ratios": ratios}
+        summary = {"rounds": len(self.order), "warmup": self.warmup, "calls": self.calls,
+                   "order": self.order,
+                   "contenders": {name: timing_summary(t) for name, t in self.times.items()},
+                   "ratios": ratios}
+        self.say("medians " + "; ".join(
+            [", ".join(f"{name} {c['median_ms']:.3g} ms"
+                       for name, c in summary["contenders"].items()),
+             *(f"{pair} {ratio['median']:.2f}×" for pair, ratio in ratios.items())]))
+        return summary
 
 
 def alternate(contenders: Mapping[str, Callable[[], Any]], rounds: int, *, warmup: int = 1,
               pairs: Mapping[str, tuple[str, str]] | None = None,
               check: Callable[[dict[str, Any]], dict[str, Any] | None] | None = None,
               device: torch.device | str = "cpu", calls: int = 1, self_timed: bool = False,
-              log: Log | None = None) -> dict[str, Any]:
+              log: Log | None = None, label: str = "") -> dict[str, Any]:
     """Warm every contender up ``warmup`` times, then time ``rounds`` alternated rounds.
 
     ``check``, when given, receives what each contender's last warm-up run returned and
@@ -162,7 +172,7 @@ def alternate(contenders: Mapping[str, Callable[[], Any]], rounds: int, *, warmu
         raise ValueError(f"warmup: expected at least 1 with a check (it checks the warm-up's "
                          f"outputs), got {warmup}")
     timer = AlternatedRounds(contenders, device=device, calls=calls, self_timed=self_timed,
-                             log=log)
+                             log=log, label=label)
     outputs = timer.warm_up(warmup)
     checked = check(outputs) if check is not None else None
     for _ in range(rounds):

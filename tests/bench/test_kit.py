@@ -62,6 +62,15 @@ def test_rounds_rotate_the_order_and_report_medians_and_per_round_ratios(monkeyp
     assert result["check"] == {"ok": 1} and result["warmup"] == 2 and result["rounds"] == 4
 
 
+def test_rounds_log_each_round_and_the_medians_under_their_label(monkeypatch):
+    monkeypatch.setattr(rounds, "timed_call", FakeClock([0.002, 0.001, 0.001, 0.003]))
+    lines = []
+    kit.alternate({"a": int, "b": int}, 2, pairs={"a/b": ("a", "b")}, log=lines.append,
+                  label="beam 4")
+    assert lines == ["beam 4, round 1: a 2 ms, b 1 ms", "beam 4, round 2: a 3 ms, b 1 ms",
+                     "beam 4, medians a 2.5 ms, b 1 ms; a/b 2.50×"]
+
+
 def test_a_failed_check_stops_before_anything_is_timed(monkeypatch):
     monkeypatch.setattr(rounds, "timed_call", lambda fn, device: pytest.fail("timed"))
 
