@@ -3,23 +3,20 @@
 result files and the summary) on the CPU at tiny sizes, so that only CUDA itself is new to
 it on the GPU machine."""
 
-import importlib.util
 import json
 import shutil
 import subprocess
 import sys
 import xml.etree.ElementTree as ElementTree
-from pathlib import Path
 
 import pytest
 import torch
 
-ROOT = Path(__file__).resolve().parents[2]
-SPEC = importlib.util.spec_from_file_location("benchmarks_gpu_check",
-                                              ROOT / "benchmarks" / "gpu_check.py")
-gpu_check = importlib.util.module_from_spec(SPEC)
-sys.modules[SPEC.name] = gpu_check  # its dataclasses look their module up there
-SPEC.loader.exec_module(gpu_check)
+from attention.bench import gpu_check as check
+
+from .scripts import ROOT, load_script
+
+gpu_check = load_script("gpu_check")  # the script: arguments, the no-CUDA line
 
 no_cuda = pytest.mark.skipif(torch.cuda.is_available(), reason="checks the line without CUDA")
 
@@ -56,11 +53,11 @@ def test_the_dry_run_on_the_cpu_runs_every_part_and_writes_eight_plain_files(tmp
     assert gpu_check.main([str(out), "--dry-run-cpu"]) == 0
     printed = capsys.readouterr().out
     files = sorted(path.name for path in out.iterdir())
-    assert files == sorted(gpu_check.FILES)  # all eight, flat, and nothing else
+    assert files == sorted(check.FILES)  # all eight, flat, and nothing else
     assert all(path.is_file() and path.stat().st_size < 16 * 2**20 for path in out.iterdir())
     summary = (out / "summary.md").read_text()
     assert printed.endswith(summary)
-    for name in gpu_check.PARTS:
+    for name in check.PARTS:
         assert f"| {name} | ok |" in summary
     # tests: exactly the device-parametrized variants, of the dry run's device
     cases = list(ElementTree.parse(out / "tests.xml").getroot().iter("testcase"))
@@ -71,23 +68,25 @@ def test_the_dry_run_on_the_cpu_runs_every_part_and_writes_eight_plain_files(tmp
     assert [r["step"] for r in records if r["kind"] == "train"] == [1, 2]
     assert "bleu" in json.loads((out / "train-results.json").read_text())
     # the benchmarks: every contender measured or its failure recorded, and both reports
-    for name, contenders in (("base", gpu_check.BASE_CONTENDERS),
-                             ("long", gpu_check.LONG_CONTENDERS)):
+    for name, contenders in (("base", check.BASE_CONTENDERS),
+                             ("long", check.LONG_CONTENDERS)):
         report = json.loads((out / f"bench-{name}.json").read_text())
         assert report["contenders"] == contenders and "stopped" not in report
         assert {c["contender"] for c in report["cells"]} == set(contenders)
         assert any(c["status"] == "ok" for c in report["cells"])
     assert (out / "bench.md").read_text().count("# Benchmark `tiny`") == 2
-    assert "best SDPA kernel" in summary and "torch ÷ fused" in summary
+    # each benchmark's own table, with its cells' times and ratios to torch.nn
+    assert summary.count("matmul peak:") == 2 and "| ours-sdpa-math |" in summary
+    assert "| ours-fused | inference | dense |" in summary
     log = (out / "log.txt").read_text()
-    assert all(f"===== {name}: ok" in log for name in gpu_check.PARTS)
+    assert all(f"===== {name}: ok" in log for name in check.PARTS)
 
 
 def test_a_part_out_of_time_is_stopped_recorded_and_the_next_part_runs(tmp_path, monkeypatch,
                                                                        capsys):
     # 1 s: the dry run's long part takes about 2 s on the 2-core CPU (4 s before the local
     # attention and mask work of issue 28; a budget of 2 s then let it finish at times).
-    monkeypatch.setitem(gpu_check.PARTS, "long", gpu_check.Part("long", 1, 1, "long, cut short"))
+    monkeypatch.setitem(check.PARTS, "long", check.Part("long", 1, 1, "long, cut short"))
     out = tmp_path / "results"
     assert gpu_check.main([str(out), "--dry-run-cpu", "--parts", "long,tests"]) == 1
     summary = (out / "summary.md").read_text()
@@ -103,7 +102,7 @@ def test_the_loss_comparison_reads_the_same_steps_of_both_runs():
     cpu = [{"kind": "train", "step": s, "loss": 2.0} for s in (10, 20, 100, 200, 300)]
     gpu.append({"kind": "val", "step": 200, "loss": 1.1})
     cpu.append({"kind": "val", "step": 200, "loss": 1.0})
-    lines = gpu_check.compare_losses(gpu, cpu, {"bleu": 99.0, "exact_match": 0.99})
+    lines = check.compare_losses(gpu, cpu, {"bleu": 99.0, "exact_match": 0.99})
     assert lines[0] == ("train loss GPU / CPU reference: step 10 2.100 / 2.000, step 100 "
                         "3.000 / 2.000, step 200 4.000 / 2.000; largest gap over the last half "
                         "of the steps 100.0%")
@@ -118,8 +117,8 @@ def test_the_committed_cpu_reference_is_the_gpu_runs_config_on_the_cpu():
 
     from attention.translation.config import Config, load_config
 
-    saved = yaml.safe_load((gpu_check.REFERENCE / "config.yaml").read_text())
-    expected = load_config(ROOT / gpu_check.TRAIN_CONFIG, gpu_check.TRAIN_OVERRIDES).to_dict()
+    saved = yaml.safe_load((check.REFERENCE / "config.yaml").read_text())
+    expected = load_config(ROOT / check.TRAIN_CONFIG, check.TRAIN_OVERRIDES).to_dict()
     defaults = Config().to_dict()  # keys added since the run was made are at their default
     for section in ("model", "data", "eval"):
         assert {**defaults[section], **saved[section]} == expected[section]
@@ -127,5 +126,12 @@ def test_the_committed_cpu_reference_is_the_gpu_runs_config_on_the_cpu():
     differing = {key for key in expected["train"] if saved_train[key] != expected["train"][key]}
     assert differing <= {"device", "compile", "max_minutes", "run_dir", "precision"}
     records = [json.loads(line) for line in
-               (gpu_check.REFERENCE / "metrics.jsonl").read_text().splitlines()]
+               (check.REFERENCE / "metrics.jsonl").read_text().splitlines()]
     assert [r["step"] for r in records if r["kind"] == "train"] == list(range(10, 801, 10))
+
+
+def test_unknown_parts_are_refused_by_name(capsys):
+    with pytest.raises(SystemExit):
+        gpu_check.main(["--dry-run-cpu", "--parts", "tests,everything"])
+    assert "--parts: expected some of tests,train,base,long, got 'tests,everything'" in \
+        capsys.readouterr().err
