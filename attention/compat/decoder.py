@@ -30,11 +30,10 @@ from .errors import torch_errors
 from .multihead import MultiheadAttention
 from .twins import (
     TORCH_CLASSES,
+    LayerTwin,
     check_exact_type,
     convert_part,
     finish,
-    layer_args,
-    rebuild_children,
     twin_of,
 )
 
@@ -82,7 +81,7 @@ class DecoderCache:
 
 
 @twin_of(TORCH_CLASSES["TransformerDecoderLayer"])
-class TransformerDecoderLayer(nn.Module):
+class TransformerDecoderLayer(LayerTwin, nn.Module):
     """``torch.nn.TransformerDecoderLayer``: same arguments, defaults, parameters
     (``self_attn``, ``multihead_attn``, ``linear1``, ``linear2``, ``norm1``–``norm3``, in
     torch.nn's order) and forward, plus ``cache=`` (see :meth:`forward`).
@@ -120,20 +119,6 @@ class TransformerDecoderLayer(nn.Module):
     def new_cache(self) -> LayerCache:
         """An empty cache for ``forward(…, cache=)``."""
         return LayerCache()
-
-    @classmethod
-    def from_torch(cls, module: nn.TransformerDecoderLayer) -> TransformerDecoderLayer:
-        """This class with the parts, weights, layout, mode and ``requires_grad`` of
-        ``module``, a ``torch.nn.TransformerDecoderLayer`` (exactly: a subclass's own forward
-        would be lost). Every part is copied as it is (a norm's eps, a linear without bias,
-        an activation module), the attention converted with its own flags."""
-        check_exact_type("module", module, cls.torch_class)
-        return rebuild_children(module, cls(**layer_args(module)))
-
-    def to_torch(self) -> nn.TransformerDecoderLayer:
-        """The ``torch.nn.TransformerDecoderLayer`` with this layer's parts, weights, layout and
-        mode."""
-        return rebuild_children(self, self.torch_class(**layer_args(self, for_torch=True)))
 
     @torch_errors
     def forward(

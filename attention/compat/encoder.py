@@ -18,11 +18,10 @@ from .errors import InvalidInputError, InvalidTypeError, torch_errors
 from .multihead import MultiheadAttention
 from .twins import (
     TORCH_CLASSES,
+    LayerTwin,
     check_exact_type,
     convert_part,
     finish,
-    layer_args,
-    rebuild_children,
     twin_of,
 )
 
@@ -121,7 +120,7 @@ def clones(layer: nn.Module, num_layers: int) -> nn.ModuleList:
 
 
 @twin_of(TORCH_CLASSES["TransformerEncoderLayer"])
-class TransformerEncoderLayer(nn.Module):
+class TransformerEncoderLayer(LayerTwin, nn.Module):
     """``torch.nn.TransformerEncoderLayer``: same arguments, defaults, parameters (``self_attn``,
     ``linear1``, ``linear2``, ``norm1``, ``norm2``, in torch.nn's order) and forward.
 
@@ -153,20 +152,6 @@ class TransformerEncoderLayer(nn.Module):
                                             batch_first=batch_first, **factory)
         add_layer_parts(self, 2, d_model, dim_feedforward, dropout, activation, layer_norm_eps,
                         norm_first, bias, factory)
-
-    @classmethod
-    def from_torch(cls, module: nn.TransformerEncoderLayer) -> TransformerEncoderLayer:
-        """This class with the parts, weights, layout, mode and ``requires_grad`` of
-        ``module``, a ``torch.nn.TransformerEncoderLayer`` (exactly: a subclass's own forward
-        would be lost). Every part is copied as it is (a norm's eps, a linear without bias,
-        an activation module), the attention converted with its own flags."""
-        check_exact_type("module", module, cls.torch_class)
-        return rebuild_children(module, cls(**layer_args(module)))
-
-    def to_torch(self) -> nn.TransformerEncoderLayer:
-        """The ``torch.nn.TransformerEncoderLayer`` with this layer's parts, weights, layout and
-        mode."""
-        return rebuild_children(self, self.torch_class(**layer_args(self, for_torch=True)))
 
     @torch_errors
     def forward(

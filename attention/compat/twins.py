@@ -19,6 +19,7 @@ from torch import Tensor, nn
 
 __all__ = [
     "TORCH_CLASSES",
+    "LayerTwin",
     "activation_for_torch",
     "attention_args",
     "check_exact_type",
@@ -132,3 +133,23 @@ def rebuild_children(source: nn.Module, twin: nn.Module) -> nn.Module:
     for name, child in source.named_children():
         setattr(twin, name, convert_part(child))
     return finish(source, twin)
+
+
+class LayerTwin:
+    """``from_torch`` and ``to_torch`` of an encoder or decoder layer: the twin built from
+    the layer's constructor arguments, then each part converted (the attention, with its
+    own flags) or copied as it is (a norm's eps, a linear without bias, an activation
+    module). The class it is mixed into is registered with :func:`twin_of`."""
+
+    torch_class: type
+
+    @classmethod
+    def from_torch(cls, module: nn.Module) -> nn.Module:
+        """This class with the parts, weights, layout, mode and ``requires_grad`` of
+        ``module``, its torch.nn twin (exactly: a subclass's own forward would be lost)."""
+        check_exact_type("module", module, cls.torch_class)
+        return rebuild_children(module, cls(**layer_args(module)))
+
+    def to_torch(self) -> nn.Module:
+        """The torch.nn twin with this layer's parts, weights, layout and mode."""
+        return rebuild_children(self, self.torch_class(**layer_args(self, for_torch=True)))
