@@ -18,7 +18,6 @@ which are most of a Transformer's time, then run in int8 with float32 outputs.
 from __future__ import annotations
 
 import copy
-import warnings
 
 import torch
 from torch import nn
@@ -28,15 +27,6 @@ __all__ = ["DTYPES", "quantize_dynamic"]
 # The weight types this module quantizes to, by name: the one source of the choices.
 DTYPES = {"int8": torch.qint8}
 
-# What torch 2.13 says on every call, about its own API and not about the caller's model:
-# torch.ao.quantization is deprecated in favour of torchao (its message still names 2.10 for
-# the removal), and so are the quantized tensor types it builds the weights from.
-_TORCH_DEPRECATIONS = (
-    (DeprecationWarning, r"torch\.ao\.quantization is deprecated"),
-    (UserWarning, r"torch\.quantize_per_tensor, torch\.quantize_per_channel and other "
-                  r"quantized tensor creation functions"),
-)
-
 
 def quantize_dynamic(model: nn.Module, *, dtype: str = "int8", inplace: bool = False
                      ) -> nn.Module:
@@ -44,9 +34,12 @@ def quantize_dynamic(model: nn.Module, *, dtype: str = "int8", inplace: bool = F
     evaluation mode.
 
     A wrapper of ``torch.ao.quantization.quantize_dynamic(model, {nn.Linear},
-    dtype=torch.qint8)``. That API is deprecated upstream in favour of torchao (not a
-    dependency of this package), and still works on torch 2.13; its deprecation warnings,
-    which the caller cannot act on, are silenced here and no others.
+    dtype=torch.qint8)``. torch deprecates that API in favour of torchao and says so on
+    every call (a ``DeprecationWarning`` and a ``UserWarning``, left as torch raises them);
+    it still works on torch 2.13. torchao 0.18's ``Int8DynamicActivationInt8WeightConfig``
+    decoded Multi30k slower than float32 on the CPU (0.74× greedy, 0.86× beam 4, where
+    this ran 1.34× and 1.21×; eager, one thread: ``benchmarks/NOTES.md``), so this stays
+    on ``torch.ao`` while torch keeps it.
 
     For inference only: the int8 weights are constants, not parameters, and have no
     gradient, so the result is returned in evaluation mode (no dropout) whatever the mode
@@ -77,11 +70,8 @@ def quantize_dynamic(model: nn.Module, *, dtype: str = "int8", inplace: bool = F
     _check_float32_linears(model)
     if not inplace:
         model = copy.deepcopy(model)
-    with warnings.catch_warnings():
-        for category, message in _TORCH_DEPRECATIONS:
-            warnings.filterwarnings("ignore", message=message, category=category)
-        torch.ao.quantization.quantize_dynamic(model, {nn.Linear}, dtype=DTYPES[dtype],
-                                               inplace=True)
+    torch.ao.quantization.quantize_dynamic(model, {nn.Linear}, dtype=DTYPES[dtype],
+                                           inplace=True)
     return model.eval()
 
 
