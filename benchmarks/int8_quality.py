@@ -1,5 +1,5 @@
 """BLEU and speed of a translation checkpoint on the CPU, float32 against its int8 copy
-(``attention.quantization.quantize_dynamic``: every ``nn.Linear`` in dynamic int8).
+(``attention.translation.quantization.quantize_dynamic``: every ``nn.Linear`` in dynamic int8).
 
 Both translators share the checkpoint's tokenizers and decoding settings (batch size,
 length penalty, length limits) and run without autocast (``precision="fp32"``); only the
@@ -24,9 +24,9 @@ import torch
 from torch import nn
 
 from attention.bench import kit
-from attention.quantization import quantize_dynamic
 from attention.translation.data.corpus import read_lines
 from attention.translation.metrics import bleu
+from attention.translation.quantization import quantize_dynamic
 from attention.translation.translator import Translator
 
 RESULTS = Path(__file__).resolve().parent / "results"

@@ -157,7 +157,7 @@ def translate_main(argv: list[str] | None = None) -> int:
         else:
             translator = Translator.from_pretrained(args.model, device=args.device)
         if args.int8:
-            from ..quantization import quantize_dynamic
+            from .quantization import quantize_dynamic
 
             translator.model = quantize_dynamic(translator.model)
             translator.precision = "fp32"  # int8 layers take float32 inputs, no autocast

@@ -3,9 +3,11 @@
 ``quantize_dynamic(model)`` returns a copy whose ``nn.Linear`` layers hold int8 weights
 (one scale per tensor) and quantize their inputs on the fly, batch by batch; everything
 else (embeddings, norms, attention's softmax) stays float32. On a CPU the matrix products,
-which are most of a Transformer's time, then run in int8 with float32 outputs.
+which are most of a Transformer's time, then run in int8 with float32 outputs. The
+application's (``attention-translate --int8``, ``benchmarks/int8_quality.py``): the library
+quantizes nothing itself, and runs quantized layers as their own forward.
 
-    from attention.quantization import quantize_dynamic
+    from attention.translation.quantization import quantize_dynamic
 
     int8_model = quantize_dynamic(model)   # model: float32, on the CPU
     int8_model.generate(src_ids, 64, bos_id, eos_id)

@@ -1,5 +1,6 @@
-"""attention.quantization: int8 copies of a Transformer's Linear layers that decode as the
-float32 model does, leave it untouched, and refuse what they cannot quantize by name."""
+"""attention.translation.quantization: int8 copies of a Transformer's Linear layers that
+decode as the float32 model does, leave it untouched, and refuse what they cannot quantize by
+name."""
 
 from __future__ import annotations
 
@@ -14,14 +15,14 @@ import torch
 from torch import nn
 from torch.ao.nn.quantized import dynamic as quantized_dynamic
 
-from attention import quantization
 from attention.inference import prepared_for_inference
 from attention.models import Transformer
 from attention.multihead import MultiHeadAttention
-from attention.quantization import quantize_dynamic
+from attention.translation import quantization
+from attention.translation.quantization import quantize_dynamic
 from attention.translation.runs import latest_run
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 VOCAB = 32
 BOS, EOS = 1, 2
 
