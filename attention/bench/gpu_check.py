@@ -29,6 +29,7 @@ import json
 import shutil
 import signal
 import statistics
+import subprocess
 import sys
 import tempfile
 import time
@@ -135,22 +136,19 @@ def train_overrides(work: Path, dry_run: bool, seconds: int) -> tuple[str, list[
 
 
 def part_train(out: Path, work: Path, dry_run: bool, seconds: int) -> int:
-    from attention.translation.config import load_config
-    from attention.translation.runs import run_versions
-    from attention.translation.training import train
-
+    """The training command as a user runs it (``scripts/train.py``: the harness does not
+    import the application), then its metrics and results copied out of its run folder
+    (``work/gpu-check-train/version_0``, the work folder being new), also when it failed."""
     path, overrides = train_overrides(work, dry_run, seconds)
-    config = load_config(ROOT / path, overrides)
-    print(f"gpu-check: {path} " + " ".join(overrides))
+    print(f"gpu-check: {path} " + " ".join(overrides), flush=True)
     try:
-        train(config, progress_bar=False)
-    finally:  # from the run's folder (the newest version_N), also when it failed
-        versions = run_versions(config.run_path)
-        run = versions[-1][1] if versions else config.run_path
+        return subprocess.run([sys.executable, str(ROOT / "scripts" / "train.py"), "--config",
+                               str(ROOT / path), *overrides], cwd=ROOT).returncode
+    finally:
+        run = work / "gpu-check-train" / "version_0"
         for name in ("metrics.jsonl", "results.json"):
             if (run / name).is_file():
                 shutil.copyfile(run / name, out / f"train-{name}")
-    return 0
 
 
 def bench_config(name: str, dry_run: bool) -> tuple[str, list[str], list[str]]:
