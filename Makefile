@@ -49,7 +49,7 @@ bench: $(STAMP)
 figures: $(STAMP)
 	$(BIN)/python scripts/readme_figures.py
 
-# What a session lent a GPU runs (README, "GPU check"): tests on cuda, a compiled bf16
+# What a session lent a GPU runs (README, "Benchmarks"): tests on cuda, a compiled bf16
 # training run and the base and long benchmarks, results in OUT (the device machine sets
 # OUT itself). With that machine's own python3, no .venv: nothing is installed. Where torch
 # sees no CUDA device it prints one line and runs nothing.

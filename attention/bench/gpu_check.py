@@ -66,7 +66,7 @@ LONG_CONTENDERS = ["ours-explicit", "ours-fused", *SDPA_KERNELS]
 @dataclass(frozen=True)
 class Part:
     """A part of the check: its budget (it is told to stop then) and the time planned for
-    it on an H200 (README, "GPU check", says how each was estimated)."""
+    it on an H200 (benchmarks/NOTES.md, "The GPU check", says how each was estimated)."""
 
     name: str
     budget_s: int
