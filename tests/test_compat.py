@@ -581,7 +581,7 @@ SIX_CLASSES = {
                                                            2, enable_nested_tensor=False),
     "TransformerDecoder": lambda ns: ns.TransformerDecoder(ns.TransformerDecoderLayer(E, 2, FF),
                                                            2),
-    "Transformer": lambda ns: ns.Transformer(E, 2, 1, 1, FF),
+    "Transformer": lambda ns: ns.Transformer(E, 2, 1, 1, FF, batch_first=True),
 }
 
 

@@ -37,6 +37,11 @@ def test_every_engine_is_scored_and_timed_against_ours(translation_run, tiny_cor
         assert all(positive_ratio(ratio, rounds=2) for ratio in cell["ratios"].values())
     assert report["environment"]["packages"]["ctranslate2"]
     assert "| ctranslate2 | int8 | 2 |" in markdown and "| 2 | ctranslate2 int8 |" in markdown
+    # Without --source, the checkpoint's own test split; --rounds 0: scored, not timed.
+    report = agreement.main(["--checkpoint", str(translation_run / "checkpoint_best.pt"),
+                             "--beam-sizes", "1", "--rounds", "0", "--out", str(out)])
+    assert "test split" in report["test_set"] and report["speed"] == []
+    assert {row["engine"] for row in report["results"]} == {"ours", "ctranslate2"}
 
 
 @pytest.mark.parametrize(("bad", "message"), [

@@ -4,9 +4,7 @@ agreement benchmark, at tiny sizes."""
 
 from __future__ import annotations
 
-import importlib.util
 import json
-import sys
 from pathlib import Path
 
 import pytest
@@ -419,39 +417,6 @@ def test_export_command_errors_are_one_line_with_status_2(tmp_path, checkpoint, 
         export_main(["--checkpoint", str(checkpoint), "--out", str(tmp_path / "b"),
                      "--quantization", "int8"])
     assert exited.value.code == 2
-
-
-def test_agreement_benchmark_reports_identical_float32_greedy_tokens(tmp_path, checkpoint,
-                                                                    ctranslate2):
-    spec = importlib.util.spec_from_file_location(
-        "benchmarks_ctranslate2_agreement", ROOT / "benchmarks" / "ctranslate2_agreement.py")
-    benchmark = importlib.util.module_from_spec(spec)
-    sys.modules[spec.name] = benchmark
-    spec.loader.exec_module(benchmark)
-    source, reference = tmp_path / "src.txt", tmp_path / "ref.txt"
-    source.write_text("\n".join([*SENTENCES, ""]) + "\n")
-    reference.write_text("\n".join(["der hund", "eine katze", "der hund schläft", ""]) + "\n")
-    out = tmp_path / "agreement"
-    threads = torch.get_num_threads()
-    try:
-        report = benchmark.main(["--checkpoint", str(checkpoint), "--source", str(source),
-                                 "--reference", str(reference), "--beam-sizes", "1", "2",
-                                 "--threads", "1", "--out", str(out)])
-    finally:
-        torch.set_num_threads(threads)
-    assert report["threads"] == 1
-    rows = {(r["engine"], r["weights"], r["beam_size"]): r for r in report["results"]}
-    assert set(rows) == {(engine, weights, beam) for beam in (1, 2) for engine, weights in
-                         (("ours", "float32"), ("ctranslate2", "float32"),
-                          ("ctranslate2", "int8"))}
-    assert rows["ctranslate2", "float32", 1]["identical_to_ours"] == 1.0
-    assert report["sentences"] == 4 and report["checkpoint"].endswith("/checkpoint_best.pt")
-    assert not report["checkpoint"].startswith("/")
-    assert json.loads(out.with_suffix(".json").read_text()) == report
-    assert "| ctranslate2 | int8 | 2 |" in out.with_suffix(".md").read_text()
-    report = benchmark.main(["--checkpoint", str(checkpoint), "--beam-sizes", "1",
-                             "--out", str(out)])  # the checkpoint's own test split
-    assert report["sentences"] == 6 and "toy test split" in report["test_set"]
 
 
 def test_a_compiled_translator_saves_the_model_it_wraps(tmp_path):

@@ -4,9 +4,6 @@ name."""
 
 from __future__ import annotations
 
-import importlib.util
-import json
-import sys
 import warnings
 from pathlib import Path
 
@@ -20,7 +17,6 @@ from attention.models import Transformer
 from attention.multihead import MultiHeadAttention
 from attention.translation import quantization
 from attention.translation.quantization import quantize_dynamic
-from attention.translation.runs import latest_run
 
 ROOT = Path(__file__).resolve().parents[2]
 VOCAB = 32
@@ -187,67 +183,3 @@ def test_an_unknown_dtype_and_a_non_module_are_refused_by_name():
 
 def test_the_choices_are_listed_once():
     assert list(quantization.DTYPES) == ["int8"]
-
-
-# benchmarks/int8_quality.py, on a real (barely trained) checkpoint of the application.
-
-def load_benchmark():
-    spec = importlib.util.spec_from_file_location("benchmarks_int8_quality",
-                                                  ROOT / "benchmarks" / "int8_quality.py")
-    module = importlib.util.module_from_spec(spec)
-    sys.modules[spec.name] = module
-    spec.loader.exec_module(module)
-    return module
-
-
-@pytest.fixture(scope="module")
-def checkpoint(tmp_path_factory):
-    from attention.translation.config import load_config
-    from attention.translation.training import train
-
-    config = load_config(ROOT / "configs" / "tiny.yaml", [
-        f"train.run_dir={tmp_path_factory.mktemp('runs')}", "train.threads=1",
-        "train.max_steps=2", "train.eval_every=1000", "eval.val_sentences=2",
-        "model.d_model=16", "model.n_heads=2", "model.d_ff=32"])
-    train(config, progress_bar=False, log=lambda message: None)
-    return latest_run(config.run_path) / "checkpoint_best.pt"
-
-
-def test_benchmark_translates_both_ways_and_writes_both_reports(checkpoint, tmp_path):
-    import gzip
-
-    sources = ["the dog sees a cat", "a cat runs", "the big dog sleeps", "", "the girls run"]
-    references = ["der hund sieht eine katze", "eine katze rennt", "der große hund schläft",
-                  "", "die mädchen rennen"]
-    source, reference = tmp_path / "test.src", tmp_path / "test.ref.gz"
-    source.write_text("\n".join(sources) + "\n", encoding="utf-8")
-    with gzip.open(reference, "wt", encoding="utf-8") as file:
-        file.write("\n".join(references) + "\n")
-    out = tmp_path / "int8"
-    benchmark = load_benchmark()
-    benchmark.main(["--checkpoint", str(checkpoint), "--source", str(source), "--reference",
-                    str(reference), "--limit", "4", "--rounds", "2", "--threads", "1",
-                    "--beams", "1", "2", "--out", str(out)])
-    report = json.loads(out.with_suffix(".json").read_text(encoding="utf-8"))
-    assert report["sentences"] == 4 and report["threads"] == 1
-    assert [row["beam_size"] for row in report["results"]] == [1, 2]
-    for row in report["results"]:
-        assert len(row["rounds"]) == 2 and row["speedup"] > 0
-        for side in ("fp32", "int8"):
-            assert 0 <= row[side]["bleu"] <= 100 and row[side]["seconds"] > 0
-        assert 0 <= row["identical_translations"] <= 1
-    # The checkpoint lies outside the clone: named by its last two parts, not this machine's path.
-    assert report["checkpoint"] == f"{checkpoint.parent.name}/checkpoint_best.pt"
-    assert str(tmp_path) not in report["command"]
-    markdown = out.with_suffix(".md").read_text(encoding="utf-8")
-    assert "| 2 |" in markdown and "int8" in markdown
-
-
-@pytest.mark.parametrize("bad", [["--rounds", "0"], ["--limit", "0"], ["--threads", "0"],
-                                 ["--beams", "0"]])
-def test_benchmark_refuses_bad_arguments_by_name(bad, capsys):
-    benchmark = load_benchmark()
-    with pytest.raises(SystemExit):
-        benchmark.parse_args(["--checkpoint", "c.pt", "--source", "s", "--reference", "r",
-                              *bad])
-    assert bad[0] in capsys.readouterr().err
