@@ -119,8 +119,9 @@ class Translator:
         if "num_return_sequences" in options:
             raise TypeError("num_return_sequences: generate_ids returns one translation per "
                             "source; use search() or translate() for n-best lists")
-        hypotheses = self.search(sources, beam_size=beam_size, length_penalty=length_penalty,
-                                 **options)
+        # Without scores: greedy search then picks its tokens without a log-softmax per step.
+        hypotheses = self._search(sources, beam_size, length_penalty, 1, None, options,
+                                  with_scores=False)
         return [ids for ((ids, _score),) in hypotheses]
 
     def search(self, sources: Sequence[Sequence[int]], *, beam_size: int | None = None,
@@ -139,6 +140,14 @@ class Translator:
         which also caps ``min_new_tokens``. The model's weights are prepared once for all
         the batches (:func:`attention.inference.prepared_for_inference`).
         """
+        return self._search(sources, beam_size, length_penalty, num_return_sequences, seed,
+                            options, with_scores=True)
+
+    def _search(self, sources: Sequence[Sequence[int]], beam_size: int | None,
+                length_penalty: float | None, num_return_sequences: int, seed: int | None,
+                options: dict[str, Any], *, with_scores: bool
+                ) -> list[list[tuple[list[int], float]]]:
+        """:meth:`search`; without ``with_scores`` each score is NaN (not computed)."""
         cfg = self.eval_config
         beam_size = cfg.beam_size if beam_size is None else beam_size
         length_penalty = cfg.length_penalty if length_penalty is None else length_penalty
@@ -149,7 +158,7 @@ class Translator:
         with prepared_for_inference(self.model):
             for chunk in self._batches(sources):
                 self._search_batch(sources, chunk, results, beam_size, length_penalty,
-                                   num_return_sequences, options)
+                                   num_return_sequences, options, with_scores)
         return results
 
     def length_limit(self, longest_source: int) -> int:
@@ -165,7 +174,7 @@ class Translator:
     def _search_batch(self, sources: Sequence[Sequence[int]], chunk: list[int],
                       results: list[list[tuple[list[int], float]]], beam_size: int,
                       length_penalty: float, num_return_sequences: int,
-                      options: dict[str, Any]) -> None:
+                      options: dict[str, Any], with_scores: bool) -> None:
         """Decode the sources ``chunk`` indexes, writing their hypotheses into ``results``."""
         device = self.device
         src = collate([list(sources[i]) for i in chunk], PAD_ID).to(device)
@@ -173,11 +182,13 @@ class Translator:
         if options.get("min_new_tokens", 0) > max_new:  # no longer than the limit
             options = {**options, "min_new_tokens": max_new}
         with autocast(device, self.autocast_dtype):
-            out, scores = self.model.generate(
+            found = self.model.generate(
                 src, max_new, BOS_ID, EOS_ID, beam_size=beam_size,
                 length_penalty=length_penalty, num_return_sequences=num_return_sequences,
-                return_scores=True, **options)
-        rows = zip(out.tolist(), scores.tolist(), strict=True)
+                return_scores=with_scores, **options)
+        out, scores = found if with_scores else (found, None)
+        rows = zip(out.tolist(), [math.nan] * out.shape[0] if scores is None else scores.tolist(),
+                   strict=True)
         for index, group in zip(chunk, _groups(rows, num_return_sequences), strict=True):
             results[index] = [(_until_eos(row), score) for row, score in group]
 

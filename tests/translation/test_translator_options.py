@@ -35,6 +35,16 @@ def test_n_best_lists_come_best_first_after_the_one_best(translator):
     assert [g[0].score for g in one] == pytest.approx([g[0].score for g in nbest])
 
 
+@pytest.mark.parametrize("beam_size", [1, 4])
+def test_ids_without_scores_are_the_searchs_best(translator, beam_size):
+    """generate_ids asks the model for no scores (greedy search then takes no log-softmax
+    per step); its ids are those of the search that scores them."""
+    ids = translator.encode(SENTENCES)
+    scored = translator.search(ids, beam_size=beam_size)
+    assert translator.generate_ids(ids, beam_size=beam_size) == [h[0][0] for h in scored]
+    assert all(h[0][1] < 0 for h in scored)
+
+
 def test_sampling_with_a_seed_is_reproducible(translator):
     def sample(seed):
         return translator.translate(SENTENCES, beam_size=1, num_return_sequences=2,
