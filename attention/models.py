@@ -16,6 +16,7 @@ from ._checks import (
     check_tensor,
     shape_of,
 )
+from .decoder_step import DecoderStep, step_applies
 from .decoding import beam_search, greedy_search
 from .inference import prepared_for_inference
 from .layers import DecoderLayer, EncoderLayer, build_norm, pack_padding
@@ -556,18 +557,46 @@ class Transformer(nn.Module):
         if beam_size == 1 and num_return_sequences > 1:  # one row per sample
             memory = memory.repeat_interleave(num_return_sequences, dim=0)
             memory_mask = memory_mask.repeat_interleave(num_return_sequences, dim=0)
-        cache = self.decoder.new_cache(capacity=max_new_tokens)
         # Padding and BOS are never outputs; padding also fills rows after their EOS. Their
         # ids go to the device once: a Python list as an index would be copied there, and
         # waited for, at every step.
         device = src_ids.device
         banned = torch.tensor([self.pad_id, bos_id], device=device)
+        if step_applies(self, device.type):  # the same computation, with fewer operations a step
+            step = DecoderStep(self, memory, memory_mask, max_new_tokens, beam_size)
+            select_rows: Callable[[Tensor], None] = step.keep_rows
+            reorder_beams: Callable[[Tensor], None] = step.reorder
+        else:
+            step, select_rows, reorder_beams = self._cached_step(memory, memory_mask,
+                                                                 max_new_tokens)
 
         def logits(last_ids: Tensor) -> Tensor:  # (N, 1) -> (N, V) float32
+            return step(last_ids).float().index_fill_(-1, banned, float("-inf"))
+
+        if beam_size == 1:
+            return greedy_search(
+                logits, memory.shape[0], bos_id, eos_id, self.pad_id, max_new_tokens,
+                device=device, rules=rules, sampler=sampler, return_scores=return_scores,
+                length_penalty=length_penalty, drop_rows=select_rows)
+        return beam_search(
+            lambda last_ids: logits(last_ids).log_softmax(dim=-1), reorder_beams,
+            src_ids.shape[0], bos_id, eos_id, self.pad_id, max_new_tokens, beam_size,
+            length_penalty, device=device, rules=rules,
+            num_return_sequences=num_return_sequences, return_scores=return_scores,
+            expand_after_first_step=True, drop_finished=True)
+
+    def _cached_step(self, memory: Tensor, memory_mask: Tensor, max_new_tokens: int
+                     ) -> tuple[Callable[[Tensor], Tensor], Callable[[Tensor], None],
+                                Callable[[Tensor], None]]:
+        """The general path's decoding step, on the decoder's modules and a
+        :class:`DecoderCache`: ``(step, select_rows, reorder_beams)`` as
+        :class:`~attention.decoder_step.DecoderStep`'s ``(__call__, keep_rows, reorder)``."""
+        cache = self.decoder.new_cache(capacity=max_new_tokens)
+
+        def step(last_ids: Tensor) -> Tensor:  # (N, 1) -> (N, V)
             # The ids are the search's own picks: no range check needed.
-            out = self._decode(last_ids, memory, memory_mask, cache=cache,
-                               return_attention=False)[:, -1].float()
-            return out.index_fill_(-1, banned, float("-inf"))
+            return self._decode(last_ids, memory, memory_mask, cache=cache,
+                                return_attention=False)[:, -1]
 
         def select_rows(index: Tensor) -> None:  # rows dropped, or grown into beams
             nonlocal memory, memory_mask
@@ -586,14 +615,4 @@ class Transformer(nn.Module):
             else:  # a sentence's hypotheses share its memory: only their own keys move
                 cache.reorder(index, cross_attention=False)
 
-        if beam_size == 1:
-            return greedy_search(
-                logits, memory.shape[0], bos_id, eos_id, self.pad_id, max_new_tokens,
-                device=device, rules=rules, sampler=sampler, return_scores=return_scores,
-                length_penalty=length_penalty, drop_rows=select_rows)
-        return beam_search(
-            lambda last_ids: logits(last_ids).log_softmax(dim=-1), reorder_beams,
-            src_ids.shape[0], bos_id, eos_id, self.pad_id, max_new_tokens, beam_size,
-            length_penalty, device=device, rules=rules,
-            num_return_sequences=num_return_sequences, return_scores=return_scores,
-            expand_after_first_step=True, drop_finished=True)
+        return step, select_rows, reorder_beams

@@ -10,3 +10,12 @@ def one_thread():
     torch.set_num_threads(1)
     yield
     torch.set_num_threads(threads)
+
+
+@pytest.fixture(params=["step", "general"])
+def decoding_path(request, monkeypatch):
+    """Run ``generate`` on :class:`attention.decoder_step.DecoderStep` (where it applies)
+    or on the general path (the decoder's modules on a ``DecoderCache``)."""
+    if request.param == "general":
+        monkeypatch.setattr("attention.models.step_applies", lambda model, device_type: False)
+    return request.param

@@ -8,6 +8,7 @@ import pytest
 import torch
 
 from attention import Transformer, greedy_search
+from attention.decoder_step import DecoderStep
 from attention.next_token import Sampler, TokenRules, repeated_ngram_bans
 
 BOS, EOS, PAD = 1, 2, 0
@@ -175,12 +176,15 @@ def test_greedy_search_drops_finished_rows_and_gives_the_same_tokens():
     assert kept.seen == [5, 4, 3, 2, 1] and full.seen == [5] * 5
 
 
-def test_beam_search_decodes_one_row_per_sentence_first_and_drops_done_sentences(monkeypatch):
+def test_beam_search_decodes_one_row_per_sentence_first_and_drops_done_sentences(
+        monkeypatch, decoding_path):
     model, src = make_model()
     rows = []
-    decode = model._decode
+    decode, step = model._decode, DecoderStep.__call__
     monkeypatch.setattr(model, "_decode",
                         lambda ids, *a, **kw: rows.append(ids.shape[0]) or decode(ids, *a, **kw))
+    monkeypatch.setattr(DecoderStep, "__call__",
+                        lambda self, ids: rows.append(ids.shape[0]) or step(self, ids))
     out = model.generate(src, 14, BOS, EOS, beam_size=4)
     lengths = [len(until_eos(r)) for r in out.tolist()]
     assert len(set(lengths)) > 1  # sentences end at different steps
