@@ -23,7 +23,7 @@ from torch import Tensor
 
 from .next_token import Sampler, TokenRules
 
-__all__ = ["beam_search", "greedy_search", "sequence_score"]
+__all__ = ["beam_search", "best_extensions", "first_maximum", "greedy_search", "sequence_score"]
 
 StepFn = Callable[[Tensor], Tensor]
 NEG_INF = float("-inf")
@@ -82,9 +82,7 @@ def greedy_search(
         scores = step(last)  # (N, V)
         if rules.active:
             rules.apply(scores, history if rows is None else history[rows], t)
-        # max(dim).indices, not argmax: the same first maximum, about 3× faster on the CPU
-        # over a vocabulary (torch 2.13: 1.2 vs 3.3 ms for 300 × 8,000 on one thread).
-        next_ids = scores.max(dim=-1).indices if sampler is None else sampler(scores)  # (N,)
+        next_ids = first_maximum(scores) if sampler is None else sampler(scores)  # (N,)
         if return_scores:
             chosen = scores.float().log_softmax(dim=-1).gather(-1, next_ids[:, None])[:, 0]
             chosen = chosen.masked_fill(finished, 0.0)
@@ -185,13 +183,16 @@ def beam_search(
             rules.apply(log_probs, history, t)
         vocab = log_probs.shape[-1]
         searched = scores.shape[0]
-        if beams == k:
-            # In place: a fresh (b*k, V) sum costs several times the addition itself.
-            candidates = log_probs.add_(scores.reshape(-1, 1)).reshape(searched, k * vocab)
-        else:  # laid out as k beams, the others -inf: topk then breaks ties as it would
-            candidates = log_probs.new_full((searched, k * vocab), NEG_INF)
-            candidates[:, :vocab] = log_probs
-        top_scores, top_index = candidates.topk(min(2 * k, k * vocab), dim=-1)  # (b, 2k)
+        if vocab >= CHUNKED_MIN_VOCAB:  # the candidates' k·V sums are never all formed
+            top_scores, top_index = best_extensions(log_probs, scores[:, :beams], 2 * k)
+        else:
+            if beams == k:
+                # In place: a fresh (b*k, V) sum costs several times the addition itself.
+                candidates = log_probs.add_(scores.reshape(-1, 1)).reshape(searched, k * vocab)
+            else:  # laid out as k beams, the others -inf: topk then breaks ties as it would
+                candidates = log_probs.new_full((searched, k * vocab), NEG_INF)
+                candidates[:, :vocab] = log_probs
+            top_scores, top_index = candidates.topk(min(2 * k, k * vocab), dim=-1)  # (b, 2k)
         top_beam, top_token = top_index // vocab, top_index % vocab
         # Continue with the best k extensions that do not end the sentence.
         continuing = top_scores.masked_fill(top_token == eos_id, NEG_INF)
@@ -223,6 +224,83 @@ def beam_search(
         hypotheses.add_live(history, scores, max_new_tokens, live)
     tokens, best_scores = hypotheses.best(num_return_sequences)
     return (tokens, best_scores.float()) if return_scores else tokens
+
+
+# Vocabulary positions per chunk in first_maximum and best_extensions: a multiple of the
+# CPU's vector width, and few enough chunks that ranking them costs little.
+CHUNK = 64
+# Below this many tokens, one plain reduction over the vocabulary is as cheap.
+CHUNKED_MIN_VOCAB = 8 * CHUNK
+
+
+def _chunk_maxima(x: Tensor) -> Tensor:
+    """``(r, V)`` → ``(r, ⌈V / CHUNK⌉)``: the maximum of each run of :data:`CHUNK` positions
+    (the last run may be shorter)."""
+    vocab = x.shape[-1]
+    whole = vocab // CHUNK * CHUNK
+    maxima = x[:, :whole].unflatten(1, (vocab // CHUNK, CHUNK)).amax(dim=-1)
+    if whole < vocab:
+        maxima = torch.cat((maxima, x[:, whole:].amax(dim=-1, keepdim=True)), dim=1)
+    return maxima
+
+
+def _chunk_positions(chunks: Tensor, vocab: int) -> tuple[Tensor, Tensor]:
+    """Positions ``(…, n·CHUNK)`` of chunks ``(…, n)`` of a row of ``vocab``, clamped
+    inside it, and where they ran past its end (a shorter last chunk)."""
+    positions = (chunks.unsqueeze(-1) * CHUNK
+                 + torch.arange(CHUNK, device=chunks.device)).flatten(-2)
+    past_end = positions >= vocab
+    return positions.clamp_(max=vocab - 1), past_end
+
+
+def first_maximum(scores: Tensor) -> Tensor:
+    """``(N, V)`` → ``(N,)``: the index of each row's first maximum, as
+    ``scores.max(dim=-1).indices`` gives it (``argmax`` takes 3× longer on the CPU).
+
+    Over a large vocabulary it finds the first chunk holding the maximum, then the first
+    maximum in that chunk: the same index, but a reduction that vectorises (``amax``)
+    reads the whole row, and ``max(dim)``, which also tracks indices, reads only one chunk
+    (torch 2.13, one thread, 128 × 8,000: 0.37 ms against 0.55 ms).
+    """
+    vocab = scores.shape[-1]
+    if vocab < CHUNKED_MIN_VOCAB:
+        return scores.max(dim=-1).indices
+    chunk = _chunk_maxima(scores).max(dim=-1).indices  # (N,) the first chunk with the max
+    positions, past_end = _chunk_positions(chunk.unsqueeze(-1), vocab)  # (N, CHUNK)
+    values = scores.gather(1, positions).masked_fill_(past_end, NEG_INF)
+    return positions.gather(1, values.max(dim=-1, keepdim=True).indices)[:, 0]
+
+
+def best_extensions(log_probs: Tensor, beam_scores: Tensor, n: int) -> tuple[Tensor, Tensor]:
+    """Beam search's ``n`` best extensions of each sentence, without forming all ``k·V``.
+
+    ``log_probs`` ``(b·k, V)``: the next token's log-probabilities of each of the ``k``
+    beams of ``b`` sentences; ``beam_scores`` ``(b, k)``. Returns ``(b, n)`` scores
+    ``beam_score + log_prob``, best first, and their positions in the ``k·V`` candidates
+    (``beam · V + token``), what ``(log_probs + beam_scores).view(b, k·V).topk(n)`` returns
+    (up to the order of equal scores), for ``n ≤ V``.
+
+    A beam's score is the same for all its tokens, so the best chunk of :data:`CHUNK`
+    tokens by ``beam_score + chunk maximum`` ranks chunks as their best candidates do: the
+    ``n`` best candidates lie in the ``n`` best chunks. Only those chunks are gathered and
+    ranked. On one thread, 128 sentences × 4 beams × 8,000 tokens: 2.2 ms against 6.5 ms
+    for the in-place sum and ``topk`` over ``(b, k·V)``.
+    """
+    batch, beams = beam_scores.shape
+    vocab = log_probs.shape[-1]
+    maxima = _chunk_maxima(log_probs)  # (b*k, c)
+    per_beam = maxima.shape[-1]
+    ranked = (maxima.view(batch, beams, per_beam) + beam_scores.unsqueeze(-1)).view(batch, -1)
+    chunks = ranked.topk(min(n, beams * per_beam), dim=-1, sorted=False).indices
+    chunks = chunks.sort(dim=-1).values  # in the candidates' order, as topk would scan them
+    beam, chunk = chunks // per_beam, chunks % per_beam  # (b, n)
+    tokens, past_end = _chunk_positions(chunk, vocab)  # (b, n·CHUNK)
+    beam = beam.repeat_interleave(CHUNK, dim=-1)
+    rows = beam + torch.arange(batch, device=beam.device).unsqueeze(-1) * beams
+    values = log_probs[rows, tokens].add_(beam_scores.gather(1, beam))
+    values.masked_fill_(past_end, NEG_INF)
+    top_scores, best = values.topk(n, dim=-1)  # (b, n)
+    return top_scores, (beam * vocab + tokens).gather(1, best)
 
 
 class _StopFlag:
