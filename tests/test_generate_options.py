@@ -229,3 +229,25 @@ def test_beam_search_with_fewer_tokens_than_beams_decodes(vocab, beam_size):
     src = torch.randint(3, vocab, (3, 4))
     out = model.generate(src, 5, BOS, EOS, beam_size=beam_size)
     assert out.shape[0] == 3 and out.shape[1] <= 5
+
+
+def test_greedy_search_drops_finished_rows_in_groups_of_an_eighth():
+    class Step:  # row r ends at step r + 1
+        def __init__(self):
+            self.seen, self.alive = [], torch.arange(16)
+
+        def __call__(self, last):
+            self.seen.append(last.shape[0])
+            scores = torch.zeros(last.shape[0], 4)
+            scores[:, 3] = 1.0
+            scores[self.alive == len(self.seen) - 1, EOS] = 2.0
+            return scores
+
+        def drop(self, keep):
+            self.alive = self.alive[keep]
+
+    step = Step()
+    out = greedy_search(step, 16, BOS, EOS, PAD, 20, drop_rows=step.drop)
+    assert [len(until_eos(row)) for row in out.tolist()] == list(range(1, 17))
+    # 2 of 16 finished rows make an eighth: dropped in pairs while 9 or more are left
+    assert step.seen[:5] == [16, 16, 14, 14, 12]
