@@ -17,7 +17,7 @@ from ._checks import (
     shape_of,
 )
 from .decoder_step import DecoderStep, step_applies
-from .decoding import beam_search, greedy_search
+from .decoding import beam_search, greedy_search, log_softmax_
 from .inference import prepared_for_inference
 from .layers import DecoderLayer, EncoderLayer, build_norm, pack_padding
 from .local import check_window
@@ -579,7 +579,7 @@ class Transformer(nn.Module):
                 device=device, rules=rules, sampler=sampler, return_scores=return_scores,
                 length_penalty=length_penalty, drop_rows=select_rows)
         return beam_search(
-            lambda last_ids: logits(last_ids).log_softmax(dim=-1), reorder_beams,
+            lambda last_ids: log_softmax_(logits(last_ids)), reorder_beams,
             src_ids.shape[0], bos_id, eos_id, self.pad_id, max_new_tokens, beam_size,
             length_penalty, device=device, rules=rules,
             num_return_sequences=num_return_sequences, return_scores=return_scores,

@@ -4,7 +4,7 @@ the plain reductions over every candidate give."""
 import pytest
 import torch
 
-from attention.decoding import CHUNK, best_extensions, first_maximum
+from attention.decoding import CHUNK, best_extensions, first_maximum, log_softmax_
 
 VOCABS = [8 * CHUNK, 8000, 8 * CHUNK + 37]  # a whole number of chunks, and a shorter last
 
@@ -43,3 +43,12 @@ def test_best_extensions_keep_only_real_candidates_when_few_are_finite():
     assert scores[0, :2].tolist() == [-1.0, -2.0]
     assert index[0, :2].tolist() == [7, 2 * (8 * CHUNK + 3) - 1]
     assert torch.isinf(scores[0, 2:]).all()
+
+
+def test_log_softmax_in_place_gives_log_softmax_values():
+    scores = torch.randn(32, 8000, generator=torch.Generator().manual_seed(0)) * 5
+    scores[3, :100] = float("-inf")
+    expected = scores.log_softmax(dim=-1)
+    out = log_softmax_(scores)
+    assert out.data_ptr() == scores.data_ptr()  # written over the scores
+    assert torch.equal(out, expected)
