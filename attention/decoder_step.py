@@ -43,6 +43,9 @@ from .multihead import MultiHeadAttention
 __all__ = ["DecoderStep", "step_applies"]
 
 Linear = Callable[[Tensor], Tensor]
+# torch's CPU bmm multiplies matrices of fewer multiply-adds than this (the contraction
+# times the output's size) in a plain loop, not a BLAS call (torch 2.13, LinearAlgebra.cpp).
+SMALL_PRODUCT = 400
 
 
 def step_applies(model: nn.Module, device_type: str) -> bool:
@@ -128,6 +131,17 @@ class _Layer:
         self.cross_values = self.cross_values.index_select(0, rows)
 
 
+def _added(linear: Linear, x: Tensor, other: Tensor) -> Tensor:
+    """``other + linear(x)``, fused into the product for prepared weights."""
+    return linear.added(x, other) if isinstance(linear, PreparedLinear) else other + linear(x)
+
+
+def _activated(linear: Linear, x: Tensor, activation: Linear) -> Tensor:
+    """``activation(linear(x))``, fused into the product for prepared weights."""
+    return linear.activated(x, activation) if isinstance(linear, PreparedLinear) \
+        else activation(linear(x))
+
+
 def _sentence_heads(x: Tensor, heads: int) -> Tensor:
     """``(b, s, h·d)`` → ``(b·h, s, d)``, contiguous."""
     batch, length, features = x.shape
@@ -164,6 +178,7 @@ class DecoderStep:
         heads = decoder.layers[0].self_attn.n_heads if decoder.layers else 1
         self.heads, self.d_head = heads, d_model // heads
         self.scale = self.d_head**-0.5
+        self.softmax_dtype = torch.promote_types(memory.dtype, torch.float32)
         # 0 where a source token may be attended, -inf at padding; a source of padding only
         # attends to all of it, and its outputs are zeroed (what the general path does).
         empty = memory_padding.all(dim=-1)
@@ -195,17 +210,22 @@ class DecoderStep:
     def _layer(self, layer: _Layer, x: Tensor, rows: int, t: int,
                angles: tuple[Tensor, Tensor] | None) -> Tensor:
         norm1, norm2, norm3 = layer.norms
-        if layer.norm_first:
-            x = x + self._self_attention(layer, norm1(x), rows, t, angles)
-            x = x + self._cross_attention(layer, norm2(x), rows)
-            return x + self._feed_forward(layer, norm3(x))
-        x = norm1(x + self._self_attention(layer, x, rows, t, angles))
-        x = norm2(x + self._cross_attention(layer, x, rows))
-        return norm3(x + self._feed_forward(layer, x))
+        if layer.norm_first:  # x + sublayer(norm(x)), the sum written with the product
+            x = _added(layer.self_out, self._self_attention(layer, norm1(x), rows, t, angles), x)
+            x = _added(layer.cross_out, self._cross_attention(layer, norm2(x), rows), x)
+            if layer.feed_forward is not None:
+                return x + layer.feed_forward(norm3(x))
+            return _added(layer.linear2, _activated(layer.linear1, norm3(x), layer.activation), x)
+        x = norm1(_added(layer.self_out, self._self_attention(layer, x, rows, t, angles), x))
+        x = norm2(_added(layer.cross_out, self._cross_attention(layer, x, rows), x))
+        if layer.feed_forward is not None:
+            return norm3(x + layer.feed_forward(x))
+        return norm3(_added(layer.linear2, _activated(layer.linear1, x, layer.activation), x))
 
     def _self_attention(self, layer: _Layer, x: Tensor, rows: int, t: int,
                         angles: tuple[Tensor, Tensor] | None) -> Tensor:
-        """``(n, 1, d_model)`` → ``(n, 1, d_model)``, the new keys and values appended."""
+        """``(n, 1, d_model)`` → the heads' outputs ``(n, 1, h·d)`` (before ``out_proj``),
+        the new keys and values appended."""
         h, d = self.heads, self.d_head
         q, k, v = layer.qkv(x).split(self.d_model, dim=-1)  # (n, 1, h·d) each
         if angles is not None:
@@ -217,28 +237,29 @@ class DecoderStep:
         held_keys = keys[: t + 1, :rows].flatten(1, 2).permute(1, 2, 0)  # (n·h, d, t)
         held_values = values[: t + 1, :rows].flatten(1, 2).transpose(0, 1)  # (n·h, t, d)
         scores = torch.bmm(q.reshape(rows * h, 1, d), held_keys).mul_(self.scale)
-        weights = scores.softmax(dim=-1, dtype=torch.promote_types(q.dtype, torch.float32))
-        out = torch.bmm(weights.to(q.dtype), held_values)  # (n·h, 1, d)
-        return layer.self_out(out.view(rows, 1, self.d_model))
+        weights = scores.softmax(dim=-1, dtype=self.softmax_dtype).to(q.dtype)  # (n·h, 1, t)
+        if (t + 1) * d < SMALL_PRODUCT:
+            # torch's bmm takes a slow loop for products this small (4× slower at t = 7,
+            # d = 32); a broadcast product and sum over the t positions does not.
+            out = (weights.transpose(1, 2) * held_values).sum(dim=1)  # (n·h, d)
+        else:
+            out = torch.bmm(weights, held_values)  # (n·h, 1, d)
+        return out.view(rows, 1, self.d_model)
 
     def _cross_attention(self, layer: _Layer, x: Tensor, rows: int) -> Tensor:
-        """``(n, 1, d_model)`` → ``(n, 1, d_model)``: each sentence's ``k`` rows together."""
+        """``(n, 1, d_model)`` → the heads' outputs ``(n, 1, h·d)``: each sentence's ``k``
+        rows together."""
         h, d, k = self.heads, self.d_head, self.rows_per_sentence
         sentences = rows // k
         q = layer.cross_q(x).view(sentences, k, h, d).transpose(1, 2)  # (b, h, k, d)
         scores = torch.bmm(q.reshape(sentences * h, k, d), layer.cross_keys).mul_(self.scale)
         scores = scores.view(sentences, h, k, -1).add_(self.source_bias)  # (b, h, k, s)
-        weights = scores.softmax(dim=-1, dtype=torch.promote_types(q.dtype, torch.float32))
-        out = torch.bmm(weights.to(q.dtype).view(sentences * h, k, -1), layer.cross_values)
+        weights = scores.softmax(dim=-1, dtype=self.softmax_dtype).to(q.dtype)
+        out = torch.bmm(weights.view(sentences * h, k, -1), layer.cross_values)
         out = out.view(sentences, h, k, d)
         if self.empty_sentences is not None:
             out = out.masked_fill(self.empty_sentences, 0.0)
-        return layer.cross_out(out.transpose(1, 2).reshape(rows, 1, self.d_model))
-
-    def _feed_forward(self, layer: _Layer, x: Tensor) -> Tensor:
-        if layer.feed_forward is not None:  # gated: the module's own forward
-            return layer.feed_forward(x)
-        return layer.linear2(layer.activation(layer.linear1(x)))
+        return out.transpose(1, 2).reshape(rows, 1, self.d_model)
 
     def keep_rows(self, index: Tensor) -> None:
         """Greedy search's dropped rows (one row a sentence): keep rows ``index``."""

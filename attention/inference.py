@@ -24,7 +24,7 @@ block around them.
 
 from __future__ import annotations
 
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 
 import torch
@@ -49,6 +49,15 @@ def onednn_applies(weight: Tensor) -> bool:
             and weight.dtype == torch.float32 and not torch.is_autocast_enabled("cpu"))
 
 
+# Activations oneDNN applies to a product's output as it writes it, with the separate
+# operation's result bit for bit (torch 2.13, float32; tested): the post-op's name and
+# arguments. ``F.gelu`` is the erf form ("none"); its tanh form differs in the last bits.
+_FUSED_ACTIVATIONS: dict[Callable[[Tensor], Tensor], tuple[str, list, str]] = {
+    F.relu: ("relu", [], ""),
+    F.gelu: ("gelu", [], "none"),
+}
+
+
 class PreparedLinear:
     """``x @ weight.T + bias`` with ``weight`` prepared once (see the module's text)."""
 
@@ -58,13 +67,41 @@ class PreparedLinear:
         self.packs = onednn_applies(self.weight)
         self.packed: Tensor | None = None  # packed on the first product big enough
 
-    def __call__(self, x: Tensor) -> Tensor:
+    def _packed_for(self, x: Tensor) -> Tensor | None:
+        """The packed weight when ``x``'s product runs on it, else ``None``."""
         if self.packs and x.dtype == torch.float32 and x.device.type == "cpu" \
                 and x.numel() * self.weight.shape[0] >= PACKED_MIN_MACS:
             if self.packed is None:
                 self.packed = torch.ops.mkldnn._reorder_linear_weight(self.weight, None)
-            return torch.ops.mkldnn._linear_pointwise(x, self.packed, self.bias, "none", [], "")
+            return self.packed
+        return None
+
+    def __call__(self, x: Tensor) -> Tensor:
+        packed = self._packed_for(x)
+        if packed is not None:
+            return torch.ops.mkldnn._linear_pointwise(x, packed, self.bias, "none", [], "")
         return F.linear(x, self.weight, self.bias)
+
+    def activated(self, x: Tensor, activation: Callable[[Tensor], Tensor]) -> Tensor:
+        """``activation(self(x))``, the activation applied as the product is written where
+        oneDNN has it (``F.relu``, ``F.gelu``): one pass over the output fewer."""
+        packed = self._packed_for(x)
+        if packed is not None and activation in _FUSED_ACTIVATIONS:
+            return torch.ops.mkldnn._linear_pointwise(x, packed, self.bias,
+                                                      *_FUSED_ACTIVATIONS[activation])
+        return activation(self(x))
+
+    def added(self, x: Tensor, other: Tensor) -> Tensor:
+        """``other + self(x)`` (a residual), the sum written with the product where oneDNN
+        has it (the same bits: one float32 addition either way)."""
+        packed = self._packed_for(x)
+        if packed is not None and _FUSED_ADD and other.shape[:-1] == x.shape[:-1] \
+                and other.dtype == x.dtype and other.is_contiguous():
+            return torch.ops.mkldnn._linear_pointwise.binary(x, other, packed, self.bias, "add")
+        return other + self(x)
+
+
+_FUSED_ADD = features.ONEDNN_LINEAR and "binary" in torch.ops.mkldnn._linear_pointwise.overloads()
 
 
 def _plain_linear(module: nn.Module) -> bool:

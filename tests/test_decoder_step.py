@@ -69,7 +69,7 @@ def test_sampling_draws_what_the_general_path_draws(monkeypatch):
     assert on_step.tolist() == general.tolist()
 
 
-def test_greedy_logits_are_the_general_paths_bit_for_bit():
+def test_step_logits_are_the_general_paths_within_rounding():
     model, src = make_model()
     ids = torch.randint(3, 36, (src.shape[0], 6))
     with torch.no_grad(), prepared_for_inference(model):
@@ -79,7 +79,8 @@ def test_greedy_logits_are_the_general_paths_bit_for_bit():
         step = DecoderStep(model, memory, padding, room=6)
         for t in range(6):
             expected = model.decode(ids[:, t:t + 1], memory, padding, cache=cache)[:, -1]
-            assert torch.equal(step(ids[:, t:t + 1]), expected)
+            # The same operations, but for the sum over few positions (see SMALL_PRODUCT).
+            torch.testing.assert_close(step(ids[:, t:t + 1]), expected, rtol=1e-6, atol=1e-6)
 
 
 def test_a_source_of_padding_only_decodes_as_on_the_general_path(monkeypatch):
