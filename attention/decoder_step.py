@@ -37,7 +37,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from .inference import PreparedLinear
-from .layers import DecoderLayer
+from .layers import DecoderLayer, FeedForward
 from .multihead import MultiHeadAttention
 
 __all__ = ["DecoderStep", "step_applies"]
@@ -95,13 +95,11 @@ class _Layer:
         self_attn, cross_attn = layer.self_attn, layer.cross_attn
         self.self_attn = self_attn
         self.qkv = self_attn.project_qkv  # its prepared stacked weights inside the block
-        self.self_out = _linear(self_attn.out_proj)
         self.cross_q = _linear(cross_attn.q_proj)
-        self.cross_out = _linear(cross_attn.out_proj)
-        feed_forward = layer.feed_forward
-        self.feed_forward = feed_forward if feed_forward.gated else None
-        self.linear1, self.linear2 = _linear(feed_forward.linear1), _linear(feed_forward.linear2)
-        self.activation = feed_forward.activation
+        # Each sub-layer's last product with the residual added: (x, residual) -> sum.
+        self.self_out = _adder(_linear(self_attn.out_proj))
+        self.cross_out = _adder(_linear(cross_attn.out_proj))
+        self.feed_forward = _feed_forward_adder(layer.feed_forward)
         self.norms = [_norm(n) for n in (layer.norm1, layer.norm2, layer.norm3)]
         self.norm_first = layer.norm_first
         heads, d_head = self_attn.n_heads, self_attn.d_head
@@ -131,15 +129,23 @@ class _Layer:
         self.cross_values = self.cross_values.index_select(0, rows)
 
 
-def _added(linear: Linear, x: Tensor, other: Tensor) -> Tensor:
-    """``other + linear(x)``, fused into the product for prepared weights."""
-    return linear.added(x, other) if isinstance(linear, PreparedLinear) else other + linear(x)
+def _adder(linear: Linear) -> Callable[[Tensor, Tensor], Tensor]:
+    """``(x, other) -> other + linear(x)``, fused into the product for prepared weights."""
+    if isinstance(linear, PreparedLinear):
+        return linear.added
+    return lambda x, other: other + linear(x)
 
 
-def _activated(linear: Linear, x: Tensor, activation: Linear) -> Tensor:
-    """``activation(linear(x))``, fused into the product for prepared weights."""
-    return linear.activated(x, activation) if isinstance(linear, PreparedLinear) \
-        else activation(linear(x))
+def _feed_forward_adder(feed_forward: FeedForward) -> Callable[[Tensor, Tensor], Tensor]:
+    """``(x, other) -> other + feed_forward(x)`` (eval mode: no dropout), the activation and
+    the sum fused into the products for prepared weights; a gated one runs its forward."""
+    if feed_forward.gated:
+        return lambda x, other: other + feed_forward(x)
+    linear1, activation = _linear(feed_forward.linear1), feed_forward.activation
+    add_second = _adder(_linear(feed_forward.linear2))
+    if isinstance(linear1, PreparedLinear):
+        return lambda x, other: add_second(linear1.activated(x, activation), other)
+    return lambda x, other: add_second(activation(linear1(x)), other)
 
 
 def _sentence_heads(x: Tensor, heads: int) -> Tensor:
@@ -211,16 +217,12 @@ class DecoderStep:
                angles: tuple[Tensor, Tensor] | None) -> Tensor:
         norm1, norm2, norm3 = layer.norms
         if layer.norm_first:  # x + sublayer(norm(x)), the sum written with the product
-            x = _added(layer.self_out, self._self_attention(layer, norm1(x), rows, t, angles), x)
-            x = _added(layer.cross_out, self._cross_attention(layer, norm2(x), rows), x)
-            if layer.feed_forward is not None:
-                return x + layer.feed_forward(norm3(x))
-            return _added(layer.linear2, _activated(layer.linear1, norm3(x), layer.activation), x)
-        x = norm1(_added(layer.self_out, self._self_attention(layer, x, rows, t, angles), x))
-        x = norm2(_added(layer.cross_out, self._cross_attention(layer, x, rows), x))
-        if layer.feed_forward is not None:
-            return norm3(x + layer.feed_forward(x))
-        return norm3(_added(layer.linear2, _activated(layer.linear1, x, layer.activation), x))
+            x = layer.self_out(self._self_attention(layer, norm1(x), rows, t, angles), x)
+            x = layer.cross_out(self._cross_attention(layer, norm2(x), rows), x)
+            return layer.feed_forward(norm3(x), x)
+        x = norm1(layer.self_out(self._self_attention(layer, x, rows, t, angles), x))
+        x = norm2(layer.cross_out(self._cross_attention(layer, x, rows), x))
+        return norm3(layer.feed_forward(x, x))
 
     def _self_attention(self, layer: _Layer, x: Tensor, rows: int, t: int,
                         angles: tuple[Tensor, Tensor] | None) -> Tensor:
@@ -237,7 +239,9 @@ class DecoderStep:
         held_keys = keys[: t + 1, :rows].flatten(1, 2).permute(1, 2, 0)  # (n·h, d, t)
         held_values = values[: t + 1, :rows].flatten(1, 2).transpose(0, 1)  # (n·h, t, d)
         scores = torch.bmm(q.reshape(rows * h, 1, d), held_keys).mul_(self.scale)
-        weights = scores.softmax(dim=-1, dtype=self.softmax_dtype).to(q.dtype)  # (n·h, 1, t)
+        weights = scores.softmax(dim=-1, dtype=self.softmax_dtype)  # (n·h, 1, t)
+        if weights.dtype != q.dtype:
+            weights = weights.to(q.dtype)
         if (t + 1) * d < SMALL_PRODUCT:
             # torch's bmm takes a slow loop for products this small (4× slower at t = 7,
             # d = 32); a broadcast product and sum over the t positions does not.
@@ -254,7 +258,9 @@ class DecoderStep:
         q = layer.cross_q(x).view(sentences, k, h, d).transpose(1, 2)  # (b, h, k, d)
         scores = torch.bmm(q.reshape(sentences * h, k, d), layer.cross_keys).mul_(self.scale)
         scores = scores.view(sentences, h, k, -1).add_(self.source_bias)  # (b, h, k, s)
-        weights = scores.softmax(dim=-1, dtype=self.softmax_dtype).to(q.dtype)
+        weights = scores.softmax(dim=-1, dtype=self.softmax_dtype)
+        if weights.dtype != q.dtype:
+            weights = weights.to(q.dtype)
         out = torch.bmm(weights.view(sentences * h, k, -1), layer.cross_values)
         out = out.view(sentences, h, k, d)
         if self.empty_sentences is not None:
