@@ -30,6 +30,7 @@ from ._checks import (
     check_tensor,
     shape_of,
 )
+from .inference import PreparedLinear
 from .multihead import KVCache, MultiHeadAttention
 from .packing import Packing
 
@@ -125,7 +126,13 @@ def feed_forward(x: Tensor, linear1: nn.Module, activation: Callable[[Tensor], T
                  dropout: nn.Module, linear2: nn.Module) -> Tensor:
     """``linear2(dropout(activation(linear1(x))))``: the position-wise feed-forward, for
     modules that hold its parts under their own names (torch.nn's layers in
-    :mod:`attention.compat`)."""
+    :mod:`attention.compat`).
+
+    Inside :func:`~attention.inference.prepared_for_inference`, ``linear1``'s activation is
+    applied as its product is written (:meth:`PreparedLinear.activated`, the same bits)."""
+    prepared = linear1.__dict__.get("forward")
+    if isinstance(prepared, PreparedLinear):
+        return linear2(dropout(prepared.activated(x, activation)))
     return linear2(dropout(activation(linear1(x))))
 
 

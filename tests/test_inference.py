@@ -9,6 +9,7 @@ from torch import nn
 
 from attention import Transformer, features, inference
 from attention.inference import PreparedLinear, prepared_for_inference
+from attention.layers import FeedForward
 from attention.multihead import MultiHeadAttention
 
 BOS, EOS = 1, 2
@@ -163,3 +164,18 @@ def test_modules_pickled_before_the_prepared_projection_existed_still_run():
     for module in model.modules():
         module.__dict__.pop("_qkv_projection", None)  # as unpickled from an older release
     assert model.generate(torch.randint(3, 30, (2, 5)), 4, BOS, EOS).shape[0] == 2
+
+
+@pytest.mark.skipif(not features.ONEDNN_LINEAR, reason="needs the oneDNN linear ops")
+@pytest.mark.parametrize("activation", ["gelu", "relu"])
+def test_fused_activation_and_residual_sum_give_the_separate_operations_bits(activation):
+    torch.manual_seed(0)
+    layer = FeedForward(64, 256, activation=activation).eval()
+    x, residual = torch.randn(64, 64) * 4, torch.randn(64, 64)
+    expected = layer(x)
+    with torch.no_grad(), prepared_for_inference(layer):
+        assert torch.equal(layer(x), expected)  # linear1's activation fused
+        assert layer.linear1.forward.packed is not None  # on the packed product
+        linear = layer.linear2.forward
+        hidden = torch.randn(64, 256)
+        assert torch.equal(linear.added(hidden, residual), residual + linear(hidden))
