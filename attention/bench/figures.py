@@ -301,18 +301,19 @@ def translation_figure(records: Sequence[Record]) -> str:
 
 
 def decoding_figure(records: Sequence[Record]) -> str:
-    """Decoding speed at equal work: each peer's time ÷ ours, per thread count and beam."""
+    """Decoding speed at equal work: each peer's time ÷ ours, per thread count and beam
+    (``benchmarks/decoding_speed.py``'s report)."""
     r = records[0]
-    setup, versions = r["setup"], r["versions"]
+    setup, versions = r["setup"], r["environment"]["packages"]
     parts = []
     for threads in setup["threads"]:
         cells = [cell for cell in r["cells"] if cell["threads"] == threads]
-        systems = [cell["systems"] for cell in cells]
         beams = ", ".join(decoding(cell["beam"]) for cell in cells)
-        ct2 = ", ".join(times(s["ctranslate2"]["median_ratio"]) for s in systems)
-        prepared = ", ".join(times(s["ctranslate2"]["median_ms"]
-                                   / s["ours-prepared-once"]["median_ms"]) for s in systems)
-        hf = ", ".join(times(s["transformers"]["median_ratio"]) for s in systems)
+        ct2 = ", ".join(times(cell["ratios"]["ctranslate2"]["median"]) for cell in cells)
+        prepared = ", ".join(times(cell["contenders"]["ctranslate2"]["median_ms"]
+                                   / cell["contenders"]["ours-prepared-once"]["median_ms"])
+                             for cell in cells)
+        hf = ", ".join(times(cell["ratios"]["transformers"]["median"]) for cell in cells)
         parts.append(f"{plural(threads, 'thread')} ({beams}): CTranslate2 "
                      f"{ct2} ({prepared} against ours with the weights prepared once); "
                      f"transformers {hf}")
@@ -328,14 +329,13 @@ def whole_test_sets_figure(records: Sequence[Record], names: Sequence[str]) -> s
     """CTranslate2 float32's time ÷ ours on whole test sets, one file per set (``names``)."""
     parts = []
     for name, r in zip(names, records, strict=True):
-        speed = ", ".join(f"{times(s['ratio_to_ours']['ctranslate2 float32'])} "
+        speed = ", ".join(f"{times(s['ratios']['ctranslate2 float32']['median'])} "
                           f"{decoding(s['beam_size'])}" for s in r["speed"])
-        parts.append(f"{name}, {fixed(r['sentences'], 0)} sentences: {speed}")
+        parts.append(f"{name}, {fixed(r['sentences'], 0)} sentences, medians of "
+                     f"{r['speed'][0]['rounds']} alternated rounds: {speed}")
     first = records[0]
-    return (f"CTranslate2 {first['ctranslate2']} float32's time ÷ ours, "
-            f"{plural(first['threads'], 'thread')}, medians of "
-            f"{first['speed'][0]['rounds']} alternated rounds: "
-            + "; ".join(parts))
+    return (f"CTranslate2 {first['environment']['packages']['ctranslate2']} float32's "
+            f"time ÷ ours, {plural(first['threads'], 'thread')}: " + "; ".join(parts))
 
 
 def agreement_figure(records: Sequence[Record], names: Sequence[str]) -> str:
@@ -583,8 +583,8 @@ def trained(folder: str) -> tuple[str, ...]:
 
 
 HALF_HOUR = ("train.max_steps", "train.max_minutes")
-AGREEMENT = ("benchmarks/results/ctranslate2-agreement-multi30k-2026-11-30.json",
-             "benchmarks/results/ctranslate2-agreement-toy-2026-11-30.json")
+AGREEMENT = ("benchmarks/results/ctranslate2-agreement-multi30k-2026-12-06.json",
+             "benchmarks/results/ctranslate2-agreement-toy-2026-12-06.json")
 SCALING = tuple(f"benchmarks/results/cpu-scaling-2026-12-06{run}.json"
                 for run in ("", "-run2", "-run3"))
 
@@ -609,7 +609,7 @@ FIGURES: tuple[Spec, ...] = (
          "suite on the oldest torch), each in its own clone, install included",
          ("benchmarks/results/fresh-clone.json",), fresh_clone_figure),
     Spec("decoding speed at equal work: ours vs CTranslate2 and transformers",
-         ("benchmarks/results/decoding-cpu-2026-11-30.json",), decoding_figure),
+         ("benchmarks/results/decoding-cpu-2026-12-06.json",), decoding_figure),
     Spec("whole test sets, ours vs CTranslate2 float32 on the same batches and length limits",
          AGREEMENT, partial(whole_test_sets_figure, names=("Multi30k test2016", "toy"))),
     Spec("CTranslate2 export, agreement with ours",
