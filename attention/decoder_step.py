@@ -4,8 +4,9 @@ decoder and output head, for :meth:`Transformer.generate`.
 A step of the general path (the decoder's modules on a :class:`DecoderCache`) checks its
 inputs, builds each layer's masks and walks the module tree, about a hundred small
 operations around the products that do the work. :class:`DecoderStep` runs the same
-computation, operation for operation (its logits are the general path's, bit for bit, in
-greedy search), with what does not change from step to step done once per search:
+computation (its logits equal the general path's to float32 rounding: 1e-6 in the tests;
+the translations are the same), with what does not change from step to step done once per
+search:
 
 - the source padding becomes one additive bias ``(b, 1, 1, Ls)`` (0 or ``-inf``), added to
   every layer's cross-attention scores: no mask is merged or checked per layer and step;
@@ -16,7 +17,10 @@ greedy search), with what does not change from step to step done once per search
 - the self-attention keys and values live in time-major buffers ``(room, rows, h, d)``: a
   step writes one contiguous ``(rows, h, d)`` slab; the products read the held positions as
   strided views (no copy), and a beam reorder gathers contiguous ``h·d`` runs into a second
-  buffer of the same size (two per layer, used in turn: no allocation per step).
+  buffer of the same size (two per layer, used in turn: no allocation per step);
+- inside :func:`~attention.inference.prepared_for_inference`, each sub-layer's last product
+  writes the residual sum, and the feed-forward's first its ReLU/GELU (oneDNN post-ops, the
+  separate operations' bits).
 
 :func:`step_applies` says which models it covers: the decoder layers of this package with
 plain attention (no window, ALiBi, softcap, q/k norm or grouped key/value heads), any norm,
