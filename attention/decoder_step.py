@@ -40,7 +40,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from .inference import PreparedLinear
+from .inference import PreparedLinear, prepared_linear
 from .layers import DecoderLayer, FeedForward
 from .multihead import MultiHeadAttention
 
@@ -75,8 +75,8 @@ def _linear(module: nn.Module) -> Linear:
     """The callable a step uses for ``module``: its prepared weights when
     :func:`~attention.inference.prepared_for_inference` patched it (no module call per
     step), else the module itself (quantized, hooked or outside a prepared block)."""
-    prepared = module.__dict__.get("forward")
-    return prepared if isinstance(prepared, PreparedLinear) else module
+    prepared = prepared_linear(module)
+    return module if prepared is None else prepared
 
 
 def _norm(module: nn.Module) -> Linear:

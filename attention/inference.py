@@ -34,7 +34,7 @@ from torch import Tensor, nn
 from . import features
 from .multihead import MultiHeadAttention
 
-__all__ = ["PACKED_MIN_MACS", "PreparedLinear", "prepared_for_inference"]
+__all__ = ["PACKED_MIN_MACS", "PreparedLinear", "prepared_for_inference", "prepared_linear"]
 
 # Products smaller than this (rows × out × in multiply-adds) keep F.linear: below it oneDNN's
 # call costs more than it saves (one row of a 256×256 weight ran at 0.32× F.linear's speed,
@@ -56,6 +56,8 @@ _FUSED_ACTIVATIONS: dict[Callable[[Tensor], Tensor], tuple[str, list, str]] = {
     F.relu: ("relu", [], ""),
     F.gelu: ("gelu", [], "none"),
 }
+# A residual sum written with the product (``_linear_pointwise.binary``, "add").
+_FUSED_ADD = features.ONEDNN_LINEAR and "binary" in torch.ops.mkldnn._linear_pointwise.overloads()
 
 
 class PreparedLinear:
@@ -101,7 +103,11 @@ class PreparedLinear:
         return other + self(x)
 
 
-_FUSED_ADD = features.ONEDNN_LINEAR and "binary" in torch.ops.mkldnn._linear_pointwise.overloads()
+def prepared_linear(module: nn.Module) -> PreparedLinear | None:
+    """The :class:`PreparedLinear` that :func:`prepared_for_inference` put in place of
+    ``module``'s forward, or ``None`` outside a block (or for a layer it left as it is)."""
+    prepared = module.__dict__.get("forward")
+    return prepared if isinstance(prepared, PreparedLinear) else None
 
 
 def _plain_linear(module: nn.Module) -> bool:

@@ -30,7 +30,7 @@ from ._checks import (
     check_tensor,
     shape_of,
 )
-from .inference import PreparedLinear
+from .inference import prepared_linear
 from .multihead import KVCache, MultiHeadAttention
 from .packing import Packing
 
@@ -130,8 +130,8 @@ def feed_forward(x: Tensor, linear1: nn.Module, activation: Callable[[Tensor], T
 
     Inside :func:`~attention.inference.prepared_for_inference`, ``linear1``'s activation is
     applied as its product is written (:meth:`PreparedLinear.activated`, the same bits)."""
-    prepared = linear1.__dict__.get("forward")
-    if isinstance(prepared, PreparedLinear):
+    prepared = prepared_linear(linear1)
+    if prepared is not None:
         return linear2(dropout(prepared.activated(x, activation)))
     return linear2(dropout(activation(linear1(x))))
 
