@@ -44,6 +44,7 @@ FILES = ("summary.md", "log.txt", "tests.xml", "train-metrics.jsonl", "train-res
 LOG_BYTES_PER_PART = 3 * 2**20  # what log.txt keeps of one part's output (its head and tail)
 OUT_OF_TIME = "gpu-check: the part's budget is spent, stopping it"
 GRACE_S = 15  # past its budget, a part that has not stopped by itself is killed
+RETRY_S = 1.0  # a spent budget's interrupt is raised again this often until the part stops
 
 # The toy run, the same on the GPU and in the committed CPU reference (REFERENCE), so that
 # their loss curves can be compared step by step: without dropout the two differ only by
@@ -88,6 +89,44 @@ class OutOfTime(KeyboardInterrupt):
     an ``Exception`` as a contender's error, lets it through."""
 
 
+class Budget:
+    """A part's time budget, in its child process: once ``seconds`` are spent, SIGALRM
+    raises :class:`OutOfTime`, and again every :data:`RETRY_S` until the part calls
+    :meth:`stop`. One interrupt is not enough: raised inside a finalizer that
+    ``gc.collect`` runs, say, Python prints it and goes on, and the benchmark then ran to its
+    end past its budget with no word of it in its report. ``spent`` stays true once the
+    budget is gone, whatever became of the interrupts."""
+
+    def __init__(self, seconds: float) -> None:
+        self.seconds = seconds
+        self.spent = False
+
+    def start(self) -> None:
+        signal.signal(signal.SIGALRM, self._expire)
+        signal.setitimer(signal.ITIMER_REAL, self.seconds, RETRY_S)
+
+    def stop(self) -> None:
+        """No more interrupts: the part has stopped, or is writing what it has."""
+        signal.setitimer(signal.ITIMER_REAL, 0)
+
+    def _expire(self, signum: int, frame: Any) -> None:
+        if not self.spent:
+            print(OUT_OF_TIME, file=sys.stderr, flush=True)
+        self.spent = True
+        raise OutOfTime(f"the part's budget of {self.seconds} s is spent")
+
+
+class StopOnInterrupt:
+    """A pytest plugin: when the budget's interrupt ends the session, no more of them while
+    pytest writes its report."""
+
+    def __init__(self, budget: Budget) -> None:
+        self.budget = budget
+
+    def pytest_keyboard_interrupt(self, excinfo: Any) -> None:
+        self.budget.stop()
+
+
 # The parts, each run in a child process (``--part NAME``) ----------------------------------
 
 
@@ -111,14 +150,14 @@ class DeviceVariants:
             config.hook.pytest_deselected(items=drop)
 
 
-def part_tests(out: Path, dry_run: bool) -> int:
+def part_tests(out: Path, dry_run: bool, budget: Budget) -> int:
     import pytest
 
     plugin = DeviceVariants("cpu" if dry_run else "cuda")
     paths = ["tests/test_decoding.py"] if dry_run else ["tests"]
     code = int(pytest.main([*paths, "-v", "-p", "no:cacheprovider", "-rfE",
                             "--continue-on-collection-errors", f"--junitxml={out / 'tests.xml'}"],
-                           plugins=[plugin]))
+                           plugins=[plugin, StopOnInterrupt(budget)]))
     print(f"gpu-check: {len(plugin.kept)} tests selected (device {plugin.device_type})")
     return code if plugin.kept else 1
 
@@ -135,16 +174,17 @@ def train_overrides(work: Path, dry_run: bool, seconds: int) -> tuple[str, list[
                           f"train.max_minutes={minutes:.2f}", "train.precision=bf16"]
 
 
-def part_train(out: Path, work: Path, dry_run: bool, seconds: int) -> int:
+def part_train(out: Path, work: Path, dry_run: bool, budget: Budget) -> int:
     """The training command as a user runs it (``scripts/train.py``: the harness does not
     import the application), then its metrics and results copied out of its run folder
     (``work/gpu-check-train/version_0``, the work folder being new), also when it failed."""
-    path, overrides = train_overrides(work, dry_run, seconds)
+    path, overrides = train_overrides(work, dry_run, budget.seconds)
     print(f"gpu-check: {path} " + " ".join(overrides), flush=True)
     try:
         return subprocess.run([sys.executable, str(ROOT / "scripts" / "train.py"), "--config",
                                str(ROOT / path), *overrides], cwd=ROOT).returncode
     finally:
+        budget.stop()  # the run has ended (or been killed): copy what it left, uninterrupted
         run = work / "gpu-check-train" / "version_0"
         for name in ("metrics.jsonl", "results.json"):
             if (run / name).is_file():
@@ -160,7 +200,7 @@ def bench_config(name: str, dry_run: bool) -> tuple[str, list[str], list[str]]:
     return f"configs/bench/{name}.yaml", BENCH_OVERRIDES[name], contenders
 
 
-def part_bench(name: str, out: Path, dry_run: bool) -> int:
+def part_bench(name: str, out: Path, dry_run: bool, budget: Budget) -> int:
     import torch
 
     from attention.bench import kit
@@ -178,11 +218,14 @@ def part_bench(name: str, out: Path, dry_run: bool) -> int:
         torch.set_num_threads(1)
     command = f"python3 benchmarks/gpu_check.py --parts {name} ({path})"
     runner = Runner(config, torch.device(device), list(contenders), {}, command, kit.say)
-    code = 0
     try:
         runner.run()
     except OutOfTime:
-        runner.report["stopped"] = "out of time: the cells measured before the budget ran out"
+        pass  # the report keeps the cells measured so far
+    budget.stop()
+    code = 0
+    if budget.spent:  # also when an interrupt was swallowed and the cells ran on
+        runner.report["stopped"] = "out of time: the budget ran out while the cells were measured"
         code = 1
     # Atomic: a part past its grace period is killed, and a torn report must not pass.
     write_text_atomic(out / f"bench-{name}.json", to_json(runner.report))
@@ -190,24 +233,19 @@ def part_bench(name: str, out: Path, dry_run: bool) -> int:
 
 
 def run_part(name: str, out: Path, work: Path, dry_run: bool, seconds: int) -> int:
-    """In the child: stop with :class:`OutOfTime` after ``seconds``, run the part."""
-
-    def out_of_time(signum: int, frame: Any) -> None:
-        print(OUT_OF_TIME, file=sys.stderr, flush=True)
-        raise OutOfTime(f"the part's budget of {seconds} s is spent")
-
-    signal.signal(signal.SIGALRM, out_of_time)
-    signal.alarm(seconds)
+    """In the child: run the part under a :class:`Budget` of ``seconds``."""
+    budget = Budget(seconds)
+    budget.start()
     try:
         if name == "tests":
-            return part_tests(out, dry_run)
+            return part_tests(out, dry_run, budget)
         if name == "train":
-            return part_train(out, work, dry_run, seconds)
-        return part_bench(name, out, dry_run)
+            return part_train(out, work, dry_run, budget)
+        return part_bench(name, out, dry_run, budget)
     finally:
         # A part done just inside its budget must not meet the alarm while the interpreter
         # exits, its handler gone: that killed finished parts with SIGALRM (exit -14).
-        signal.alarm(0)
+        budget.stop()
 
 
 # The orchestration, in the parent -----------------------------------------------------------

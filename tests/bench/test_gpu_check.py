@@ -5,8 +5,10 @@ it on the GPU machine."""
 
 import json
 import shutil
+import signal
 import subprocess
 import sys
+import time
 import xml.etree.ElementTree as ElementTree
 
 import pytest
@@ -95,6 +97,56 @@ def test_a_part_out_of_time_is_stopped_recorded_and_the_next_part_runs(tmp_path,
     if report.exists():  # written unless the budget ran out before the first cell
         assert json.loads(report.read_text())["stopped"].startswith("out of time")
     assert not (out / "bench-base.json").exists()
+
+
+@pytest.fixture
+def alarm_handler():
+    """The SIGALRM handler and timer as they were, back after the test."""
+    previous = signal.getsignal(signal.SIGALRM)
+    yield
+    signal.setitimer(signal.ITIMER_REAL, 0)
+    signal.signal(signal.SIGALRM, previous)
+
+
+def test_a_spent_budget_interrupts_again_until_the_part_stops(monkeypatch, alarm_handler):
+    monkeypatch.setattr(check, "RETRY_S", 0.05)
+    budget = check.Budget(0.05)
+    swallowed = 0
+    budget.start()
+    deadline = time.monotonic() + 2
+    with pytest.raises(check.OutOfTime):
+        while time.monotonic() < deadline:
+            try:
+                time.sleep(0.01)
+            except check.OutOfTime:
+                if swallowed:
+                    raise
+                swallowed += 1  # as a finalizer's exception: printed, and the run goes on
+    budget.stop()
+    time.sleep(0.15)  # stopped: no interrupt comes any more
+    assert swallowed == 1 and budget.spent
+
+
+def test_a_benchmark_that_ran_past_its_budget_says_it_stopped(tmp_path, monkeypatch,
+                                                              alarm_handler):
+    """Even when no interrupt got through: the cells ran on, and the report says so."""
+    from attention.bench.runner import Runner
+
+    def swallowing_run(self):
+        deadline = time.monotonic() + 0.3
+        while time.monotonic() < deadline:
+            try:
+                time.sleep(0.01)
+            except check.OutOfTime:
+                pass
+        return self.report
+
+    monkeypatch.setattr(Runner, "run", swallowing_run)
+    budget = check.Budget(0.05)
+    budget.start()
+    assert check.part_bench("long", tmp_path, True, budget) == 1
+    report = json.loads((tmp_path / "bench-long.json").read_text())
+    assert report["stopped"].startswith("out of time")
 
 
 def test_the_loss_comparison_reads_the_same_steps_of_both_runs():
