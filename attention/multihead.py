@@ -30,7 +30,7 @@ from .alibi import alibi_slopes
 from .functional import attend, check_softcap
 from .local import check_window
 from .packing import Packing
-from .positional import RotaryEmbedding, apply_rotary
+from .positional import RotaryEmbedding, apply_rotary, refill_
 
 __all__ = ["SEQUENCE_BY_SEQUENCE_MIN_TOKENS", "KVCache", "MultiHeadAttention", "can_use_varlen"]
 
@@ -322,6 +322,26 @@ class MultiHeadAttention(nn.Module):
         else:
             self.alibi_slopes = None
         self._qkv_projection = None
+
+    def reset_parameters(self) -> None:
+        """Draw the projections again and reset the norms, as when built; the computed
+        buffers (ALiBi slopes, rotary frequencies) are computed again."""
+        for module in (self.q_proj, self.k_proj, self.v_proj, self.out_proj, self.q_norm,
+                       self.k_norm, self.rotary):
+            if module is not None:
+                module.reset_parameters()
+        self._reset_slopes()
+
+    def _reset_slopes(self) -> None:
+        if self.alibi_slopes is not None:
+            refill_(self.alibi_slopes, alibi_slopes(self.n_heads))
+
+    def _apply(self, fn: Callable[[Tensor], Tensor], recurse: bool = True) -> MultiHeadAttention:
+        """After ``.to()`` and the like, and ``to_empty()``, the ALiBi slopes are computed
+        again where they now live: no state dict carries them."""
+        super()._apply(fn, recurse)
+        self._reset_slopes()
+        return self
 
     def forward(
         self,

@@ -61,6 +61,13 @@ def _check_input(module: nn.Module, x: Tensor, offset: int) -> None:
         raise ValueError(f"offset: expected a non-negative int, got {offset!r}")
 
 
+def refill_(buffer: Tensor, values: Tensor) -> None:
+    """Write ``values`` into ``buffer`` in place (its storage may be shared), also when it
+    was made under ``torch.inference_mode``."""
+    with torch.no_grad(), torch.inference_mode(buffer.is_inference()):
+        buffer.copy_(values)
+
+
 class SinusoidalPositionalEncoding(nn.Module):
     """Adds the fixed sinusoid table to ``x``, then dropout.
 
@@ -79,6 +86,20 @@ class SinusoidalPositionalEncoding(nn.Module):
         self.max_len = check_positive_int("max_len", max_len)
         self.dropout = nn.Dropout(check_probability("dropout", dropout))
         self.register_buffer("pe", sinusoid_table(max_len, d_model), persistent=False)
+
+    def reset_parameters(self) -> None:
+        """Compute the table again, in place, in its dtype and on its device."""
+        refill_(self.pe, sinusoid_table(self.max_len, self.d_model))
+
+    def _apply(self, fn: Callable[[Tensor], Tensor],
+               recurse: bool = True) -> SinusoidalPositionalEncoding:
+        """After ``.to()``, ``.half()`` and the like, and ``to_empty()``, the table is computed
+        again where it now lives: a model built on the meta device and given storage by
+        ``to_empty`` would otherwise add whatever memory held, and no state dict carries the
+        table to mend it."""
+        super()._apply(fn, recurse)
+        self.reset_parameters()
+        return self
 
     def forward(self, x: Tensor, offset: int = 0) -> Tensor:
         """``x`` plus the encoding of positions ``offset … offset + length - 1``."""
@@ -165,12 +186,20 @@ class RotaryEmbedding(nn.Module):
         exponents = torch.arange(0, self.d_head, 2, dtype=torch.float32, device=device)
         return self.base ** (-exponents / self.d_head)
 
+    def reset_parameters(self) -> None:
+        """Compute the frequencies again, in float32, on their device."""
+        frequencies = self._inverse_frequencies(self.inv_freq.device)
+        if self.inv_freq.dtype == torch.float32:
+            refill_(self.inv_freq, frequencies)
+        else:
+            self.inv_freq = frequencies
+
     def _apply(self, fn: Callable[[Tensor], Tensor], recurse: bool = True) -> RotaryEmbedding:
-        """``.to(dtype)``, ``.half()``, … leave the frequencies in float32: in bfloat16 a
-        position of 8,000 would be off by about half a radian."""
+        """``.to(dtype)``, ``.half()``, … leave the frequencies in float32 (in bfloat16 a
+        position of 8,000 would be off by about half a radian), and ``to_empty()`` leaves
+        them computed, not whatever memory held (no state dict carries them)."""
         super()._apply(fn, recurse)
-        if self.inv_freq.dtype != torch.float32:
-            self.inv_freq = self._inverse_frequencies(self.inv_freq.device)
+        self.reset_parameters()
         return self
 
     def cos_sin(self, length: int, offset: int = 0) -> tuple[Tensor, Tensor]:

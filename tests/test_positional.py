@@ -147,3 +147,39 @@ def test_global_rotary_base_is_checked_by_its_name():
     with pytest.raises(ValueError, match="global_rotary_base: expected None without "
                                          "global_every and positional='rotary'"):
         Encoder(16, 2, 2, window=2, global_every=2, global_rotary_base=1e5)
+
+
+MODEL_POSITIONS = [{"positional": "sinusoidal"}, {"positional": "rotary"},
+                   {"positional": None, "alibi": True}]
+
+
+@pytest.mark.parametrize("options", MODEL_POSITIONS, ids=["sinusoidal", "rotary", "alibi"])
+def test_a_model_built_on_meta_given_storage_and_loaded_equals_the_original(options):
+    """The usual start of a large model: build on the meta device, ``to_empty``, load the
+    weights. The computed tables (no state dict carries them) must not be left as whatever
+    memory held."""
+    from attention import Transformer
+
+    torch.manual_seed(0)
+    reference = Transformer(11, 13, d_model=16, n_heads=4, n_encoder_layers=1,
+                            n_decoder_layers=1, **options).eval()
+    with torch.device("meta"):
+        model = Transformer(11, 13, d_model=16, n_heads=4, n_encoder_layers=1,
+                            n_decoder_layers=1, **options)
+    model.to_empty(device="cpu").load_state_dict(reference.state_dict())
+    model.eval()
+    src, tgt = torch.randint(1, 11, (2, 7)), torch.randint(1, 13, (2, 5))
+    assert torch.equal(model(src, tgt), reference(src, tgt))
+
+
+def test_reset_parameters_computes_the_tables_again():
+    encoding, rotary = SinusoidalPositionalEncoding(8, max_len=16), RotaryEmbedding(8)
+    attention = MultiHeadAttention(16, 4, alibi=True)
+    expected = (encoding.pe.clone(), rotary.inv_freq.clone(), attention.alibi_slopes.clone())
+    for table in (encoding.pe, rotary.inv_freq, attention.alibi_slopes):
+        table.fill_(float("nan"))
+    encoding.reset_parameters()
+    rotary.reset_parameters()
+    attention.reset_parameters()
+    assert torch.equal(encoding.pe, expected[0]) and torch.equal(rotary.inv_freq, expected[1])
+    assert torch.equal(attention.alibi_slopes, expected[2])
