@@ -32,8 +32,13 @@ def train_main(argv: list[str] | None = None) -> int:
     parser.add_argument("--resume", nargs="?", const=True, default=False, metavar="RUN_FOLDER",
                         help="continue the latest run in train.run_dir/NAME (each run has a "
                              "folder version_N there; a new run never replaces one), or the "
-                             "run folder given, from its checkpoint_last.pt")
+                             "run folder given (runs/NAME: its latest run), from its "
+                             "checkpoint_last.pt")
     args = parser.parse_intermixed_args(argv)
+    if isinstance(args.resume, str) and "=" in args.resume and not Path(args.resume).exists():
+        # `--config C --resume train.lr=1e-4`: the override, not a folder
+        args.overrides.insert(0, args.resume)
+        args.resume = True
     if args.config is None and not isinstance(args.resume, str):
         parser.error("--config: expected a YAML config, or --resume RUN_FOLDER to continue a "
                      "run with its own config")

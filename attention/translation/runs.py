@@ -63,9 +63,10 @@ def latest_run(root: str | Path) -> Path | None:
 
 
 def resumed_run(root: str | Path, resume: bool | str | Path) -> Path:
-    """The run folder ``--resume`` continues: the latest in ``root`` (``resume=True``) or the
-    folder given. Raises FileNotFoundError, naming what was looked for, when it holds no
-    ``checkpoint_last.pt``."""
+    """The run folder ``--resume`` continues: the latest in ``root`` (``resume=True``), or
+    the folder given: a run (``runs/NAME/version_N``) or a run's name folder (``runs/NAME``,
+    meaning its latest run), as the commands that read models take. Raises
+    FileNotFoundError, naming what was looked for, when there is no ``checkpoint_last.pt``."""
     if resume is True:
         folder = latest_run(root)
         if folder is None:
@@ -73,10 +74,10 @@ def resumed_run(root: str | Path, resume: bool | str | Path) -> Path:
                                     f"{VERSION_PREFIX}N folder there), found none; start "
                                     f"without --resume")
         return folder
-    folder = Path(resume)
-    if not (folder / LAST).is_file():
-        raise FileNotFoundError(f"--resume: expected a run folder holding {LAST}, got "
-                                f"{folder}")
+    folder = latest_run(resume) if Path(resume).is_dir() else None
+    if folder is None:
+        raise FileNotFoundError(f"--resume: expected a run folder holding {LAST} (or runs/NAME, "
+                                f"whose latest {VERSION_PREFIX}N holds one), got {resume}")
     return folder
 
 

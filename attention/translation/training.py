@@ -463,7 +463,8 @@ class Trainer:
             self.save_last()
             raise TrainingInterrupted(
                 f"interrupted at step {self.progress.step}: saved "
-                f"{self.run_dir / 'checkpoint_last.pt'}; continue with --resume")
+                f"{self.run_dir / 'checkpoint_last.pt'}; continue with: attention-train "
+                f"--resume {self.run_dir}")
         self.log(f"training stopped at step {self.progress.step}: {reason}")
         if self.progress.last_eval_step != self.progress.step:
             self.validate()

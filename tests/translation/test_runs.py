@@ -44,8 +44,10 @@ def test_new_runs_take_the_next_version_and_latest_finds_the_newest_that_saved(t
     assert new_run(root).name == "version_8"
     assert resumed_run(root, True) == second
     assert resumed_run(root, first) == first
-    with pytest.raises(FileNotFoundError, match="--resume: expected a run folder holding"):
-        resumed_run(root, root / "version_7")
+    assert resumed_run(tmp_path, root) == second  # runs/NAME: its latest run, as elsewhere
+    for missing in (root / "version_7", tmp_path / "nowhere"):
+        with pytest.raises(FileNotFoundError, match="--resume: expected a run folder holding"):
+            resumed_run(root, missing)
 
 
 def test_a_folder_from_before_versions_is_a_run_of_its_own(tmp_path):
@@ -128,8 +130,8 @@ def test_a_run_resumes_from_its_folder_alone_without_its_tokenizer_files(tmp_pat
     assert train_main([*common, "train.max_steps=2"]) == 0
     run = latest_run(tmp_path / "runs" / "tiny")
     tokenizer_file.unlink()
-    assert train_main([*common, "train.max_steps=3", "--resume"]) == 0
-    assert train_main(["--resume", str(run), "train.max_steps=4"]) == 0
+    assert train_main([*common, "--resume", "train.max_steps=3"]) == 0  # an override, last
+    assert train_main(["--resume", str(run.parent), "train.max_steps=4"]) == 0  # runs/NAME
     assert load_checkpoint(run / "checkpoint_last.pt")["progress"]["step"] == 4
     capsys.readouterr()
     with pytest.raises(SystemExit):  # neither a config nor a run folder

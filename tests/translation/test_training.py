@@ -173,6 +173,7 @@ def test_ctrl_c_or_sigterm_saves_a_checkpoint_and_exits_cleanly(tmp_path, signal
     assert process.returncode == 130, stderr
     assert "Traceback" not in stderr
     assert "interrupted at step" in stderr
+    assert f"continue with: attention-train --resume {run_dir / 'tiny' / 'version_0'}" in stderr
     checkpoint = load_checkpoint(run_dir / "tiny" / "version_0" / "checkpoint_last.pt")
     assert checkpoint["progress"]["step"] >= 3
 
