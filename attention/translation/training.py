@@ -181,6 +181,19 @@ class Trainer:
         self.config = config
         self.world = world or Distributed(device=resolve_device(config.train.device))
         self.run_dir = self._run_folder(resume, run_dir)
+        try:
+            self._set_up(resume, progress_bar, log)
+        except BaseException:
+            # Bad data or settings found while setting up: no empty version_N is left behind.
+            if self.world.is_main and not resume and run_dir is None:
+                with contextlib.suppress(OSError):  # not empty: it keeps what was written
+                    self.run_dir.rmdir()
+            raise
+
+    def _set_up(self, resume: bool | str | Path, progress_bar: bool | None,
+                log: Callable[[str], None] | None) -> None:
+        """Everything but the run folder: data, model, checkpoint, metrics."""
+        config = self.config
         self.device = self.world.device
         self.autocast_dtype = _train_precision(config.train, self.device)
         self.log = log or _quiet

@@ -256,3 +256,15 @@ def test_a_checkpoint_last_that_does_not_load_resumes_from_the_newest_that_does(
     assert any("not a complete checkpoint" in m and "resuming from checkpoint_step7.pt" in m
                for m in messages)
     assert train_losses(run) == uninterrupted
+
+
+def test_data_refused_while_setting_up_leaves_no_empty_run_folder(tmp_path, capsys):
+    source, target = tmp_path / "train.src", tmp_path / "train.tgt"
+    source.write_text("a b\nc d\ne f\n")
+    target.write_text("x y\nz w\n")  # a line short
+    files = f"[{source}, {target}]"
+    assert train_main(["--config", str(TINY), f"train.run_dir={tmp_path / 'runs'}", *QUICK,
+                       "data.corpus=parallel", f"data.train={files}", f"data.val={files}",
+                       f"data.test={files}"]) == 2
+    assert "has 3 lines but" in capsys.readouterr().err
+    assert run_versions(tmp_path / "runs" / "tiny") == []
