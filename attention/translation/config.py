@@ -61,7 +61,7 @@ class ModelConfig:
     n_decoder_layers: int = 3
     d_ff: int = 1024
     dropout: float = 0.1
-    positional: str = "sinusoidal"
+    positional: str | None = "sinusoidal"  # null: none (ALiBi's own setting, with alibi)
     max_len: int = 256
     norm_first: bool = True
     activation: str = "gelu"
@@ -189,9 +189,9 @@ class EvalConfig:
 
 
 SECTIONS = {"model": ModelConfig, "data": DataConfig, "train": TrainConfig, "eval": EvalConfig}
-# The model's choices are the library's own lists (a run names one, so not None).
+# The model's choices are the library's own lists.
 CHOICES = {
-    ("model", "positional"): tuple(p for p in POSITIONAL_ENCODINGS if p is not None),
+    ("model", "positional"): POSITIONAL_ENCODINGS,
     ("model", "activation"): (*ACTIVATIONS, *GLU_ACTIVATIONS),
     ("model", "norm"): NORMS,
     ("data", "corpus"): ("toy", "multi30k", "parallel"),

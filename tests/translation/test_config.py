@@ -3,6 +3,7 @@ ConfigError naming the key (or path) before any work starts, also through attent
 
 from __future__ import annotations
 
+import dataclasses
 import re
 from pathlib import Path
 
@@ -152,7 +153,7 @@ def test_error_messages_say_what_was_expected():
     with pytest.raises(ConfigError, match=r"model\.d_model: expected int, got float 1\.5"):
         load_config(TINY, ["model.d_model=1.5"])
     with pytest.raises(ConfigError, match=r"model\.positional: expected one of \['sinusoidal', "
-                       r"'learned', 'rotary'\], got 'foo'"):
+                       r"'learned', 'rotary', None\], got 'foo'"):
         load_config(TINY, ["model.positional=foo"])
     with pytest.raises(ConfigError, match=r"multiple of model\.n_heads=3, got 32"):
         load_config(TINY, ["model.n_heads=3"])
@@ -288,3 +289,20 @@ def test_a_cuda_device_on_a_machine_without_one_is_a_config_error():
         load_config(TINY, ["train.device=cuda"])
     with config_error("train.device"):
         load_config(TINY, ["train.device=tpu0"])
+
+
+def test_an_alibi_model_without_positions_is_a_config_and_rebuilds_from_its_model():
+    """ALiBi's own setting: no position encoding beside it (``model.positional=null``)."""
+    from attention.translation.checkpoint import model_from_config
+    from attention.translation.export import model_config_of
+
+    config = load_config(TINY, ["model.alibi=true", "model.positional=null"])
+    assert config.model.positional is None
+    model = model_from_config(config.model, 9, 9, 0)
+    assert model.encoder.positional is None and model.decoder.positional is None
+    assert model.encoder.layers[0].self_attn.alibi_slopes is not None
+    # max_len bounds only a position table, and this model has none
+    assert model_config_of(model) == dataclasses.replace(config.model, max_len=ModelConfig.max_len)
+    with config_error("model.positional: expected one of ['sinusoidal', 'learned', 'rotary', "
+                      "None], got 'nope'"):
+        load_config(TINY, ["model.positional=nope"])

@@ -64,9 +64,6 @@ def model_config_of(model: Transformer) -> ModelConfig:
         raise ValueError(f"layer_norm_eps: expected {LAYER_NORM_EPS} (a ModelConfig has no "
                          f"epsilon), got {first.norm1.eps}")
     positional = positional_name(model)
-    if positional is None:
-        raise ValueError("positional: expected sinusoidal, learned or rotary (a config must "
-                         "name one), got a model without positions")
     encoding = model.encoder.positional
     return ModelConfig(
         d_model=model.d_model,
