@@ -266,5 +266,5 @@ def test_data_refused_while_setting_up_leaves_no_empty_run_folder(tmp_path, caps
     assert train_main(["--config", str(TINY), f"train.run_dir={tmp_path / 'runs'}", *QUICK,
                        "data.corpus=parallel", f"data.train={files}", f"data.val={files}",
                        f"data.test={files}"]) == 2
-    assert "has 3 lines but" in capsys.readouterr().err
+    assert f"data.train: {source} has 3 lines but" in capsys.readouterr().err
     assert run_versions(tmp_path / "runs" / "tiny") == []

@@ -26,17 +26,19 @@ def read_lines(path: str | Path) -> list[str]:
                          f"({error.reason} at byte {error.start})") from None
 
 
-def read_parallel(paths: list[str] | tuple[str, ...] | list[Path]) -> list[tuple[str, str]]:
+def read_parallel(paths: list[str] | tuple[str, ...] | list[Path],
+                  name: str = "paths") -> list[tuple[str, str]]:
     """Sentence pairs from ``[source_file, target_file]`` (line-aligned) or ``[tsv_file]``.
 
     A tab-separated file holds ``source<TAB>target`` on each line. Mismatched line counts or
-    a line without exactly one tab raise ``ValueError`` naming the file and line.
+    a line without exactly one tab raise ``ValueError`` naming the file and line; ``name``
+    is what the errors call ``paths`` (a config's ``data.train``, say).
     """
     paths = [Path(p) for p in paths]
     if len(paths) == 2:
         source, target = read_lines(paths[0]), read_lines(paths[1])
         if len(source) != len(target):
-            raise ValueError(f"paths: {paths[0]} has {len(source)} lines but {paths[1]} has "
+            raise ValueError(f"{name}: {paths[0]} has {len(source)} lines but {paths[1]} has "
                              f"{len(target)}; expected line-aligned files")
         rows = zip(source, target, strict=True)
     elif len(paths) == 1:
@@ -50,7 +52,7 @@ def read_parallel(paths: list[str] | tuple[str, ...] | list[Path]) -> list[tuple
                                  f"{len(fields)} tab-separated fields")
             rows.append((fields[0], fields[1]))
     else:
-        raise ValueError(f"paths: expected [source_file, target_file] or [tsv_file], got "
+        raise ValueError(f"{name}: expected [source_file, target_file] or [tsv_file], got "
                          f"{len(paths)} paths")
     pairs = [(s.strip(), t.strip()) for s, t in rows]
     return [(s, t) for s, t in pairs if s and t]

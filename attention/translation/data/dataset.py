@@ -23,7 +23,7 @@ def load_splits(data: DataConfig) -> dict[str, list[Pair]]:
                           data.toy_seed)
     splits = {}
     for split in SPLITS:
-        rows = read_parallel(data.split_files(split))
+        rows = read_parallel(data.split_files(split), name=f"data.{split}")
         if not rows:
             raise ValueError(f"data.{split}: no sentence pairs found")
         splits[split] = [Pair(source, target) for source, target in rows]
