@@ -334,7 +334,7 @@ class MultiHeadAttention(nn.Module):
 
     def _reset_slopes(self) -> None:
         if self.alibi_slopes is not None:
-            refill_(self.alibi_slopes, alibi_slopes(self.n_heads))
+            refill_(self.alibi_slopes, lambda: alibi_slopes(self.n_heads))
 
     def _apply(self, fn: Callable[[Tensor], Tensor], recurse: bool = True) -> MultiHeadAttention:
         """After ``.to()`` and the like, and ``to_empty()``, the ALiBi slopes are computed

@@ -61,9 +61,14 @@ def _check_input(module: nn.Module, x: Tensor, offset: int) -> None:
         raise ValueError(f"offset: expected a non-negative int, got {offset!r}")
 
 
-def refill_(buffer: Tensor, values: Tensor) -> None:
-    """Write ``values`` into ``buffer`` in place (its storage may be shared), also when it
-    was made under ``torch.inference_mode``."""
+def refill_(buffer: Tensor, compute: Callable[[], Tensor]) -> None:
+    """Write what ``compute()`` gives (made on the CPU, whatever the default device) into
+    ``buffer`` in place, as its storage may be shared; also when the buffer was made under
+    ``torch.inference_mode``. A tensor subclass (a DTensor, say) is left as it is."""
+    if type(buffer) is not Tensor:
+        return
+    with torch.device("cpu"):
+        values = compute()
     with torch.no_grad(), torch.inference_mode(buffer.is_inference()):
         buffer.copy_(values)
 
@@ -89,7 +94,7 @@ class SinusoidalPositionalEncoding(nn.Module):
 
     def reset_parameters(self) -> None:
         """Compute the table again, in place, in its dtype and on its device."""
-        refill_(self.pe, sinusoid_table(self.max_len, self.d_model))
+        refill_(self.pe, lambda: sinusoid_table(self.max_len, self.d_model))
 
     def _apply(self, fn: Callable[[Tensor], Tensor],
                recurse: bool = True) -> SinusoidalPositionalEncoding:
@@ -188,11 +193,10 @@ class RotaryEmbedding(nn.Module):
 
     def reset_parameters(self) -> None:
         """Compute the frequencies again, in float32, on their device."""
-        frequencies = self._inverse_frequencies(self.inv_freq.device)
         if self.inv_freq.dtype == torch.float32:
-            refill_(self.inv_freq, frequencies)
+            refill_(self.inv_freq, lambda: self._inverse_frequencies(None))
         else:
-            self.inv_freq = frequencies
+            self.inv_freq = self._inverse_frequencies(self.inv_freq.device)
 
     def _apply(self, fn: Callable[[Tensor], Tensor], recurse: bool = True) -> RotaryEmbedding:
         """``.to(dtype)``, ``.half()``, … leave the frequencies in float32 (in bfloat16 a

@@ -8,6 +8,7 @@ line with the exit status 2 (bad arguments or config), 1 (the run failed) or 130
 from __future__ import annotations
 
 import argparse
+import re
 import sys
 from pathlib import Path
 
@@ -34,11 +35,8 @@ def train_main(argv: list[str] | None = None) -> int:
                              "folder version_N there; a new run never replaces one), or the "
                              "run folder given (runs/NAME: its latest run), from its "
                              "checkpoint_last.pt")
-    args = parser.parse_intermixed_args(argv)
-    if isinstance(args.resume, str) and "=" in args.resume and not Path(args.resume).exists():
-        # `--config C --resume train.lr=1e-4`: the override, not a folder
-        args.overrides.insert(0, args.resume)
-        args.resume = True
+    args = parser.parse_intermixed_args(_bare_resume_last(
+        sys.argv[1:] if argv is None else list(argv)))
     if args.config is None and not isinstance(args.resume, str):
         parser.error("--config: expected a YAML config, or --resume RUN_FOLDER to continue a "
                      "run with its own config")
@@ -50,6 +48,19 @@ def train_main(argv: list[str] | None = None) -> int:
 
         return record(_train)(args)
     return _train(args)
+
+
+_OVERRIDE = re.compile(r"(name|(model|data|train|eval)\.\w+)=")
+
+
+def _bare_resume_last(argv: list[str]) -> list[str]:
+    """``--config C --resume train.lr=1e-4``: a bare ``--resume`` followed by an override
+    (which argparse would take for its folder) moves to the end, the overrides keeping
+    their order."""
+    for index, word in enumerate(argv[:-1]):
+        if word == "--resume" and _OVERRIDE.match(argv[index + 1]):
+            return [*argv[:index], *argv[index + 1:], "--resume"]
+    return argv
 
 
 def _train(args: argparse.Namespace) -> int:

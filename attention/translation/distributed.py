@@ -131,6 +131,12 @@ def elastic_restart() -> bool:
     return _env_int("TORCHELASTIC_RESTART_COUNT", 0) > 0
 
 
+def restarts_allowed() -> bool:
+    """Whether ``torchrun --max-restarts`` may restart the processes after a failure (they
+    then continue the newest run folder)."""
+    return _env_int("TORCHELASTIC_MAX_RESTARTS", 0) > 0
+
+
 @contextlib.contextmanager
 def distributed_session(device_name: str, timeout_minutes: float = 60.0
                         ) -> Iterator[Distributed]:

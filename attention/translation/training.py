@@ -30,6 +30,7 @@ import dataclasses
 import importlib.util
 import json
 import math
+import shlex
 import sys
 import time
 from collections.abc import Callable, Sequence
@@ -59,7 +60,13 @@ from .checkpoint import (
 )
 from .config import Config, ConfigError, DataConfig, TrainConfig
 from .data import PAD_ID, Pair, ParallelData, load_splits, token_batches, train_tokenizer
-from .distributed import Distributed, distributed_session, elastic_restart, shard
+from .distributed import (
+    Distributed,
+    distributed_session,
+    elastic_restart,
+    restarts_allowed,
+    shard,
+)
 from .evaluation import COMPARED, evaluate, results_summary, score_test_split, validation_scores
 from .loss import Batch, sequence_loss, target_tokens
 from .optim import CosineSchedule, learning_rate_schedule, make_optimizer
@@ -184,8 +191,11 @@ class Trainer:
         try:
             self._set_up(resume, progress_bar, log)
         except BaseException:
-            # Bad data or settings found while setting up: no empty version_N is left behind.
-            if self.world.is_main and not resume and run_dir is None:
+            # Bad data or settings found while setting up: no empty version_N is left behind,
+            # unless torchrun may restart the job, which continues the newest folder: without
+            # this one, that would be an older, finished run.
+            if self.world.is_main and not resume and run_dir is None \
+                    and not restarts_allowed():
                 with contextlib.suppress(OSError):  # not empty: it keeps what was written
                     self.run_dir.rmdir()
             raise
@@ -477,7 +487,7 @@ class Trainer:
             raise TrainingInterrupted(
                 f"interrupted at step {self.progress.step}: saved "
                 f"{self.run_dir / 'checkpoint_last.pt'}; continue with: attention-train "
-                f"--resume {self.run_dir}")
+                f"--resume {shlex.quote(str(self.run_dir))}")
         self.log(f"training stopped at step {self.progress.step}: {reason}")
         if self.progress.last_eval_step != self.progress.step:
             self.validate()

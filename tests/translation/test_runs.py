@@ -258,13 +258,29 @@ def test_a_checkpoint_last_that_does_not_load_resumes_from_the_newest_that_does(
     assert train_losses(run) == uninterrupted
 
 
-def test_data_refused_while_setting_up_leaves_no_empty_run_folder(tmp_path, capsys):
+def test_data_refused_while_setting_up_leaves_no_empty_run_folder(tmp_path, capsys,
+                                                                   monkeypatch):
     source, target = tmp_path / "train.src", tmp_path / "train.tgt"
     source.write_text("a b\nc d\ne f\n")
     target.write_text("x y\nz w\n")  # a line short
     files = f"[{source}, {target}]"
-    assert train_main(["--config", str(TINY), f"train.run_dir={tmp_path / 'runs'}", *QUICK,
-                       "data.corpus=parallel", f"data.train={files}", f"data.val={files}",
-                       f"data.test={files}"]) == 2
+    command = ["--config", str(TINY), f"train.run_dir={tmp_path / 'runs'}", *QUICK,
+               "data.corpus=parallel", f"data.train={files}", f"data.val={files}",
+               f"data.test={files}"]
+    assert train_main(command) == 2
     assert f"data.train: {source} has 3 lines but" in capsys.readouterr().err
     assert run_versions(tmp_path / "runs" / "tiny") == []
+    # Under torchrun --max-restarts a restart continues the newest folder: it stays, so that
+    # the restart does not take an older, finished run for this one.
+    monkeypatch.setenv("TORCHELASTIC_MAX_RESTARTS", "1")
+    assert train_main(command) == 2
+    assert [path.name for _, path in run_versions(tmp_path / "runs" / "tiny")] == ["version_0"]
+
+
+def test_a_bare_resume_before_an_override_keeps_the_overrides_in_order():
+    from attention.translation.cli import _bare_resume_last
+
+    assert _bare_resume_last(["--config", "c.yaml", "train.lr=2", "--resume", "train.lr=5"]) \
+        == ["--config", "c.yaml", "train.lr=2", "train.lr=5", "--resume"]
+    for folder in (["--resume", "runs/lr=1e-3"], ["--resume", "runs/x", "train.lr=5"]):
+        assert _bare_resume_last(folder) == folder  # a folder, even with '=' in its name
