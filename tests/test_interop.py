@@ -213,6 +213,29 @@ def test_to_transformers_refuses_what_the_architecture_lacks():
         to_transformers(PretrainedEncoder(embeddings, encoder, "modernbert"))
     with pytest.raises(TypeError, match="module: expected a PretrainedEncoder"):
         to_transformers(encoder)
+    # Parameters named and shaped like ModernBERT's, but other norms or feed-forwards.
+    for options, refusal in (({"norm": "rmsnorm"}, "ModernBERT's norms are LayerNorm; expected "
+                                                    "norm='layernorm', got RMSNorm"),
+                             ({"activation": "gelu"}, "ModernBERT's feed-forward takes a gated")):
+        other = Encoder(32, 4, 2, positional="rotary", **{"activation": "geglu", **options})
+        other.layers[0].norm1 = nn.Identity()
+        with pytest.raises(ValueError, match=f"^module: {refusal}"):
+            to_transformers(PretrainedEncoder(embeddings, other, "modernbert"))
+
+
+def test_a_modernbert_with_every_layer_local_goes_back():
+    torch.manual_seed(0)
+    original = transformers.ModernBertModel(modernbert_config(
+        layer_types=["sliding_attention"] * 4)).eval()
+    ours = from_transformers(original)
+    assert {layer.self_attn.window for layer in ours.encoder.layers} == {(4, 4)}
+    back = to_transformers(ours)
+    ids, mask = padded_batch()
+    with torch.no_grad():
+        assert_equal_at_real_positions(back(input_ids=ids, attention_mask=mask)
+                                       .last_hidden_state, original(
+                                           input_ids=ids, attention_mask=mask)
+                                       .last_hidden_state, mask)
 
 
 def test_encoder_built_by_hand_goes_to_transformers():

@@ -415,10 +415,33 @@ def check_plain_attention(encoder: Encoder, architecture: str) -> None:
                          f"module without them")
 
 
+def check_norms_and_feed_forward(encoder: Encoder, architecture: str, gated: bool,
+                                 first_norm_checked: bool = False) -> None:
+    """Refuse, by name, norms other than LayerNorm and a feed-forward of the other kind
+    (gated or not): their parameters can have the same names and shapes as the
+    architecture's, so the copy alone would not notice. ``first_norm_checked``: the caller
+    has checked the first layer's ``norm1`` (ModernBERT's, an ``nn.Identity``)."""
+    norms = [norm for layer in encoder.layers for norm in (layer.norm1, layer.norm2)]
+    if first_norm_checked:
+        norms = norms[1:]
+    others = sorted({type(norm).__name__ for norm in [*norms, encoder.norm]
+                     if norm is not None and not isinstance(norm, nn.LayerNorm)})
+    if others:
+        raise ValueError(f"module: {architecture}'s norms are LayerNorm; expected "
+                         f"norm='layernorm', got {', '.join(others)}")
+    feed_forward = encoder.layers[0].feed_forward
+    if feed_forward.gated != gated:
+        expected = "a gated activation (geglu, swiglu)" if gated else \
+            "an activation that is not gated (relu, gelu, ...)"
+        raise ValueError(f"module: {architecture}'s feed-forward takes {expected}; got "
+                         f"{'a gated' if feed_forward.gated else 'an ungated'} one")
+
+
 def bert_config(ours: PretrainedEncoder) -> dict[str, Any]:
     encoder, embeddings = ours.encoder, ours.embeddings
     layer = encoder.layers[0]
     check_plain_attention(encoder, "BERT")
+    check_norms_and_feed_forward(encoder, "BERT", gated=False)
     if layer.norm_first or encoder.positional is not None or layer.self_attn.rotary \
             is not None or encoder.window is not None or layer.self_attn.q_proj.bias is None:
         raise ValueError("module: BERT is post-norm with biases and learned positions in the "
@@ -444,6 +467,7 @@ def modernbert_config(ours: PretrainedEncoder) -> dict[str, Any]:
     encoder, embeddings = ours.encoder, ours.embeddings
     layers = encoder.layers
     check_plain_attention(encoder, "ModernBERT")
+    check_norms_and_feed_forward(encoder, "ModernBERT", gated=True, first_norm_checked=True)
     if not layers[0].norm_first or layers[0].self_attn.rotary is None \
             or not isinstance(layers[0].norm1, nn.Identity) or encoder.norm is None:
         raise ValueError("module: ModernBERT is pre-norm with rotary positions, no attention "
@@ -457,7 +481,9 @@ def modernbert_config(ours: PretrainedEncoder) -> dict[str, Any]:
                    else "full_attention" for layer in layers]
     rope = {kind: {"rope_type": "default", "rope_theta": layer.self_attn.rotary.base}
             for kind, layer in zip(layer_types, layers, strict=True)}
-    rope.setdefault("sliding_attention", dict(rope["full_attention"]))
+    for kind in ("full_attention", "sliding_attention"):  # a kind no layer has: the other's
+        if kind not in rope:
+            rope[kind] = dict(next(iter(rope.values())))
     # (every layer global: the window is unused; keep the source's)
     window = windows.pop()[0] if windows else \
         ours.transformers_config.get("local_attention", 128) // 2
