@@ -449,7 +449,7 @@ def _fused_attention(q: Tensor, k: Tensor, v: Tensor, mask: Tensor | None,
     with _sdpa_context(q.device):
         out = F.scaled_dot_product_attention(
             q, k, v, attn_mask=mask, dropout_p=dropout_p, is_causal=is_causal, scale=scale,
-            enable_gqa=k.shape[1] != q.shape[1],
+            enable_gqa=bool(k.shape[1] != q.shape[1]),  # a bool under jit.trace too
         )
     if empty_rows is not None:
         out = out.masked_fill(empty_rows, 0.0)

@@ -239,3 +239,31 @@ def test_onnx_export_of_encoder_runs_in_onnxruntime(tmp_path, mask):
         with torch.no_grad():
             expected = case.module(*args, **kwargs)
         assert_close(torch.from_numpy(out), expected, atol=1e-4, rtol=0)
+
+
+@pytest.mark.parametrize("build", [
+    lambda: Encoder(D, HEADS, LAYERS, d_ff=FF, dropout=0.0, max_len=MAX_LEN),
+    lambda: compat.TransformerEncoder(compat.TransformerEncoderLayer(
+        D, HEADS, FF, dropout=0.0, batch_first=True), LAYERS),
+], ids=["Encoder", "compat.TransformerEncoder"])
+@pytest.mark.filterwarnings("ignore::torch.jit.TracerWarning", "ignore::DeprecationWarning")
+def test_jit_trace_as_torch_nn_users_do_matches_eager(build):
+    """``torch.jit.trace`` (and the TorchScript ONNX exporter built on it, ``dynamo=False``)
+    takes torch.nn's encoder, and ours: on new shapes, and the drop-in on new padding."""
+    torch.manual_seed(0)
+    module = build().eval()
+    with torch.no_grad():
+        traced = torch.jit.trace(module, (torch.randn(*EXPORT_SHAPE, D),))
+        for batch, length in NEW_SHAPES:
+            x = torch.randn(batch, length, D)
+            assert_close(traced(x), module(x), atol=1e-5, rtol=1e-5)
+        if isinstance(module, Encoder):  # its mask is keyword-only, which a trace cannot take
+            return
+        x = torch.randn(*EXPORT_SHAPE, D)
+        padded = torch.zeros(EXPORT_SHAPE, dtype=torch.bool)
+        padded[1, 5:] = True
+        traced = torch.jit.trace(module, example_kwarg_inputs={"src": x,
+                                                               "src_key_padding_mask": padded})
+        padded[2, 2:] = True  # other rows, other counts of real tokens
+        assert_close(traced(src=x, src_key_padding_mask=padded),
+                     module(x, src_key_padding_mask=padded), atol=1e-5, rtol=1e-5)
