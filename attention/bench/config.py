@@ -231,12 +231,17 @@ def load_bench_config(path: str | os.PathLike, overrides: Sequence[str] = ()) ->
     return BenchConfig.from_dict(apply_bench_overrides(raw, overrides), name=path.stem)
 
 
-def check_contenders(names: Sequence[str]) -> None:
-    """Every name is one of :data:`CONTENDERS`, else a :class:`ConfigError` naming it."""
+def check_contenders(names: Sequence[str], config: BenchConfig | None = None) -> None:
+    """Every name is one of :data:`CONTENDERS`, and (given the ``config``) one it can
+    build, else a :class:`ConfigError` naming it, before any work."""
     for name in names:
         if name not in CONTENDERS:
             raise ConfigError(f"contenders: unknown {name!r}; expected some of "
                               f"{list(CONTENDERS)}")
+    if config is not None and "ours-window" in names and config.window is None:
+        raise ConfigError("window: the ours-window contender needs the config's window (an "
+                          "integer, e.g. window=64), got null; set it or leave ours-window "
+                          "out")
 
 
 def check_device(device: str) -> None:

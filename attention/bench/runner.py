@@ -44,7 +44,7 @@ def run_benchmark(config: BenchConfig, device: str = "cpu", *,
     and notices.
     """
     names = list(DEFAULT_CONTENDERS if contenders is None else contenders)
-    check_contenders(names)
+    check_contenders(names, config)
     check_device(device)
     skipped = _skip_x_transformers(names, log)
     if not names:

@@ -37,6 +37,9 @@ def test_cli_errors_exit_2_with_the_key(tmp_path, capsys):
     assert "repeats" in capsys.readouterr().err
     assert bench_main(["--device", "cpu", "--config", str(TINY), "--contenders", "mine"]) == 2
     assert "contenders" in capsys.readouterr().err
+    assert bench_main(["--device", "cpu", "--config", str(TINY), "--contenders", "ours-window",
+                       "window=null"]) == 2  # before any work: no matmul peak measured
+    assert capsys.readouterr().err.startswith("error: window: the ours-window contender needs")
     if not torch.cuda.is_available():
         assert bench_main(["--device", "cuda", "--config", str(TINY)]) == 2
         assert "--device: cuda requested" in capsys.readouterr().err
