@@ -250,6 +250,9 @@ def test_encoder_built_by_hand_goes_to_transformers():
     theirs = to_transformers(ours)
     assert theirs.config.layer_types == ["full_attention", "sliding_attention",
                                          "sliding_attention"]
+    # Its special tokens are unknown here: not transformers' defaults, outside its vocabulary.
+    assert {getattr(theirs.config, key) for key in ("bos_token_id", "eos_token_id",
+                                                     "cls_token_id", "sep_token_id")} == {None}
     theirs.set_attn_implementation("eager")
     ids, mask = padded_batch()
     with torch.no_grad():

@@ -56,6 +56,7 @@ SUPPORTED = ("BertModel", "BertForMaskedLM", "BertForSequenceClassification",
 # transformers' activation names and ours (attention.layers.ACTIVATIONS / GLU_ACTIVATIONS).
 FEED_FORWARD_ACTIVATIONS = TRANSFORMERS_ACTIVATIONS
 GATED_ACTIVATIONS = {"gelu": "geglu", "silu": "swiglu", "swish": "swiglu"}
+SPECIAL_TOKEN_IDS = ("bos_token_id", "eos_token_id", "cls_token_id", "sep_token_id")
 
 
 def import_transformers() -> Any:
@@ -387,6 +388,8 @@ def to_transformers(module: PretrainedEncoder | MaskedLanguageModel | SequenceCl
         fields.update(classifier_config(module, prefix))
     for key in ("architectures", "transformers_version", "model_type", "dtype", "torch_dtype"):
         fields.pop(key, None)
+    for key in SPECIAL_TOKEN_IDS:  # a model built here: its own ids, which we do not know
+        fields.setdefault(key, None)  # (transformers' defaults are ids of its vocabularies)
     config = getattr(transformers, f"{prefix}Config")(**fields)
     cls = getattr(transformers, prefix + kinds[type(module)])
     theirs = cls(config, add_pooling_layer=False) if cls.__name__ == "BertModel" else cls(config)
