@@ -212,7 +212,7 @@ def part_bench(name: str, out: Path, dry_run: bool, budget: Budget) -> int:
     path, overrides, contenders = bench_config(name, dry_run)
     device = "cpu" if dry_run else "cuda"
     config = load_bench_config(ROOT / path, overrides)
-    check_contenders(contenders)
+    check_contenders(contenders, config)
     check_device(device)
     if dry_run:  # tiny tensors: more threads only wait on each other (on CUDA: torch's own)
         torch.set_num_threads(1)
